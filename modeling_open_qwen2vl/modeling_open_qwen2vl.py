@@ -1,0 +1,223 @@
+"""Open-Qwen2VL model: transformers' SiglipVisionModel + average-pool projector + Qwen2, LLaVA-style.
+
+Runs as transformers remote code: imports only transformers, torch and sibling files.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_open_qwen2vl import OpenQwen2VLConfig
+
+
+class OpenQwen2VLProjector(nn.Module):
+    """Adaptive average pooling of the patch grid, then Linear -> GELU -> Linear (the original AvgPoolProjector).
+
+    The pooling has no parameters, so the same weights serve any ``num_image_tokens`` (144 <-> 729 is config only).
+    """
+
+    def __init__(self, config: OpenQwen2VLConfig):
+        super().__init__()
+        self.grid_side = config.patch_grid_side
+        self.pool = nn.AdaptiveAvgPool2d(config.pooled_grid_side)
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def pool_patches(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """[N, grid*grid, C] -> [N, side*side, C]; tokens are read and written row-major."""
+        n, num_patches, channels = patch_features.shape
+        if num_patches != self.grid_side * self.grid_side:
+            raise ValueError(
+                f"expected {self.grid_side}x{self.grid_side}={self.grid_side ** 2} patch features per image, "
+                f"got {num_patches}"
+            )
+        grid = patch_features.transpose(1, 2).reshape(n, channels, self.grid_side, self.grid_side)
+        return self.pool(grid).flatten(2).transpose(1, 2)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool_patches(patch_features)
+        return self.linear_2(self.act(self.linear_1(pooled)))
+
+
+class OpenQwen2VLPreTrainedModel(PreTrainedModel):
+    config_class = OpenQwen2VLConfig
+    config: OpenQwen2VLConfig
+    base_model_prefix = "model"  # TRL's fused LM head calls model.<base_model_prefix>
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = "cache"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, OpenQwen2VLProjector):
+            std = self.config.text_config.initializer_range
+            for linear in (module.linear_1, module.linear_2):
+                init.normal_(linear.weight, mean=0.0, std=std)
+                init.zeros_(linear.bias)
+
+    def _restrict_no_split_modules(self) -> None:
+        # post_init() unions the children's lists, which brings in SiglipTextEmbeddings (absent from a vision-only
+        # tower) and breaks FSDP auto-wrap; these are the blocks worth wrapping.
+        self._no_split_modules = {"SiglipEncoderLayer", "Qwen2DecoderLayer"}
+
+
+class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
+    """Vision tower + projector + Qwen2 base model (no LM head); returns hidden states."""
+
+    def __init__(self, config: OpenQwen2VLConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = OpenQwen2VLProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        self._restrict_no_split_modules()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features of ``vision_feature_layer`` (no post-layernorm): [N, grid*grid, vision_hidden]."""
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        return outputs.hidden_states[self.config.vision_feature_layer]
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens: [N, num_image_tokens, text_hidden]."""
+        features = self.get_vision_features(pixel_values)
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, num_image_features: int) -> torch.Tensor:
+        if input_ids is None:
+            token = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == token).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        num_placeholders = int(mask.sum())
+        if num_placeholders != num_image_features:
+            # The wording "Image features and image tokens do not match" is what TRL looks for.
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens {num_placeholders}, features "
+                f"{num_image_features} (image placeholders (id {self.config.image_token_id}) in input_ids: "
+                f"{num_placeholders}; supplied images x num_image_tokens: {num_image_features})"
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        kwargs.pop("return_dict", None)  # generate() passes return_dict=True
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.get_image_features(pixel_values)
+            image_features = image_features.reshape(-1, image_features.shape[-1])
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features.shape[0])
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), image_features)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            # Prefill without images: placeholders would silently keep their (meaningless) embedding.
+            self.get_placeholder_mask(input_ids, inputs_embeds, 0)
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+
+
+class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: OpenQwen2VLConfig):
+        super().__init__(config)
+        self.model = OpenQwen2VLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self._restrict_no_split_modules()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = ["OpenQwen2VLModel", "OpenQwen2VLForConditionalGeneration", "OpenQwen2VLPreTrainedModel"]

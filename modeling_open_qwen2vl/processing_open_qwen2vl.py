@@ -1,0 +1,226 @@
+"""Open-Qwen2VL processor: SigLIP image processor + Qwen2 tokenizer, `<image>` expansion and the text formats.
+
+Runs as transformers remote code: imports only transformers, torch and the standard library.
+
+Text formats (the model sees `num_image_tokens` copies of `<|image_pad|>` wherever the user wrote `<image>`):
+- pretraining: ``<s><image>\\n{caption}<|im_end|>`` (``format_pretraining_text``)
+- raw inference, as the original README and evaluation harness: ``<s>`` + prompt (``format_raw_prompt``)
+- chat: template ``compat`` reproduces the original SFT strings byte for byte (quirks included) and ``chatml`` is
+  clean ChatML; pick one with ``apply_chat_template(..., chat_template="compat" | "chatml")``.
+"""
+
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+IMAGE_MARKER = "<image>"
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+BOS = "<s>"
+EOS = "<|im_end|>"
+COMPAT_SYSTEM_PREFIX = "<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+COMPAT_USER_TURN_END = "<|im_end|>assistant\n"
+
+# Renders a message's content: a string as is; a list of parts with images as `<image>` and parts joined by "\n"
+# (so [image, text] -> "<image>\nText", the LLaVA data convention).
+_CONTENT_MACRO = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- set ns = namespace(text='', first=true) -%}"
+    "{%- for part in content if part['type'] in ['image', 'text'] -%}"
+    "{%- if not ns.first -%}{%- set ns.text = ns.text + '\\n' -%}{%- endif -%}"
+    "{%- set ns.text = ns.text + ('<image>' if part['type'] == 'image' else part['text']) -%}"
+    "{%- set ns.first = false -%}"
+    "{%- endfor -%}{{ ns.text }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# The original Qwen2PromptBuilder: fixed system prompt starting with <s>, user wrapper missing "\n<|im_start|>"
+# before "assistant", messages stripped, an empty answer becomes " ", roles taken by position (system ignored).
+COMPAT_CHAT_TEMPLATE = (
+    _CONTENT_MACRO + "{{ '<s><|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- set text = render(message['content']) | trim -%}"
+    "{%- if loop.index0 % 2 == 0 -%}{{ '<|im_start|>user\\n' + text + '<|im_end|>assistant\\n' }}"
+    "{%- else -%}{% generation %}{{ (text if text else ' ') + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHATML_CHAT_TEMPLATE = (
+    _CONTENT_MACRO + "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ render(message['content']) + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def chat_templates(default: str = "chatml") -> dict:
+    """Both templates, with ``default`` ("compat" or "chatml") also stored as the processor's default."""
+    templates = {"compat": COMPAT_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
+    if default not in templates:
+        raise ValueError(f"unknown chat format {default!r}; expected one of {sorted(templates)}")
+    return {"default": templates[default], **templates}
+
+
+def format_pretraining_text(caption: str) -> str:
+    """``<s><image>\\n{caption}<|im_end|>``; a literal ``<image>`` inside the caption is neutralised as the original."""
+    return BOS + IMAGE_MARKER + "\n" + caption.replace(IMAGE_MARKER, "<image-placeholder>") + EOS
+
+
+def format_raw_prompt(prompt: str) -> str:
+    """The original inference format: ``<s>`` + raw prompt, e.g. ``<s><image>\\nDescribe the image.``"""
+    return BOS + prompt
+
+
+def _flatten_images(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+class OpenQwen2VLProcessor(ProcessorMixin):
+    """Images -> ``pixel_values``; text with ``<image>`` markers -> ids with ``num_image_tokens`` placeholders each.
+
+    Args:
+        image_processor: a SiglipImageProcessor (384x384 squash resize, bicubic, mean = std = 0.5 for the real model).
+        tokenizer: the Open-Qwen2VL tokenizer (see ``tokenizer_utils.build_open_qwen2vl_tokenizer``).
+        chat_template: a template string or a dict of named templates (``chat_templates()``).
+        num_image_tokens: placeholders per image; must equal the model config's ``num_image_tokens``.
+        compat_image_quirk: reproduce the original's tokenization of the first SFT turn (see ``_tokenize``).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_image_tokens: int = 144,
+        compat_image_quirk: bool = True,
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.compat_image_quirk = compat_image_quirk
+        self.image_token = IMAGE_MARKER
+        self.image_pad_token = IMAGE_PAD_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN) if tokenizer is not None else None
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def _tokenize(self, text: str) -> list:
+        """Token ids of one text, ``<image>`` markers expanded.
+
+        The original tokenizes each turn on its own with LLaVA's ``tokenizer_image_token``. When a turn starts with the
+        BOS id (only the first SFT turn, whose system prompt starts with ``<s>``) that function skips the first token
+        of every chunk after an image: the ``\\n`` after a leading image, or the ``<|im_end|>`` after a trailing one.
+        With ``compat_image_quirk`` this is reproduced for texts in the compat chat format; everything else is
+        tokenized plainly (the sentinel split and whole-text tokenization agree because the placeholder is special).
+        """
+        placeholder = [self.image_token_id] * self.num_image_tokens
+        head, tail = "", text
+        if self.compat_image_quirk and text.startswith(COMPAT_SYSTEM_PREFIX) and COMPAT_USER_TURN_END in text:
+            cut = text.index(COMPAT_USER_TURN_END) + len(COMPAT_USER_TURN_END)
+            head, tail = text[:cut], text[cut:]
+        ids = []
+        if head:
+            chunks = head.split(IMAGE_MARKER)
+            ids.extend(self.tokenizer.encode(chunks[0], add_special_tokens=False))
+            for chunk in chunks[1:]:
+                ids.extend(placeholder)
+                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False)[1:])
+        chunks = tail.split(IMAGE_MARKER)
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.extend(placeholder)
+            if chunk:
+                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False))
+        return ids
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        return_tensors=None,
+        padding=False,
+        padding_side=None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool = True,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize ``text`` (str or list) and preprocess ``images`` (flat in order of appearance, or one list per text).
+
+        Raises ``ValueError`` when the number of ``<image>`` markers and images differ. ``truncation`` never cuts
+        through an image: a text whose placeholders would be cut raises instead.
+        """
+        if text is None:
+            if images is None:
+                raise ValueError("OpenQwen2VLProcessor needs `text`, `images` or both")
+            return BatchFeature(self._pixel_values(_flatten_images(images)), tensor_type=return_tensors)
+        texts = [text] if isinstance(text, str) else list(text)
+        flat_images = _flatten_images(images)
+        counts = [t.count(IMAGE_MARKER) for t in texts]
+        if sum(counts) != len(flat_images):
+            raise ValueError(
+                f"the text has {sum(counts)} {IMAGE_MARKER} marker(s) (per text: {counts}) but {len(flat_images)} "
+                f"image(s) were given; each {IMAGE_MARKER} takes exactly one image"
+            )
+        if isinstance(images, (list, tuple)) and len(images) == len(texts) and len(texts) > 1:
+            per_text = [len(_flatten_images(x)) for x in images]
+            if all(isinstance(x, (list, tuple)) for x in images) and per_text != counts:
+                raise ValueError(f"images per text {per_text} do not match {IMAGE_MARKER} markers per text {counts}")
+        input_ids = []
+        for index, sample in enumerate(texts):
+            ids = self._tokenize(sample)
+            if truncation and max_length is not None and len(ids) > max_length:
+                if self.image_token_id in ids[max_length:]:
+                    raise ValueError(
+                        f"text {index} has {len(ids)} tokens after image expansion; truncating it to "
+                        f"max_length={max_length} would cut through an image's {self.num_image_tokens} placeholders"
+                    )
+                ids = ids[:max_length]
+            input_ids.append(ids)
+        encoded = self.tokenizer.pad(
+            {"input_ids": input_ids},
+            padding=padding,
+            padding_side=padding_side,
+            max_length=max_length if padding == "max_length" else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_attention_mask=return_attention_mask,
+        )
+        data = dict(encoded)
+        if flat_images:
+            data.update(self._pixel_values(flat_images))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _pixel_values(self, images: list) -> dict:
+        return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+    def format_pretraining_text(self, caption: str) -> str:
+        return format_pretraining_text(caption)
+
+    def format_raw_prompt(self, prompt: str) -> str:
+        return format_raw_prompt(prompt)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["OpenQwen2VLProcessor"]

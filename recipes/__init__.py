@@ -1,0 +1,1 @@
+"""Entry points users launch: pretrain.py, sft.py, eval.py, demo.py, release.py (see README)."""

