@@ -1,0 +1,234 @@
+"""Open-Qwen2VL supervised fine-tuning with TRL's SFTTrainer (stage 2: 729 visual tokens, instruction data).
+
+    accelerate launch [--config_file recipes/accelerate/<topology>.yaml] recipes/sft.py \\
+        --config recipes/configs/sft_mammoth.yaml [--any_SFTConfig_or_script_field value ...]
+
+Every ``SFTConfig`` / ``ModelConfig`` field and the script fields below can be set in the YAML or overridden on the
+command line (TRL's ``TrlParser``). What the kit adds to plain TRL:
+
+* data: LLaVA-665k JSON, MAmmoTH-VL (JSON or the original per-sample split), TRL ``messages`` + ``images``; loaded
+  with ``datasets`` (``--dataset_streaming`` for corpora that do not fit), images decoded batch by batch;
+* labels only on assistant turns (with their ``<|im_end|>``), never on image placeholders, system/user text or
+  padding; ``--chat_format compat`` reproduces the original SFT strings, ``chatml`` is clean ChatML;
+* ``--packing`` packs conversations in isolated mode (positions restart per conversation, no cross-attention);
+* bad samples raise an error naming them, or are counted and skipped with ``--skip_bad_samples``;
+* vision tower frozen unless ``--train_vision``; ``--use_peft`` puts LoRA on the language model only (QLoRA with
+  ``--load_in_4bit``); adapters are merged into a full checkpoint (``--merge_lora``);
+* the output folder loads with ``AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch recipes/sft.py): make the kit importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
+
+from recipes.sft_data import (
+    PackedSFTCollator,
+    SFTCollator,
+    SFTEncoder,
+    SkipLog,
+    encode_sft_dataset,
+    load_raw_sft_dataset,
+)
+from recipes.sft_model import build_lora_config, load_model_and_processor, set_trainable, trainable_counts
+
+logger = logging.getLogger("recipes.sft")
+EASY_VQA = "easy_vqa"
+
+
+@dataclass
+class SFTScriptArguments(ScriptArguments):
+    """Data and model options of the kit's SFT recipe (TRL's ``ScriptArguments`` plus the fields below).
+
+    ``dataset_name`` is a data file (``.json``, ``.jsonl``, ``.parquet``, a glob), a ``datasets`` folder or hub id,
+    or ``easy_vqa`` (writes the easy-vqa training questions into ``<output_dir>/easy_vqa_data`` first).
+    """
+
+    dataset_format: str = field(default="auto", metadata={
+        "help": "auto | llava | mammoth | mammoth_split | messages (see recipes/sft_data/formats.py)"})
+    image_root: str | None = field(default=None, metadata={"help": "folder that relative image paths start from"})
+    sample_dir: str | None = field(default=None, metadata={
+        "help": "mammoth_split only: folder of the per-sample JSON files the index points to"})
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "optional evaluation data, same layout and image_root as the training data"})
+    chat_format: str = field(default="chatml", metadata={
+        "help": "chatml (clean ChatML, new training) or compat (the original's SFT strings, for released checkpoints)"})
+    num_image_tokens: int | None = field(default=None, metadata={
+        "help": "visual tokens per image (729 for the paper's SFT); a config change of the checkpoint, no new weights"})
+    init_from_preset: str | None = field(default=None, metadata={
+        "help": "build a random model (tiny | open_qwen2vl_2b) when no model_name_or_path is given (smoke tests)"})
+    train_vision: bool = field(default=False, metadata={"help": "also train the SigLIP tower (frozen by default)"})
+    skip_bad_samples: bool = field(default=False, metadata={
+        "help": "skip and count bad samples instead of stopping at the first one"})
+    packing_algorithm: str = field(default="default", metadata={"help": "default | exact | ffd | bfd"})
+    packing_buffer_size: int = field(default=10_000, metadata={"help": "streaming packing: samples per buffer"})
+    merge_lora: bool = field(default=True, metadata={
+        "help": "with --use_peft: write the merged full model to output_dir (adapter in output_dir/adapter)"})
+    easy_vqa_limit: int | None = field(default=None, metadata={"help": "dataset_name=easy_vqa: conversations to write"})
+
+
+class SkipReport(TrainerCallback):
+    """Writes ``skipped_samples.json`` (counts and examples) into the output folder at the end of training."""
+
+    def __init__(self, skip_log: SkipLog):
+        self.skip_log = skip_log
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            logger.info(self.skip_log.summary())
+            self.skip_log.write(Path(args.output_dir) / "skipped_samples.json")
+
+
+def _prepare_data(source, script_args, training_args, encoder, skip_log, packing: bool):
+    raw = load_raw_sft_dataset(source, split=script_args.dataset_train_split, streaming=script_args.dataset_streaming,
+                               config_name=script_args.dataset_config)
+    encoded = encode_sft_dataset(
+        raw, encoder, data_format=script_args.dataset_format, image_root=script_args.image_root,
+        sample_dir=script_args.sample_dir, skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log,
+        num_proc=training_args.dataset_num_proc,
+    )
+    if packing:
+        from recipes.sft_data.packing import pack_sft_dataset
+
+        encoded = pack_sft_dataset(encoded, capacity=training_args.max_length, algorithm=script_args.packing_algorithm,
+                                   buffer_size=script_args.packing_buffer_size)
+    return encoded
+
+
+def _maybe_write_easy_vqa(script_args, training_args) -> None:
+    if script_args.dataset_name != EASY_VQA or os.path.exists(EASY_VQA):
+        return
+    from recipes.sft_data.easy_vqa import write_easy_vqa_sft
+
+    folder = Path(training_args.output_dir) / "easy_vqa_data"
+    with training_args.main_process_first(desc="write easy-vqa SFT data"):
+        path = write_easy_vqa_sft(folder, "train", limit=script_args.easy_vqa_limit)
+    script_args.dataset_name = str(path)
+    script_args.image_root = str(folder)
+    script_args.dataset_format = "messages"
+
+
+def _resume_path(training_args) -> str | None:
+    resume = training_args.resume_from_checkpoint
+    if resume in ("latest", "true", "True", "1"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            logger.warning("resume requested but %s holds no checkpoint-*; starting fresh", training_args.output_dir)
+    return resume
+
+
+def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    """Model, data, collator and an ``SFTTrainer`` ready to ``train()``."""
+    if training_args.padding_free:
+        raise ValueError("padding_free is not supported for image data; use --packing (isolated packing) instead")
+    quantization = get_quantization_config(model_args)
+    if quantization is not None and not model_args.use_peft:
+        raise ValueError("load_in_4bit / load_in_8bit (QLoRA) needs --use_peft")
+    _maybe_write_easy_vqa(script_args, training_args)
+    if not script_args.dataset_name:
+        raise ValueError("set --dataset_name (a data file, folder or hub id, or easy_vqa)")
+
+    model, processor = load_model_and_processor(
+        model_args.model_name_or_path, init_from_preset=script_args.init_from_preset,
+        num_image_tokens=script_args.num_image_tokens, chat_format=script_args.chat_format,
+        trust_remote_code=training_args.trust_remote_code, dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation, quantization_config=quantization, seed=training_args.seed,
+    )
+    peft_config = None
+    if model_args.use_peft:
+        peft_config = build_lora_config(
+            r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules, modules_to_save=model_args.lora_modules_to_save,
+            train_vision=script_args.train_vision, use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+        )
+        if training_args.world_size > 1 and script_args.merge_lora and not model_args.model_name_or_path:
+            raise ValueError("merging LoRA after a multi-process run needs a saved base (--model_name_or_path)")
+    else:
+        set_trainable(model, train_vision=script_args.train_vision)
+
+    # TRL refuses packing for image datasets and would tokenize the data itself: the kit packs and encodes instead.
+    packing = training_args.packing
+    training_args.packing = False
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if script_args.dataset_streaming and training_args.max_steps <= 0:
+        raise ValueError("--dataset_streaming needs --max_steps (a stream has no length)")
+
+    skip_log = SkipLog()
+    encoder = SFTEncoder(processor, script_args.chat_format, max_length=training_args.max_length,
+                         num_image_tokens=model.config.num_image_tokens)
+    with training_args.main_process_first(desc="encode SFT data"):
+        train_dataset = _prepare_data(script_args.dataset_name, script_args, training_args, encoder, skip_log, packing)
+        eval_dataset = None
+        if script_args.eval_dataset_name:
+            eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args, training_args, encoder, skip_log,
+                                         packing)
+    collator_class = PackedSFTCollator if packing else SFTCollator
+    collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
+                              pad_to_multiple_of=training_args.pad_to_multiple_of,
+                              skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
+    trainer = SFTTrainer(
+        model=model, args=training_args, data_collator=collator, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
+        callbacks=[SkipReport(skip_log)],
+    )
+    trainer.kit_packing = packing
+    logger.info("trainable parameters: %s", trainable_counts(trainer.model))
+    return trainer
+
+
+def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_args: ModelConfig) -> Path:
+    """Full fine-tuning: the model + processor in ``output_dir``. LoRA: the adapter in ``output_dir/adapter`` and,
+    with ``merge_lora``, the merged model in ``output_dir``. Returns the folder to load the model from."""
+    from accelerate.utils import is_peft_model
+
+    out = Path(trainer.args.output_dir)
+    if not is_peft_model(trainer.model):
+        trainer.save_model(str(out))
+        return out
+    adapter_dir = out / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if not script_args.merge_lora:
+        return adapter_dir
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        if trainer.accelerator.num_processes == 1:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        else:  # sharded weights: merge on a fresh base instead
+            from peft import PeftModel
+            from transformers import AutoModelForImageTextToText
+
+            base = AutoModelForImageTextToText.from_pretrained(
+                model_args.model_name_or_path, num_image_tokens=trainer.model.config.num_image_tokens,
+                trust_remote_code=trainer.args.trust_remote_code)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out)
+        trainer.processing_class.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = build_trainer(script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=_resume_path(training_args))
+    out = save_outputs(trainer, script_args, model_args)
+    trainer.accelerator.print(f"SFT done; model saved to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Collators for encoded SFT samples: images opened here, placeholders expanded, labels already assistant-only.
+
+``SFTCollator`` pads a batch of conversations (right padding, ``attention_mask``). ``PackedSFTCollator`` takes packs
+of conversations and lays the whole micro-batch out as ONE padding-free row whose ``position_ids`` restart at 0 for
+every conversation ("isolated" packing): transformers then builds a block-causal mask (SDPA / eager) or calls the
+varlen flash-attention kernel, so no conversation sees another, and each conversation's loss equals its unpacked loss.
+Text-only samples contribute no image; a batch without images has no ``pixel_values``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .encoding import IGNORE_INDEX
+from .errors import BadSampleError, SkipLog
+
+
+def open_image(ref: dict[str, Any] | str, sample_id: str) -> Image.Image:
+    """Decode one image reference (``{"bytes", "path"}`` or a path); errors name the sample and the file."""
+    if isinstance(ref, Image.Image):
+        return ref
+    if isinstance(ref, str):
+        ref = {"bytes": None, "path": ref}
+    where = ref.get("path") or "<embedded bytes>"
+    try:
+        image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise BadSampleError(sample_id, "missing_image", f"image file {where} does not exist") from None
+    except Exception as error:  # PIL raises many types for broken files
+        raise BadSampleError(sample_id, "unreadable_image", f"cannot decode image {where}: {error}") from None
+
+
+@dataclass
+class SFTCollator:
+    """Batches rows of ``encode_sft_dataset`` into model inputs.
+
+    Args:
+        processor: the kit's processor (its image processor turns images into ``pixel_values``).
+        num_image_tokens: placeholders per image in the model input (default: ``processor.num_image_tokens``).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        skip_bad_samples: drop a sample whose image cannot be decoded (counted in ``skip_log``) instead of raising.
+        skip_log: where skipped samples are counted (a fresh one by default).
+    """
+
+    processor: Any
+    num_image_tokens: int | None = None
+    pad_to_multiple_of: int | None = None
+    skip_bad_samples: bool = False
+    skip_log: SkipLog = field(default_factory=SkipLog)
+
+    def __post_init__(self):
+        self.num_image_tokens = int(self.num_image_tokens or self.processor.num_image_tokens)
+        self.image_token_id = self.processor.image_token_id
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+
+    def _expand(self, input_ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        lab = torch.as_tensor(labels, dtype=torch.long)
+        repeats = torch.where(ids == self.image_token_id, self.num_image_tokens, 1)
+        lab = torch.where(ids == self.image_token_id, IGNORE_INDEX, lab)
+        return ids.repeat_interleave(repeats), lab.repeat_interleave(repeats)
+
+    def _load(self, rows: list[dict]) -> list[tuple[dict, list[Image.Image]]]:
+        """Rows with their decoded images; bad ones raise, or are dropped and counted with ``skip_bad_samples``."""
+        loaded, failed = [], []
+        for row in rows:
+            try:
+                loaded.append((row, [open_image(ref, row["sample_id"]) for ref in row["images"]]))
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.skip_log.add(error, stage="collate")
+                failed.append(error.sample_id)
+        if not loaded:
+            raise RuntimeError(f"every sample of this batch had an unreadable image ({failed}); nothing to train on")
+        return loaded
+
+    def _pixel_values(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        if not images:
+            return {}
+        return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    def _pad(self, tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+        length = max(t.numel() for t in tensors)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = torch.full((len(tensors), length), value, dtype=torch.long)
+        for i, t in enumerate(tensors):
+            out[i, : t.numel()] = t
+        return out
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        loaded = self._load(rows)
+        ids, labels, images = [], [], []
+        for row, row_images in loaded:
+            row_ids, row_labels = self._expand(row["input_ids"], row["labels"])
+            ids.append(row_ids)
+            labels.append(row_labels)
+            images.extend(row_images)
+        batch = {
+            "input_ids": self._pad(ids, self.pad_token_id),
+            "attention_mask": self._pad([torch.ones_like(t) for t in ids], 0),
+            "labels": self._pad(labels, IGNORE_INDEX),
+        }
+        batch.update(self._pixel_values(images))
+        return batch
+
+
+@dataclass
+class PackedSFTCollator(SFTCollator):
+    """Collates packs (rows whose fields are lists, one entry per conversation) into one isolated packed row.
+
+    Returns ``input_ids``, ``labels`` and ``position_ids`` of shape ``[1, total]`` (no padding, no attention mask:
+    transformers derives the block-causal mask from the position restarts), ``pixel_values`` for all images in
+    order, and the flash-attention varlen boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+    """
+
+    def __call__(self, packs: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [
+            {name: pack[name][i] for name in ("sample_id", "input_ids", "labels", "images")}
+            for pack in packs
+            for i in range(len(pack["sample_id"]))
+        ]
+        loaded = self._load(rows)
+        ids, labels, positions, images = [], [], [], []
+        for row, row_images in loaded:
+            row_ids, row_labels = self._expand(row["input_ids"], row["labels"])
+            row_labels[0] = IGNORE_INDEX  # never predict a conversation's first token from the previous one
+            ids.append(row_ids)
+            labels.append(row_labels)
+            positions.append(torch.arange(row_ids.numel()))
+            images.extend(row_images)
+        lengths = torch.tensor([t.numel() for t in ids])
+        cu_seq_lens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        batch = {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None],
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": int(lengths.max()),
+            "max_length_k": int(lengths.max()),
+        }
+        batch.update(self._pixel_values(images))
+        return batch

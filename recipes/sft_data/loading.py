@@ -1,0 +1,166 @@
+"""Load SFT data with `datasets` and encode it lazily-imaged: token ids now, pixels at collation time.
+
+``load_raw_sft_dataset`` reads JSON arrays, JSONL, parquet, a dataset folder with a card, or a hub id (map-style or
+``streaming=True``). ``encode_sft_dataset`` turns raw rows into compact token ids + labels with ``Dataset.map``
+(cached, ``num_proc`` workers) or lazily on the stream; images are only checked for existence and decoded by the
+collator, batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, Features, IterableDataset, List, Value
+
+from .encoding import SFTEncoder
+from .errors import BadSampleError, SkipLog
+from .formats import FORMATS, detect_format, to_sft_sample
+
+logger = logging.getLogger(__name__)
+
+IMAGE_REF = {"bytes": Value("binary"), "path": Value("string")}
+ENCODED_FEATURES = Features(
+    {
+        "sample_id": Value("string"),
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "images": List(IMAGE_REF),
+        "length": Value("int64"),
+        "skip_reason": Value("string"),
+    }
+)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
+def load_raw_sft_dataset(
+    source: str,
+    split: str = "train",
+    streaming: bool = False,
+    config_name: str | None = None,
+) -> Dataset | IterableDataset:
+    """Raw rows from a file (``.json`` array or JSONL, ``.jsonl``, ``.parquet``), a glob of such files, a folder
+    loadable by ``datasets`` (a card with ``configs:``, or data files) or a hub dataset id.
+
+    Image columns typed ``datasets.Image`` are left undecoded (``decode=False``): images are opened by the
+    collator, so preparing a 10M-sample corpus never decodes 10M images.
+    """
+    suffix = "".join(Path(source.replace("*", "x")).suffixes[-1:]).lower()
+    if suffix in _BUILDERS and not os.path.isdir(source):
+        dataset = datasets.load_dataset(_BUILDERS[suffix], data_files={split: source}, split=split,
+                                        streaming=streaming)
+    else:
+        dataset = datasets.load_dataset(source, name=config_name, split=split, streaming=streaming)
+    return undecoded_images(dataset)
+
+
+def undecoded_images(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """Cast ``image`` / ``images`` columns of type ``datasets.Image`` to ``Image(decode=False)``."""
+    features = dataset.features
+    if not features:
+        return dataset
+    for name in ("image", "images"):
+        feature = features.get(name)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, (List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            dataset = dataset.cast_column(name, List(datasets.Image(decode=False)))
+    return dataset
+
+
+def _first_row(dataset: Dataset | IterableDataset) -> dict:
+    for row in dataset.take(1) if isinstance(dataset, IterableDataset) else dataset.select(range(min(1, len(dataset)))):
+        return row
+    raise ValueError("the SFT dataset is empty")
+
+
+def resolve_format(dataset: Dataset | IterableDataset, data_format: str = "auto") -> str:
+    """``data_format`` itself, or the layout detected from the first row when it is ``auto``."""
+    if data_format != "auto":
+        if data_format not in FORMATS:
+            raise ValueError(f"unknown dataset_format {data_format!r}; expected 'auto' or one of {FORMATS}")
+        return data_format
+    return detect_format(_first_row(dataset))
+
+
+def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_format: str, image_root: str | None,
+                  sample_dir: str | None, skip_bad_samples: bool) -> dict:
+    out = {name: [] for name in ENCODED_FEATURES}
+    columns = list(batch)
+    for row_number, index in enumerate(indices):
+        row = {name: batch[name][row_number] for name in columns}
+        try:
+            sample = to_sft_sample(row, data_format, image_root=image_root, index=index, sample_dir=sample_dir)
+            encoded = encoder.encode(sample)
+        except BadSampleError as error:
+            if not skip_bad_samples:
+                raise
+            out["sample_id"].append(error.sample_id)
+            out["input_ids"].append([])
+            out["labels"].append([])
+            out["images"].append([])
+            out["length"].append(0)
+            out["skip_reason"].append(error.as_reason())
+            continue
+        out["sample_id"].append(encoded.sample_id)
+        out["input_ids"].append(encoded.input_ids)
+        out["labels"].append(encoded.labels)
+        out["images"].append(encoded.images)
+        out["length"].append(encoder.expanded_length(len(encoded.input_ids), encoded.num_images))
+        out["skip_reason"].append(None)
+    return out
+
+
+class _KeepAndCount:
+    """Streaming filter: drops rows with a ``skip_reason`` and records them in a :class:`SkipLog`."""
+
+    def __init__(self, skip_log: SkipLog):
+        self.skip_log = skip_log
+
+    def __call__(self, reason: str | None) -> bool:
+        if reason is None:
+            return True
+        self.skip_log.add(BadSampleError.from_reason(reason), stage="encode")
+        return False
+
+
+def encode_sft_dataset(
+    dataset: Dataset | IterableDataset,
+    encoder: SFTEncoder,
+    data_format: str = "auto",
+    image_root: str | None = None,
+    sample_dir: str | None = None,
+    skip_bad_samples: bool = False,
+    skip_log: SkipLog | None = None,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Encode raw rows into ``sample_id, input_ids, labels, images, length`` (compact ids, see ``encoding``).
+
+    Without ``skip_bad_samples`` the first bad sample raises :class:`BadSampleError` naming it; with it, bad samples
+    are dropped and counted in ``skip_log`` (map-style: all counted here; streaming: counted as the stream is read).
+    """
+    data_format = resolve_format(dataset, data_format)
+    if data_format == "mammoth_split" and sample_dir is None:
+        raise ValueError("dataset_format 'mammoth_split' needs --sample_dir (the folder of per-sample JSON files)")
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    fn_kwargs = dict(encoder=encoder, data_format=data_format, image_root=image_root, sample_dir=sample_dir,
+                     skip_bad_samples=skip_bad_samples)
+    columns = dataset.column_names or list(_first_row(dataset))
+    if isinstance(dataset, IterableDataset):
+        encoded = dataset.map(_encode_batch, with_indices=True, batched=True, remove_columns=columns,
+                              features=ENCODED_FEATURES, fn_kwargs=fn_kwargs)
+        encoded = encoded.filter(_KeepAndCount(skip_log), input_columns="skip_reason")
+        return encoded.remove_columns("skip_reason")
+    encoded = dataset.map(_encode_batch, with_indices=True, batched=True, remove_columns=columns,
+                          features=ENCODED_FEATURES, fn_kwargs=fn_kwargs, num_proc=num_proc,
+                          desc=f"Encoding SFT samples ({data_format}, {encoder.chat_format})")
+    reasons = [reason for reason in encoded["skip_reason"] if reason is not None]
+    for reason in reasons:
+        skip_log.add(BadSampleError.from_reason(reason), stage="encode")
+    if reasons:
+        encoded = encoded.filter(lambda reason: reason is None, input_columns="skip_reason", num_proc=num_proc,
+                                 desc="Dropping bad samples")
+        logger.warning("%s of %d", skip_log.summary(), len(dataset))
+    return encoded.remove_columns("skip_reason")
