@@ -1,0 +1,206 @@
+"""From packed pretraining rows to model inputs, in the paper's attention mode or with documents isolated.
+
+A packed row (what the offline and streaming packers yield) is a dict::
+
+    {"images": [PIL.Image, ...], "texts": [caption, ...], "lengths": [int, ...], "uids": [str, ...]}
+
+Document ``i`` is ``<s><image>\\n{texts[i]}<|im_end|>`` with ``images[i]`` (the pretraining format of
+``modeling_open_qwen2vl.format_pretraining_text``); ``lengths`` are its positions at the pack's ``num_image_tokens``.
+The collator re-tokenizes the texts with the processor it is given, so a pack built for one tokenizer works with
+any compatible one.
+
+Attention modes:
+
+- ``faithful`` (the paper): documents follow each other in one causal sequence; positions run ``0..L-1`` across
+  the pack and each document sees the ones before it. ``attention_mask`` only hides the right padding. The ``<s>``
+  of a later document is supervised (predicted from the previous document), as in the original.
+- ``isolated``: positions restart at 0 for every document (and for the padding block), and the batch carries
+  ``attention_mask=None`` and ``use_cache=False``. transformers (5.x, ``masking_utils.find_packed_sequence_indices``)
+  then builds a block-causal mask from the restarting ``position_ids`` for the sdpa, eager and flex kernels, so a
+  document sees only itself: its per-token loss equals the document's loss run alone. Both are required: a 2-D
+  ``attention_mask`` or a KV cache (which Qwen2 creates whenever ``use_cache`` is true, training included) switch
+  packed-sequence detection off and the documents silently attend to each other again. The first token of each
+  document is not supervised (it would be predicted from the previous document). With flash-attention kernels,
+  transformers infers the document boundaries from ``position_ids`` only for a batch of one row; for more rows pass
+  ``return_flash_attn_kwargs=True`` (``cu_seq_lens_q/k``, ``max_length_q/k`` over the flattened batch).
+
+In both modes image placeholders and padding are never supervised (label -100) and padding is never attended by a
+real token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from modeling_open_qwen2vl.processing_open_qwen2vl import BOS, EOS, IMAGE_MARKER
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ATTENTION_MODES = ("faithful", "isolated")
+
+
+class PackedCollator:
+    """Packed rows -> ``input_ids``, ``labels``, ``attention_mask``, ``position_ids``, ``pixel_values``.
+
+    Args:
+        processor: an ``OpenQwen2VLProcessor`` (its tokenizer, image processor and ``num_image_tokens`` are used).
+        attention: ``"faithful"`` (the paper) or ``"isolated"`` (documents cannot see each other).
+        max_length: the longest row; a row that re-tokenizes longer (another tokenizer, more image tokens) loses
+            its trailing documents, counted in ``stats`` and logged, never cut through a document.
+        pad_to_multiple_of: pad the batch length up to a multiple of this (e.g. 8 or 64 for tensor cores).
+        return_flash_attn_kwargs: isolated mode only; add the varlen kwargs flash-attention needs for batches of
+            more than one row.
+
+    Returns (``__call__``): ``input_ids`` [B, L] (right padded with the tokenizer's pad id), ``labels`` [B, L],
+    ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` in isolated mode, see the module doc),
+    ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
+    ``num_real_tokens`` (int, non-padding positions, for throughput accounting); isolated batches also carry
+    ``use_cache=False``. Pop ``num_real_tokens`` before calling the model.
+    """
+
+    def __init__(
+        self,
+        processor,
+        attention: str = "faithful",
+        max_length: int = 4096,
+        pad_to_multiple_of: int | None = None,
+        return_flash_attn_kwargs: bool = False,
+    ):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if return_flash_attn_kwargs and attention != "isolated":
+            raise ValueError("return_flash_attn_kwargs only applies to attention='isolated'")
+        self.processor = processor
+        self.attention = attention
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_flash_attn_kwargs = return_flash_attn_kwargs
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.image_token_id = processor.image_token_id
+        self.bos_ids = tokenizer.encode(BOS, add_special_tokens=False)
+        self.stats: Counter = Counter()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.processor.num_image_tokens
+
+    def document_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of pretraining documents ``<s><image>\\n{text}<|im_end|>`` (placeholders expanded).
+
+        Same ids as ``processor(text=format_pretraining_text(text))``: a literal ``<image>`` inside a caption is
+        neutralised; a caption that tokenizes to image placeholders itself (e.g. contains ``<|image_pad|>``) is
+        rejected, since its image count would no longer match.
+        """
+        tails = [
+            "\n" + text.replace(IMAGE_MARKER, "<image-placeholder>") + EOS for text in texts
+        ]
+        encoded = self.processor.tokenizer(tails, add_special_tokens=False)["input_ids"]
+        head = self.bos_ids + [self.image_token_id] * self.num_image_tokens
+        documents = []
+        for text, tail in zip(texts, encoded):
+            if self.image_token_id in tail:
+                raise ValueError(
+                    f"caption {text[:60]!r} contains the image placeholder token "
+                    f"{self.processor.tokenizer.convert_ids_to_tokens(self.image_token_id)}"
+                )
+            documents.append(head + tail)
+        return documents
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if not rows:
+            raise ValueError("PackedCollator got an empty batch")
+        sequences, images = [], []
+        for row in rows:
+            documents, row_images = self._row_documents(row)
+            sequences.append(documents)
+            images.extend(row_images)
+        longest = max(sum(len(d) for d in docs) for docs in sequences)
+        width = longest
+        if self.pad_to_multiple_of:
+            width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((batch_size, width), dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        boundaries = []  # flattened document (and padding-block) starts, for flash-attention varlen
+        for b, documents in enumerate(sequences):
+            offset = 0
+            for doc in documents:
+                ids = torch.tensor(doc, dtype=torch.long)
+                end = offset + ids.numel()
+                input_ids[b, offset:end] = ids
+                labels[b, offset:end] = ids
+                if self.attention == "isolated":
+                    position_ids[b, offset:end] = torch.arange(ids.numel())
+                    labels[b, offset] = IGNORE_INDEX  # would be predicted from the previous document
+                boundaries.append(b * width + offset)
+                offset = end
+            attention_mask[b, :offset] = 1
+            if offset < width:
+                boundaries.append(b * width + offset)
+                if self.attention == "isolated":
+                    position_ids[b, offset:] = torch.arange(width - offset)
+            if self.attention == "faithful":
+                position_ids[b] = torch.arange(width)
+        labels[input_ids == self.image_token_id] = IGNORE_INDEX
+        num_real_tokens = int(attention_mask.sum())
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "num_real_tokens": num_real_tokens,
+        }
+        if self.attention == "faithful":
+            batch["attention_mask"] = attention_mask
+        else:
+            batch["attention_mask"] = None
+            batch["use_cache"] = False
+            if self.return_flash_attn_kwargs:
+                cu = torch.tensor(boundaries + [batch_size * width], dtype=torch.int32)
+                batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+                batch["max_length_q"] = batch["max_length_k"] = int(cu.diff().max())
+        if images:
+            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return batch
+
+    def _row_documents(self, row: dict[str, Any]) -> tuple[list[list[int]], list]:
+        texts, images = list(row.get("texts") or []), list(row.get("images") or [])
+        uids = list(row.get("uids") or [])
+        name = f"packed row (uids {uids[:3]}{'...' if len(uids) > 3 else ''})"
+        if len(texts) != len(images):
+            raise ValueError(
+                f"{name}: {len(images)} image(s) for {len(texts)} text(s); each packed document is one caption "
+                "with exactly one image"
+            )
+        if not texts:
+            raise ValueError(f"{name} has no documents")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{name}: document {i} has an empty caption ({text!r})")
+            if images[i] is None:
+                raise ValueError(f"{name}: document {i} has no image")
+        documents = self.document_ids(texts)
+        kept, total = [], 0
+        for doc in documents:
+            if total + len(doc) > self.max_length:
+                break
+            kept.append(doc)
+            total += len(doc)
+        if len(kept) < len(documents):
+            dropped = len(documents) - len(kept)
+            self.stats["documents_dropped_over_max_length"] += dropped
+            logger.warning(
+                "%s re-tokenizes to %d positions, over max_length=%d: dropping its last %d document(s)",
+                name, sum(len(d) for d in documents), self.max_length, dropped,
+            )
+            if not kept:
+                raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
+        self.stats["documents"] += len(kept)
+        return kept, images[: len(kept)]

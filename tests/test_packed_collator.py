@@ -1,0 +1,199 @@
+"""PackedCollator: packed rows -> model inputs; attention isolation checked against documents run alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+from dataset_builders.packed_collator import IGNORE_INDEX, PackedCollator
+from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration, format_pretraining_text
+
+IMAGE_PAD = 151655
+
+CAPTIONS = [
+    "a red circle on a white background",
+    "blue square",
+    "a small green triangle next to a large yellow rectangle, drawn with thick lines",
+    "grey shape",
+    "an orange circle",
+]
+
+
+@pytest.fixture(scope="module")
+def rows(easy_vqa_images):
+    images = easy_vqa_images + easy_vqa_images[:1]
+    return [
+        {"images": images[:3], "texts": CAPTIONS[:3], "lengths": [0, 0, 0], "uids": ["a", "b", "c"]},
+        {"images": images[3:5], "texts": CAPTIONS[3:5], "lengths": [0, 0], "uids": ["d", "e"]},
+    ]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request, tiny_config):
+    torch.manual_seed(0)
+    return OpenQwen2VLForConditionalGeneration._from_config(tiny_config, attn_implementation=request.param).eval()
+
+
+def _alone(model, processor, caption, image):
+    """Logits and per-token loss of one document run on its own, through the processor (independent path)."""
+    inputs = processor(text=format_pretraining_text(caption), images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    ids = inputs["input_ids"][0]
+    return ids, logits
+
+
+def _per_token_loss(logits, labels):
+    """CE of position t predicting labels[t + 1]; NaN where not supervised."""
+    targets = labels[1:]
+    loss = F.cross_entropy(logits[:-1].float(), targets.clamp(min=0), reduction="none")
+    return torch.where(targets == IGNORE_INDEX, torch.nan, loss)
+
+
+def _run(model, batch):
+    batch = dict(batch)
+    batch.pop("num_real_tokens")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_document_ids_match_processor(processor, rows):
+    collator = PackedCollator(processor)
+    for caption, image in zip(CAPTIONS, rows[0]["images"] * 2):
+        expected = processor(text=format_pretraining_text(caption), images=[image])["input_ids"][0]
+        assert collator.document_ids([caption])[0] == expected
+
+
+def test_isolated_logits_and_loss_equal_each_document_alone(model, processor, rows):
+    collator = PackedCollator(processor, attention="isolated")
+    batch = collator(rows)
+    assert batch["attention_mask"] is None and batch["use_cache"] is False
+    logits = _run(model, batch)
+    checked = 0
+    for b, row in enumerate(rows):
+        offset = 0
+        for caption, image in zip(row["texts"], row["images"]):
+            ids, alone_logits = _alone(model, processor, caption, image)
+            end = offset + ids.numel()
+            assert torch.equal(batch["input_ids"][b, offset:end], ids)
+            assert torch.equal(batch["position_ids"][b, offset:end], torch.arange(ids.numel()))
+            torch.testing.assert_close(logits[b, offset:end], alone_logits, atol=1e-5, rtol=0)
+            alone_labels = ids.masked_fill(ids == IMAGE_PAD, IGNORE_INDEX)
+            packed_loss = _per_token_loss(logits[b, offset:end], batch["labels"][b, offset:end])
+            alone_loss = _per_token_loss(alone_logits, alone_labels)
+            torch.testing.assert_close(packed_loss, alone_loss, atol=1e-5, rtol=0, equal_nan=True)
+            assert torch.isfinite(alone_loss).sum() >= 3
+            checked += 1
+            offset = end
+    assert checked == 5
+
+
+def test_faithful_equals_one_concatenated_sequence(model, processor, rows):
+    collator = PackedCollator(processor, attention="faithful")
+    batch = collator(rows)
+    logits = _run(model, batch)
+    for b, row in enumerate(rows):
+        docs = [processor(text=format_pretraining_text(c), images=[i])["input_ids"][0] for c, i in
+                zip(row["texts"], row["images"])]
+        concat = torch.tensor([t for d in docs for t in d])
+        pixels = processor.image_processor(row["images"], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            expected = model(input_ids=concat[None], pixel_values=pixels).logits[0]
+        n = concat.numel()
+        assert torch.equal(batch["input_ids"][b, :n], concat)
+        assert torch.equal(batch["position_ids"][b, :n], torch.arange(n))
+        torch.testing.assert_close(logits[b, :n], expected, atol=1e-5, rtol=0)
+        # Labels: a copy of the ids with image placeholders ignored (later documents' <s> supervised, as the paper).
+        expected_labels = concat.masked_fill(concat == IMAGE_PAD, IGNORE_INDEX)
+        assert torch.equal(batch["labels"][b, :n], expected_labels)
+
+
+@pytest.mark.parametrize("attention", ["faithful", "isolated"])
+def test_padding_is_never_attended_nor_supervised(model, processor, rows, attention):
+    batch = PackedCollator(processor, attention=attention)(rows)
+    short = 1  # the second row is shorter, so it is padded
+    real = int((batch["input_ids"][short] != processor.tokenizer.pad_token_id).sum())
+    assert real < batch["input_ids"].shape[1]
+    assert (batch["labels"][short, real:] == IGNORE_INDEX).all()
+    assert batch["num_real_tokens"] == sum(
+        len(d) for row in rows for d in PackedCollator(processor).document_ids(row["texts"])
+    )
+    changed = dict(batch)
+    changed["input_ids"] = batch["input_ids"].clone()
+    changed["input_ids"][short, real:] = 42  # different padding content must not change any real token
+    torch.testing.assert_close(_run(model, changed)[:, :real], _run(model, batch)[:, :real], atol=1e-6, rtol=0)
+
+
+def test_isolation_needs_no_mask_and_no_cache(tiny_model, processor, rows):
+    """The transformers behaviour the isolated mode relies on: a 2-D mask or a cache makes documents leak again."""
+    batch = PackedCollator(processor, attention="isolated")(rows[:1])
+    isolated = _run(tiny_model, batch)
+    second_doc = slice(len(PackedCollator(processor).document_ids(CAPTIONS[:1])[0]), None)
+    leaky_mask = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    leaky_cache = dict(batch, use_cache=True)
+    for leaky in (leaky_mask, leaky_cache):
+        diff = (_run(tiny_model, leaky)[0, second_doc] - isolated[0, second_doc]).abs().max()
+        assert diff > 1e-3
+
+
+def test_isolated_labels_skip_each_document_start(processor, rows):
+    batch = PackedCollator(processor, attention="isolated")(rows)
+    starts = batch["position_ids"] == 0
+    assert (batch["labels"][starts] == IGNORE_INDEX).all()
+    faithful = PackedCollator(processor, attention="faithful")(rows)
+    later_bos = (faithful["input_ids"] == processor.tokenizer.bos_token_id) & (faithful["position_ids"] > 0)
+    assert later_bos.sum() == 3 and (faithful["labels"][later_bos] == processor.tokenizer.bos_token_id).all()
+
+
+def test_flash_varlen_kwargs_match_transformers(processor, rows):
+    batch = PackedCollator(processor, attention="isolated", return_flash_attn_kwargs=True)(rows)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert torch.equal(batch["cu_seq_lens_q"], cu_q) and torch.equal(batch["cu_seq_lens_k"], cu_k)
+    assert batch["max_length_q"] == int(max_q) == batch["max_length_k"] == int(max_k)
+
+
+def test_pixel_values_in_document_order(processor, rows):
+    batch = PackedCollator(processor)(rows)
+    images = rows[0]["images"] + rows[1]["images"]
+    expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"], expected)
+    per_image = processor.num_image_tokens
+    assert int((batch["input_ids"] == IMAGE_PAD).sum()) == per_image * len(images)
+
+
+def test_pad_to_multiple_of(processor, rows):
+    batch = PackedCollator(processor, pad_to_multiple_of=64)(rows)
+    assert batch["input_ids"].shape[1] % 64 == 0
+
+
+def test_overlong_row_drops_trailing_documents_and_counts_them(processor, rows, caplog):
+    lengths = [len(d) for d in PackedCollator(processor).document_ids(rows[0]["texts"])]
+    collator = PackedCollator(processor, max_length=lengths[0] + lengths[1])
+    batch = collator(rows[:1])
+    assert batch["input_ids"].shape[1] == lengths[0] + lengths[1]
+    assert batch["pixel_values"].shape[0] == 2
+    assert collator.stats["documents_dropped_over_max_length"] == 1
+    assert "dropping its last 1 document" in caplog.text
+    with pytest.raises(ValueError, match="first document alone is longer than max_length"):
+        PackedCollator(processor, max_length=lengths[0] - 1)(rows[:1])
+
+
+def test_bad_rows_raise_clear_errors(processor, rows):
+    collator = PackedCollator(processor)
+    row = rows[0]
+    with pytest.raises(ValueError, match=r"uids \['a', 'b', 'c'\].*2 image\(s\) for 3 text\(s\)"):
+        collator([dict(row, images=row["images"][:2])])
+    with pytest.raises(ValueError, match="document 1 has an empty caption"):
+        collator([dict(row, texts=["ok", "  ", "fine"])])
+    with pytest.raises(ValueError, match="contains the image placeholder token <\\|image_pad\\|>"):
+        collator([dict(row, texts=["ok", "a <|image_pad|> sneaks in", "fine"])])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PackedCollator(processor, attention="bidirectional")
+    with pytest.raises(ValueError, match="empty batch"):
+        collator([])
+
+
+def test_literal_image_marker_in_caption_is_neutralised(processor, easy_vqa_images):
+    batch = PackedCollator(processor)([{"images": easy_vqa_images[:1], "texts": ["see <image> here"],
+                                        "lengths": [0], "uids": ["x"]}])
+    assert int((batch["input_ids"] == IMAGE_PAD).sum()) == processor.num_image_tokens
