@@ -1,0 +1,256 @@
+"""Packed corpus -> per-process micro-batches, with a data position that resumes exactly.
+
+Map-style corpora (``load_dataset(...)``): every epoch is a seeded permutation of the packs, cut into global
+micro-batches of ``processes * per_device_batch`` packs; process ``r`` takes slice ``r`` of each. The position is one
+integer, global micro-batches consumed, so a resumed run continues with the next unseen micro-batch (and works on a
+different number of processes as long as the global micro-batch is the same). The packs that do not fill a last
+global micro-batch are dropped, counted and logged.
+
+Streaming corpora (``streaming=True``): each process reads its part (``datasets.distributed.split_dataset_by_node``)
+in shard order; a background thread reads and collates ahead and attaches ``IterableDataset.state_dict()`` taken
+right after each micro-batch, so the saved position is exactly the last consumed micro-batch, never the prefetched
+ones. Streaming reads shards in order (datasets' shuffle buffer cannot resume exactly); shuffle when packing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("images", "texts")
+DATA_FILE_SUFFIXES = (".parquet", ".arrow", ".tar", ".jsonl", ".json", ".csv")
+
+
+def check_dataset_source(path: str) -> None:
+    """A local folder must hold data shards; raise FileNotFoundError naming the folder otherwise."""
+    local = Path(path)
+    if local.is_file():
+        return
+    if not local.is_dir():
+        if path.startswith((".", "/", "~")) or local.suffix:
+            raise FileNotFoundError(f"dataset path {path} does not exist")
+        return  # a hub dataset id
+    shards = [p for p in local.rglob("*") if p.is_file() and p.name.endswith(DATA_FILE_SUFFIXES)
+              and ".cache" not in p.parts]
+    if not shards:
+        raise FileNotFoundError(
+            f"dataset folder {path} holds no data shards (looked for {', '.join(DATA_FILE_SUFFIXES)} files)"
+        )
+
+
+def load_packed_corpus(path: str, config_name: str | None, split: str, streaming: bool,
+                       required_columns: tuple[str, ...] = REQUIRED_COLUMNS):
+    """``datasets.load_dataset`` of a packed corpus, with clear errors for a bad path, config or schema."""
+    import datasets
+
+    check_dataset_source(path)
+    try:
+        dataset = datasets.load_dataset(path, config_name, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise type(error)(f"could not load the packed corpus {path} (config {config_name}, split {split}): "
+                          f"{error}") from error
+    columns = list(dataset.features or {}) if dataset.features is not None else None
+    if columns is not None:
+        missing = [c for c in required_columns if c not in columns]
+        if missing:
+            raise ValueError(f"packed corpus {path} (config {config_name}) lacks column(s) {missing}; it has "
+                             f"{columns}. Expected packed rows: images, texts, lengths, uids")
+    if not streaming and len(dataset) == 0:
+        raise ValueError(f"packed corpus {path} (config {config_name}, split {split}) has no rows")
+    return dataset
+
+
+class CollateKeepingUids:
+    """Wraps the packed collator and adds ``uids`` (flat, in order) so runs can account for every document."""
+
+    def __init__(self, collator: Callable[[list[dict]], dict]):
+        self.collator = collator
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = dict(self.collator(rows))
+        batch["uids"] = [uid for row in rows for uid in (row.get("uids") or [])]
+        return batch
+
+
+class GlobalMicroBatchSampler(Sampler[list[int]]):
+    """Yields this process's pack indices for every global micro-batch from ``start`` on, epoch after epoch."""
+
+    def __init__(self, num_rows: int, per_device: int, rank: int, world: int, seed: int, shuffle: bool,
+                 start: int = 0):
+        self.num_rows, self.per_device, self.rank, self.world = num_rows, per_device, rank, world
+        self.seed, self.shuffle, self.start = seed, shuffle, start
+        self.global_size = per_device * world
+        self.per_epoch = num_rows // self.global_size
+        if self.per_epoch == 0:
+            raise ValueError(f"the corpus has {num_rows} packs, fewer than one global micro-batch "
+                             f"({world} processes x {per_device} packs)")
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_rows))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_rows, generator=generator).tolist()
+
+    def indices(self, micro_batch: int) -> list[int]:
+        """Pack indices of this process for the global micro-batch number ``micro_batch`` (0-based, all epochs)."""
+        epoch, offset = divmod(micro_batch, self.per_epoch)
+        order = self.epoch_order(epoch)
+        begin = offset * self.global_size + self.rank * self.per_device
+        return order[begin:begin + self.per_device]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro_batch = self.start
+        order_epoch, order = None, None
+        while True:
+            epoch, offset = divmod(micro_batch, self.per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, self.epoch_order(epoch)
+            begin = offset * self.global_size + self.rank * self.per_device
+            yield order[begin:begin + self.per_device]
+            micro_batch += 1
+
+    def __len__(self) -> int:  # per epoch; iteration itself does not stop
+        return self.per_epoch
+
+
+class MapStyleMicroBatches:
+    """Micro-batches of a map-style corpus; position = global micro-batches consumed."""
+
+    def __init__(self, dataset, collate_fn, per_device: int, rank: int, world: int, seed: int, shuffle: bool,
+                 num_workers: int = 0):
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.per_device, self.rank, self.world = per_device, rank, world
+        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.position = 0
+        probe = GlobalMicroBatchSampler(len(dataset), per_device, rank, world, seed, shuffle)
+        self.micro_batches_per_epoch = probe.per_epoch
+        self.dropped_per_epoch = len(dataset) - probe.per_epoch * probe.global_size
+        if self.dropped_per_epoch and rank == 0:
+            logger.warning("%d of %d packs do not fill a last global micro-batch of %d and are skipped each epoch",
+                           self.dropped_per_epoch, len(dataset), probe.global_size)
+
+    def state_dict(self) -> dict:
+        return {"kind": "map", "micro_batches": self.position, "per_device": self.per_device, "world": self.world,
+                "seed": self.seed, "shuffle": self.shuffle, "num_rows": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "map":
+            raise ValueError("the checkpoint's data position is not from a map-style corpus")
+        for key in ("num_rows", "seed", "shuffle"):
+            if state[key] != self.state_dict()[key]:
+                raise ValueError(f"the checkpoint's data position was made with {key}={state[key]!r}, "
+                                 f"this run has {self.state_dict()[key]!r}")
+        if state["per_device"] * state["world"] != self.per_device * self.world:
+            raise ValueError(f"the checkpoint's global micro-batch is {state['per_device'] * state['world']} packs, "
+                             f"this run's is {self.per_device * self.world}")
+        self.position = int(state["micro_batches"])
+
+    def epoch_of(self, state: dict) -> float:
+        """Epochs completed, fractional (as transformers' Trainer reports it)."""
+        return round(state["micro_batches"] / self.micro_batches_per_epoch, 4)
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        sampler = GlobalMicroBatchSampler(len(self.dataset), self.per_device, self.rank, self.world, self.seed,
+                                          self.shuffle, start=self.position)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers, persistent_workers=False)
+        for batch in loader:
+            self.position += 1
+            yield batch, self.state_dict()
+
+
+class StreamingMicroBatches:
+    """Micro-batches of a streaming corpus, read and collated ahead in a thread; exact position per micro-batch."""
+
+    def __init__(self, dataset, collate_fn, per_device: int, rank: int, world: int, prefetch: int = 4):
+        from datasets.distributed import split_dataset_by_node
+
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
+        self.collate_fn, self.per_device, self.rank, self.world = collate_fn, per_device, rank, world
+        self.prefetch = prefetch
+        self.epoch = 0
+        self._state = {"kind": "stream", "epoch": 0, "dataset": None, "world": world, "per_device": per_device}
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "stream":
+            raise ValueError("the checkpoint's data position is not from a streaming corpus")
+        if (state["world"], state["per_device"]) != (self.world, self.per_device):
+            raise ValueError(f"a streaming position resumes only with the same processes x batch: checkpoint "
+                             f"{state['world']} x {state['per_device']}, this run {self.world} x {self.per_device}")
+        self._state = copy.deepcopy(state)
+
+    def epoch_of(self, state: dict) -> int:
+        """The epoch being read (the stream's length is unknown, so no fraction)."""
+        return state["epoch"]
+
+    @staticmethod
+    def _put(out: queue.Queue, stop: threading.Event, item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            epoch, resume = self._state["epoch"], self._state["dataset"]
+            while not stop.is_set():
+                self.dataset.set_epoch(epoch)
+                # load_state_dict also sets where every later iteration starts: reset it for a new epoch.
+                self.dataset.load_state_dict(resume if resume is not None else self._fresh_state)
+                rows, produced = [], 0
+                for row in self.dataset:
+                    rows.append(row)
+                    if len(rows) < self.per_device:
+                        continue
+                    state = {"kind": "stream", "epoch": epoch, "dataset": self.dataset.state_dict(),
+                             "world": self.world, "per_device": self.per_device}
+                    if not self._put(out, stop, (self.collate_fn(rows), state)):
+                        return
+                    rows, produced = [], produced + 1
+                if rows:
+                    logger.warning("process %d: %d packs at the end of epoch %d do not fill a micro-batch; skipped",
+                                   self.rank, len(rows), epoch)
+                if produced == 0 and resume is None:
+                    raise ValueError(f"process {self.rank} read a whole epoch of the stream without filling one "
+                                     f"micro-batch of {self.per_device} packs")
+                resume = None
+                epoch += 1
+        except BaseException as error:  # surface reader/collator errors in the training loop
+            self._put(out, stop, error)
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        self._fresh_state = copy.deepcopy(self.dataset.state_dict())
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop), daemon=True, name="stream-reader")
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                batch, state = item
+                self._state = state
+                yield batch, copy.deepcopy(state)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+__all__ = ["CollateKeepingUids", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
+           "check_dataset_source", "load_packed_corpus"]

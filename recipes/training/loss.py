@@ -1,0 +1,70 @@
+"""Causal-LM loss for packed batches, and how it is weighted across micro-batches and processes.
+
+Logits are computed only at positions whose next token is supervised (``logits_to_keep`` with the model's own
+forward): in caption packs ~80% of positions are image placeholders or padding, whose logits the loss would discard
+anyway, and the vocabulary projection is the largest single matmul.
+
+Weighting of one optimizer step made of ``k`` micro-batches on ``w`` processes:
+- ``token``: every supervised token weighs the same. Each micro-batch contributes ``sum(CE) * w / T`` where ``T`` is
+  the number of supervised tokens of the whole step over all processes (gradient averaging divides by ``w`` again),
+  so the gradient is that of ``sum(CE over the step) / T``.
+- ``micro_batch_mean``: the original's ``mean(CE of micro-batch) / k``, averaged over processes: a micro-batch with
+  few supervised tokens weighs as much as a full one (kept for exact reproduction).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss: labels shifted by one, not ``IGNORE_INDEX``."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's supervised tokens, and their count.
+
+    ``batch`` holds ``labels`` and the model inputs; other keys (e.g. ``num_real_tokens``) are ignored.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    # Position t predicts token t + 1: keep the positions whose next token is supervised in any row.
+    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits
+    kept_targets = targets[:, keep]
+    loss_sum = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        kept_targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, int(supervised.sum())
+
+
+def micro_batch_objective(loss_sum: torch.Tensor, num_tokens: int, *, reduction: str, step_tokens: int,
+                          num_micro_batches: int, world_size: int) -> torch.Tensor:
+    """The value to back-propagate for one micro-batch (see the module docstring)."""
+    if reduction == "token":
+        return loss_sum * world_size / max(step_tokens, 1)
+    if reduction == "micro_batch_mean":
+        return loss_sum / max(num_tokens, 1) / num_micro_batches
+    raise ValueError(f"unknown loss reduction {reduction!r}")
+
+
+def reference_step_loss(per_micro: list[tuple[float, int]], reduction: str) -> float:
+    """The step loss of one process's micro-batches ``[(loss_sum, num_tokens), ...]`` (single-process reference)."""
+    if reduction == "token":
+        return sum(s for s, _ in per_micro) / max(sum(n for _, n in per_micro), 1)
+    return sum(s / max(n, 1) for s, n in per_micro) / len(per_micro)
+
+
+__all__ = ["IGNORE_INDEX", "MODEL_INPUT_KEYS", "micro_batch_objective", "reference_step_loss", "summed_lm_loss",
+           "supervised_tokens"]

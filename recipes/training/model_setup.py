@@ -1,0 +1,148 @@
+"""Build the model and processor for a training stage, and choose which modules train.
+
+Three sources (``ModelArguments``): a kit checkpoint (continue, e.g. ``pretrain`` -> ``full``), a SigLIP checkpoint +
+a Qwen2 checkpoint with a fresh projector (the paper's start), or a preset config with random weights.
+Weights are kept in float32 (master weights); mixed precision is the accelerator's job.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionModel
+
+from modeling_open_qwen2vl import (
+    OpenQwen2VLConfig,
+    OpenQwen2VLForConditionalGeneration,
+    OpenQwen2VLProcessor,
+    build_processor,
+)
+
+from .arguments import ModelArguments
+
+logger = logging.getLogger(__name__)
+
+# Module names (under model.model) that train in each stage; the LM head is tied to the LM's embeddings.
+STAGE_TRAINABLE = {
+    "projector": ("multi_modal_projector",),
+    "pretrain": ("multi_modal_projector", "language_model"),
+    "full": ("multi_modal_projector", "language_model", "vision_tower"),
+}
+
+
+def _vision_config(source: str, hidden_act: str):
+    config = AutoConfig.from_pretrained(source)
+    if getattr(config, "model_type", None) == "siglip":  # a full SigLIP (text + vision) checkpoint
+        config = config.vision_config
+    if getattr(config, "model_type", None) != "siglip_vision_model":
+        raise ValueError(f"{source} is not a SigLIP checkpoint (model_type {config.model_type!r})")
+    config.hidden_act = hidden_act
+    config.vision_use_head = False  # the attention-pool head is unused by the VLM
+    return config
+
+
+def _from_parts(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
+    vision_config = _vision_config(args.vision_model_name_or_path, args.vision_hidden_act)
+    text_config = AutoConfig.from_pretrained(args.text_model_name_or_path)
+    if text_config.model_type != "qwen2":
+        raise ValueError(f"{args.text_model_name_or_path} is not a Qwen2 checkpoint ({text_config.model_type!r})")
+    config = OpenQwen2VLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        num_image_tokens=args.num_image_tokens,
+        vision_feature_layer=args.vision_feature_layer,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    torch.manual_seed(args.init_seed)
+    model = OpenQwen2VLForConditionalGeneration(config)
+    vision = SiglipVisionModel.from_pretrained(args.vision_model_name_or_path, config=vision_config,
+                                               dtype=torch.float32)
+    _load_exact(model.model.vision_tower, vision.state_dict(), args.vision_model_name_or_path, skip_prefix="head.")
+    del vision
+    text = AutoModelForCausalLM.from_pretrained(args.text_model_name_or_path, dtype=torch.float32)
+    _load_exact(model.model.language_model, text.model.state_dict(), args.text_model_name_or_path)
+    if not config.tie_word_embeddings:
+        model.lm_head.load_state_dict(text.lm_head.state_dict())
+    del text
+    return model
+
+
+def _load_exact(module: nn.Module, state_dict: dict, source: str, skip_prefix: str | None = None) -> None:
+    if skip_prefix:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip_prefix)}
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights of {source} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_model(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
+    """The model in float32, ready for a training stage (``use_cache`` off)."""
+    if args.model_name_or_path is not None:
+        model = OpenQwen2VLForConditionalGeneration.from_pretrained(
+            args.model_name_or_path, dtype=torch.float32, attn_implementation=args.attn_implementation
+        )
+        if model.config.num_image_tokens != args.num_image_tokens:
+            logger.info("num_image_tokens %d -> %d (a config change: pooling has no weights)",
+                        model.config.num_image_tokens, args.num_image_tokens)
+            model.config.num_image_tokens = args.num_image_tokens
+            model.config._validate_open_qwen2vl()
+            model.model.multi_modal_projector.pool = nn.AdaptiveAvgPool2d(model.config.pooled_grid_side)
+    elif args.model_preset is not None:
+        preset = getattr(OpenQwen2VLConfig, args.model_preset)
+        config = preset(num_image_tokens=args.num_image_tokens, **args.preset_kwargs)
+        config.vision_feature_layer = args.vision_feature_layer
+        config._validate_open_qwen2vl()
+        torch.manual_seed(args.init_seed)
+        model = OpenQwen2VLForConditionalGeneration(config)
+    else:
+        model = _from_parts(args)
+    if args.model_name_or_path is None:
+        model.set_attn_implementation(args.attn_implementation)
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    return model.float()
+
+
+def build_training_processor(args: ModelArguments, model: OpenQwen2VLForConditionalGeneration) -> OpenQwen2VLProcessor:
+    """The processor matching the model (image size, token count); a kit checkpoint's own processor if it has one."""
+    if args.model_name_or_path is not None and args.tokenizer_name_or_path is None:
+        try:
+            processor = OpenQwen2VLProcessor.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        if processor is not None:
+            processor.num_image_tokens = model.config.num_image_tokens
+            return processor
+    return build_processor(model.config, tokenizer_source=args.tokenizer_name_or_path)
+
+
+def apply_stage(model: OpenQwen2VLForConditionalGeneration, stage: str) -> dict[str, int]:
+    """Freeze everything but the stage's modules; returns parameter counts {trainable, frozen}."""
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_TRAINABLE)}")
+    model.requires_grad_(False)
+    for name in STAGE_TRAINABLE[stage]:
+        getattr(model.model, name).requires_grad_(True)
+    # The LM head is tied to the input embeddings; untied, it trains with the language model.
+    model.lm_head.requires_grad_("language_model" in STAGE_TRAINABLE[stage])
+    seen, counts = set(), {"trainable": 0, "frozen": 0}
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        counts["trainable" if param.requires_grad else "frozen"] += param.numel()
+    return counts
+
+
+def enable_activation_checkpointing(model: OpenQwen2VLForConditionalGeneration) -> None:
+    """Non-reentrant recomputation of every decoder/encoder layer (the FSDP path uses accelerate's own)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+__all__ = ["STAGE_TRAINABLE", "apply_stage", "build_model", "build_training_processor",
+           "enable_activation_checkpointing"]

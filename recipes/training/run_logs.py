@@ -1,0 +1,52 @@
+"""Machine-readable run logs next to the trackers: one JSON line per optimizer step.
+
+``<output_dir>/metrics.jsonl``: step, epoch, loss, lr, grad_norm, tokens (real, all processes), tokens_per_s,
+tflops_per_s (model FLOPs, all processes), mfu (when the device peak is known), seconds.
+``<output_dir>/samples.jsonl`` (``log_sample_uids``): step and the uids of every document trained on in that step.
+
+On resume, lines after the checkpoint's step (written by the interrupted run past its last checkpoint) are dropped,
+so the files hold exactly one line per step of the combined run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class JsonLinesLog:
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> int:
+        """Keep lines with ``step <= step``; returns how many were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return len(lines) - len(kept)
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All records of a JSON-lines log (for plots and tests)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+__all__ = ["JsonLinesLog", "METRICS_FILE", "SAMPLES_FILE", "read_jsonl"]

@@ -1,0 +1,308 @@
+"""The pretraining loop: accelerate for devices, processes and trackers; the kit for loss, data position, checkpoints.
+
+``run_pretraining(config)`` does, in order (every check that can fail runs before the first step):
+resolve the checkpoint to resume -> load and check the corpus -> build model + processor -> check the checkpoint
+fits this model and stage -> freeze per stage -> shard/prepare -> optimizer + schedule -> restore the checkpoint ->
+train, logging every step and checkpointing every ``save_steps`` -> final checkpoint and ``final_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from .arguments import PretrainConfig, config_as_dict
+from .checkpointing import (
+    architecture,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    remove_unfinished,
+    save_checkpoint,
+    save_final_model,
+)
+from .data import CollateKeepingUids, MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
+from .flops import StepWork, attention_pairs_for_batch, peak_flops_per_device, training_flops
+from .fsdp import clip_grad_norm, is_fsdp2, no_gradient_sync, shard_model
+from .loss import micro_batch_objective, summed_lm_loss, supervised_tokens
+from .model_setup import apply_stage, build_model, build_training_processor, enable_activation_checkpointing
+from .optim import build_optimizer, build_scheduler, warmup_steps_for
+from .run_logs import METRICS_FILE, SAMPLES_FILE, JsonLinesLog
+
+logger = logging.getLogger("recipes.pretrain")
+
+FINAL_MODEL = "final_model"
+RESOLVED_CONFIG = "pretrain_config.yaml"
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _tracker_config(config: PretrainConfig) -> dict:
+    # TensorBoard's hparams accept only scalars and strings.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_as_dict(config).items()}
+
+
+class _Setup:
+    """Everything the loop needs, built and checked before the first step."""
+
+    def __init__(self, config: PretrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        model_args, data_args, args = config
+        self.config, self.model_args, self.data_args, self.args = config, model_args, data_args, args
+        if args.cpu_fsdp:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # gloo process group under torchrun on CPU
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            log_with=args.trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+        )
+        acc = self.accelerator
+        self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        set_seed(args.seed)
+
+        # 1. The checkpoint to resume, read first: a bad folder fails before anything heavy.
+        self.resume_path = None
+        if args.resume_from_checkpoint:
+            self.resume_path = Path(args.resume_from_checkpoint)
+        elif args.resume:
+            self.resume_path = latest_checkpoint(self.output_dir)
+            if self.resume_path is None:
+                logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.output_dir)
+        self.resume_state = read_trainer_state(self.resume_path) if self.resume_path else None
+
+        # 2. Data and model.
+        self.dataset = load_packed_corpus(data_args.dataset_name_or_path, data_args.dataset_config_name,
+                                          data_args.dataset_split, data_args.streaming)
+        if data_args.streaming and args.max_steps <= 0:
+            raise ValueError("streaming=True needs max_steps > 0 (the stream's length is unknown, and the schedule "
+                             "needs the number of steps)")
+        model = build_model(model_args)
+        self.processor = build_training_processor(model_args, model)
+        if self.resume_state is not None:
+            check_resumable(self.resume_path, self.resume_state, model_config=model.config, stage=args.stage)
+        counts = apply_stage(model, args.stage)
+        logger.info("stage %s: %s trainable / %s frozen parameters", args.stage, f"{counts['trainable']:,}",
+                    f"{counts['frozen']:,}")
+        self.model_config = model.config
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+
+        from dataset_builders.packed_collator import PackedCollator
+
+        self.collator = PackedCollator(self.processor, attention=data_args.attention,
+                                       max_length=data_args.max_length)
+        collate = CollateKeepingUids(self.collator)
+        if data_args.streaming:
+            self.batches = StreamingMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
+                                                 self.rank, self.world)
+        else:
+            self.batches = MapStyleMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
+                                                self.rank, self.world, args.seed, data_args.shuffle,
+                                                data_args.dataloader_num_workers)
+
+        # 3. Wrap, then build the optimizer over the (possibly sharded) parameters.
+        from accelerate.utils import DistributedType
+
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        if args.activation_checkpointing and not self.fsdp:
+            enable_activation_checkpointing(model)
+        betas = (args.adam_beta1, args.adam_beta2)
+        if self.fsdp:
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+            model, optimizer = acc.prepare(model, optimizer)
+        elif args.cpu_fsdp and self.world > 1:
+            model = shard_model(model)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+        else:
+            if args.cpu_fsdp:
+                logger.warning("cpu_fsdp: a single process has nothing to shard; training unsharded")
+            model = model.to(acc.device)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+            model, optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = model, optimizer
+        self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # DCP needs the torch optimizer
+
+        # 4. Schedule length.
+        accum = args.gradient_accumulation_steps
+        if args.max_steps > 0:
+            self.total_steps = args.max_steps
+        else:
+            per_epoch = math.ceil(self.batches.micro_batches_per_epoch / accum)
+            self.total_steps = per_epoch * args.num_train_epochs
+        warmup = warmup_steps_for(self.total_steps, args.warmup_ratio, args.warmup_steps)
+        self.scheduler = build_scheduler(self.raw_optimizer, args.lr_scheduler_type, self.total_steps, warmup)
+
+        # 5. Restore.
+        self.start_step = 0
+        if self.resume_state is not None:
+            if self.is_main:
+                remove_unfinished(self.output_dir)
+            trainer_state, data_state = load_checkpoint(self.resume_path, model=self.model,
+                                                        optimizer=self.raw_optimizer, scheduler=self.scheduler)
+            self.batches.load_state_dict(data_state)
+            self.start_step = int(trainer_state["global_step"])
+            if trainer_state.get("total_steps") != self.total_steps:
+                logger.warning("the checkpoint's run had %s steps in all, this run has %s: the schedule differs",
+                               trainer_state.get("total_steps"), self.total_steps)
+            logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
+        self.peak_flops = peak_flops_per_device(args.peak_tflops)
+
+
+def _epoch_end(batches, state: dict) -> bool:
+    return state.get("kind") == "map" and state["micro_batches"] % batches.micro_batches_per_epoch == 0
+
+
+def _next_step_batches(iterator, batches, accum: int) -> tuple[list[dict], dict]:
+    """Up to ``accum`` micro-batches; a map-style epoch's last step takes what is left of the epoch."""
+    step_batches, state = [], None
+    while len(step_batches) < accum:
+        batch, state = next(iterator)
+        step_batches.append(batch)
+        if _epoch_end(batches, state):
+            break
+    return step_batches, state
+
+
+def run_pretraining(config: PretrainConfig) -> dict:
+    """Train; returns a summary (steps, last loss, paths). See the module docstring for the order of work."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    setup = _Setup(config)
+    acc, args, data_args = setup.accelerator, setup.args, setup.data_args
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    output_dir = setup.output_dir
+
+    metrics = JsonLinesLog(output_dir / METRICS_FILE, enabled=setup.is_main)
+    samples = JsonLinesLog(output_dir / SAMPLES_FILE, enabled=setup.is_main and data_args.log_sample_uids)
+    if setup.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for log in (metrics, samples):
+            log.truncate_after(setup.start_step) if setup.start_step else log.reset()
+        (output_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
+    acc.init_trackers(args.run_name or output_dir.resolve().name, config=_tracker_config(config))
+
+    trainer_state = {
+        "architecture": architecture(setup.model_config),
+        "stage": args.stage,
+        "world_size": setup.world,
+        "per_device_train_batch_size": data_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_steps": setup.total_steps,
+        "config": config_as_dict(config),
+    }
+
+    def checkpoint(step: int, data_state: dict) -> None:
+        path = save_checkpoint(output_dir, step, model=model, optimizer=setup.raw_optimizer, scheduler=scheduler,
+                               trainer_state=dict(trainer_state, epoch=setup.batches.epoch_of(data_state)),
+                               data_state=data_state, is_main=setup.is_main,
+                               save_total_limit=args.save_total_limit)
+        logger.info("saved checkpoint %s", path)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=setup.total_steps, initial=setup.start_step, disable=not setup.is_main, desc="pretrain",
+                    dynamic_ncols=True)
+    isolated = data_args.attention == "isolated"
+    device = acc.device
+    iterator = iter(setup.batches)
+    step, data_state, last = setup.start_step, setup.batches.state_dict(), {}
+    model.train()
+    while step < setup.total_steps:
+        started = time.perf_counter()
+        step_batches, data_state = _next_step_batches(iterator, setup.batches, args.gradient_accumulation_steps)
+        local_tokens = sum(supervised_tokens(b["labels"]) for b in step_batches)
+        step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=device), "sum"))
+        loss_sum_total = torch.zeros((), device=device)
+        micro_mean_total = torch.zeros((), device=device)
+        work = StepWork()
+        for index, cpu_batch in enumerate(step_batches):
+            batch = _to_device(cpu_batch, device)
+            last_micro = index == len(step_batches) - 1
+            with no_gradient_sync(model) if not last_micro else contextlib.nullcontext():
+                loss_sum, num_tokens = summed_lm_loss(model, batch)
+                objective = micro_batch_objective(
+                    loss_sum, num_tokens, reduction=args.loss_reduction, step_tokens=step_tokens,
+                    num_micro_batches=len(step_batches), world_size=setup.world,
+                )
+                acc.backward(objective)
+            loss_sum_total += loss_sum.detach()
+            micro_mean_total += loss_sum.detach() / max(num_tokens, 1) / len(step_batches)
+            work = work + StepWork(
+                llm_positions=int(cpu_batch["num_real_tokens"]),
+                attention_pairs=attention_pairs_for_batch(cpu_batch["input_ids"], cpu_batch.get("position_ids"),
+                                                          setup.pad_token_id, isolated),
+                images=0 if cpu_batch.get("pixel_values") is None else int(cpu_batch["pixel_values"].shape[0]),
+                supervised_positions=num_tokens,
+            )
+        if acc.scaler is not None:
+            acc.unscale_gradients()
+        grad_norm = clip_grad_norm(model.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        flops_local = training_flops(setup.model_config, work, args.stage)
+        totals = acc.reduce(torch.tensor([loss_sum_total.item(), micro_mean_total.item(), work.llm_positions,
+                                          flops_local], dtype=torch.float64, device=device), "sum")
+        loss = (totals[0] / max(step_tokens, 1) if args.loss_reduction == "token" else totals[1] / setup.world)
+        seconds = time.perf_counter() - started
+        tflops = float(totals[3]) / seconds / 1e12
+        record = {
+            "step": step,
+            "epoch": setup.batches.epoch_of(data_state),
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(totals[2]),
+            "supervised_tokens": step_tokens,
+            "tokens_per_s": float(totals[2]) / seconds,
+            "tflops_per_s": tflops,
+            "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
+            "seconds": seconds,
+        }
+        metrics.write(record)
+        if data_args.log_sample_uids:
+            from accelerate.utils import gather_object
+
+            uids = gather_object([uid for b in step_batches for uid in b["uids"]])
+            samples.write({"step": step, "uids": uids})
+        if step % args.logging_steps == 0 or step == setup.total_steps:
+            acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step",) and v is not None}, step=step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        last = record
+        if args.save_steps and step % args.save_steps == 0 and step < setup.total_steps:
+            checkpoint(step, data_state)
+    progress.close()
+
+    if step > setup.start_step:
+        checkpoint(step, data_state)
+    final_dir = None
+    if args.save_final_model:
+        final_dir = save_final_model(model, setup.processor, output_dir / FINAL_MODEL, setup.is_main)
+        if final_dir is not None:
+            logger.info("final model: %s (loads with trust_remote_code=True)", final_dir)
+    acc.end_training()
+    return {"steps": step, "last": last, "output_dir": str(output_dir),
+            "final_model": str(final_dir) if final_dir else None,
+            "collator_stats": dict(setup.collator.stats), "model_args": asdict(setup.model_args)}
+
+
+__all__ = ["FINAL_MODEL", "RESOLVED_CONFIG", "run_pretraining"]
