@@ -119,7 +119,7 @@ class PackedSFTCollator(SFTCollator):
 
     Returns ``input_ids``, ``labels`` and ``position_ids`` of shape ``[1, total]`` (no padding, no attention mask:
     transformers derives the block-causal mask from the position restarts), ``pixel_values`` for all images in
-    order, and the flash-attention varlen boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+    order, the flash-attention varlen boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k``, and ``use_cache=False``.
     """
 
     def __call__(self, packs: list[dict]) -> dict[str, torch.Tensor]:
@@ -147,6 +147,8 @@ class PackedSFTCollator(SFTCollator):
             "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": int(lengths.max()),
             "max_length_k": int(lengths.max()),
+            # A KV cache (or a 2-D attention mask) turns transformers' packed-sequence detection off.
+            "use_cache": False,
         }
         batch.update(self._pixel_values(images))
         return batch

@@ -44,17 +44,11 @@ class GatherPacks:
         return out
 
 
-def _streaming_packer():
-    try:
-        from dataset_builders.streaming_packing import StreamingPacker
-    except ImportError:
-        from dataset_builders.packing import StreamingPacker
-    return StreamingPacker
-
-
 def _stream_packs(encoded: IterableDataset, capacity: int, algorithm: str, buffer_size: int):
-    packer = _streaming_packer()(encoded, length_fn=lambda row: row["length"], capacity=capacity,
-                                 buffer_size=buffer_size, algorithm=algorithm)
+    from dataset_builders.streaming_packing import StreamingPacker
+
+    packer = StreamingPacker(encoded, length_fn=lambda row: row["length"], capacity=capacity,
+                             buffer_size=buffer_size, algorithm=algorithm)
     for pack in packer:
         yield {name: [row[name] for row in pack] for name in PACK_FIELDS}
 
