@@ -30,13 +30,18 @@ real token.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from modeling_open_qwen2vl.processing_open_qwen2vl import BOS, EOS, IMAGE_MARKER
+
+from .packing import DEFAULT_CAPACITY
+from .streaming_packing import Drop, Measured, StreamingPacker
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +209,134 @@ class PackedCollator:
                 raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         self.stats["documents"] += len(kept)
         return kept, images[: len(kept)]
+
+
+class PretrainingDocuments:
+    """Image-caption examples -> pretraining documents with their length, for both packers (a batched ``length_fn``).
+
+    Each example (a dict with ``image_column``, ``text_column`` and optionally ``uid_column``) becomes
+    ``{"image", "text", "uid", "length"}`` where ``length`` = positions of ``<s><image>\n{text}<|im_end|>`` at
+    ``num_image_tokens`` (the processor's by default). Bad examples come back as ``Drop``: ``missing_image``,
+    ``empty_caption``, ``caption_not_text``, ``caption_has_image_token`` (a caption that tokenizes to image
+    placeholders would break the image/placeholder count); over ``capacity`` the packer drops them as ``too_long``,
+    or with ``truncate=True`` the caption is cut to fit (counted as ``event/truncated``).
+    """
+
+    def __init__(
+        self,
+        processor,
+        image_column: str = "image",
+        text_column: str = "text",
+        uid_column: str | None = None,
+        num_image_tokens: int | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        truncate: bool = False,
+    ):
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = processor.image_token_id
+        self.num_image_tokens = processor.num_image_tokens if num_image_tokens is None else num_image_tokens
+        self.image_column, self.text_column, self.uid_column = image_column, text_column, uid_column
+        self.capacity = capacity
+        self.truncate = truncate
+        self.head_length = len(self.tokenizer.encode(BOS, add_special_tokens=False)) + self.num_image_tokens
+
+    def __call__(self, examples: list[dict]) -> list[Measured | Drop]:
+        results: list[Measured | Drop | None] = [None] * len(examples)
+        texts, positions = [], []
+        for i, example in enumerate(examples):
+            image, text = example.get(self.image_column), example.get(self.text_column)
+            if image is None or (isinstance(image, dict) and not (image.get("bytes") or image.get("path"))):
+                results[i] = Drop("missing_image", self._where(example))
+            elif not isinstance(text, str):
+                results[i] = Drop("caption_not_text", f"{self._where(example)}: {type(text).__name__}")
+            elif not text.strip():
+                results[i] = Drop("empty_caption", self._where(example))
+            else:
+                texts.append(text)
+                positions.append(i)
+        tails = self._tails(texts)
+        for i, text, tail in zip(positions, texts, tails):
+            example = examples[i]
+            if self.image_token_id in tail:
+                results[i] = Drop("caption_has_image_token", self._where(example))
+                continue
+            length = self.head_length + len(tail)
+            event = ""
+            if length > self.capacity and self.truncate:
+                text, length = self._truncated(text)
+                event = "truncated"
+            document = {"image": example[self.image_column], "text": text, "uid": self._uid(example, text),
+                        "length": length}
+            results[i] = Measured(length, document, event)
+        return results
+
+    def to_row(self, documents: list[dict]) -> dict:
+        """A packed row (the format ``PackedCollator`` and the offline corpora use)."""
+        return {
+            "images": [d["image"] for d in documents],
+            "texts": [d["text"] for d in documents],
+            "lengths": [d["length"] for d in documents],
+            "uids": [d["uid"] for d in documents],
+        }
+
+    def _tails(self, texts: list[str]) -> list[list[int]]:
+        tails = ["\n" + t.replace(IMAGE_MARKER, "<image-placeholder>") + EOS for t in texts]
+        return self.tokenizer(tails, add_special_tokens=False)["input_ids"] if tails else []
+
+    def _truncated(self, text: str) -> tuple[str, int]:
+        """The longest prefix of the caption (in tokens) whose document fits the capacity."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        keep = len(ids)
+        while True:
+            length = self.head_length + len(self._tails([text])[0])
+            if length <= self.capacity or keep == 0:
+                return text, length
+            keep = max(0, keep - (length - self.capacity))
+            text = self.tokenizer.decode(ids[:keep])
+
+    def _uid(self, example: dict, text: str) -> str:
+        if self.uid_column and example.get(self.uid_column) is not None:
+            return str(example[self.uid_column])
+        for key in ("uid", "__key__", "key", "id"):
+            if example.get(key) is not None:
+                return str(example[key])
+        digest = hashlib.md5(text.encode("utf-8"))
+        image = example.get(self.image_column)
+        if isinstance(image, (bytes, bytearray)):
+            digest.update(image)
+        elif isinstance(image, dict) and image.get("bytes"):
+            digest.update(image["bytes"])
+        elif hasattr(image, "tobytes"):
+            digest.update(image.tobytes())
+        return digest.hexdigest()
+
+    def _where(self, example: dict) -> str:
+        for key in (self.uid_column, "uid", "__key__", "key", "id"):
+            if key and example.get(key) is not None:
+                return f"sample {example[key]}"
+        return "sample"
+
+
+def stream_packed_rows(
+    examples: Iterable[dict],
+    processor,
+    capacity: int = DEFAULT_CAPACITY,
+    buffer_size: int = 10_000,
+    algorithm: str = "default",
+    image_column: str = "image",
+    text_column: str = "text",
+    uid_column: str | None = None,
+    truncate: bool = False,
+) -> StreamingPacker:
+    """Packed pretraining rows straight from image-caption examples (e.g. ``load_dataset(..., streaming=True)``).
+
+    Returns the resumable ``StreamingPacker``: iterate it for rows (``PackedCollator`` input), save and restore its
+    position with ``state_dict`` / ``load_state_dict``, read its drop counters in ``stats``.
+    """
+    documents = PretrainingDocuments(
+        processor, image_column, text_column, uid_column, capacity=capacity, truncate=truncate
+    )
+    return StreamingPacker(
+        examples, documents, capacity=capacity, buffer_size=buffer_size, algorithm=algorithm, batched=True,
+        output_fn=documents.to_row,
+    )
