@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = []  # filled as stages land, e.g. "score", "select", "reshard", "pack"
+COMMAND_MODULES: list[str] = ["score", "select", "reshard", "card", "stats"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,160 @@
+"""Dataset cards whose YAML ``configs:`` name the corpus subsets, so ``load_dataset(folder, "<subset>")`` (and
+``streaming=True``) reads the shards through datasets' own webdataset builder.
+
+The folder layout is the released ``Open-Qwen2VL-Data`` one (one ``<name>_webdataset/`` folder of tars per subset),
+so the same card works for a local folder and for a Hub dataset repository holding those folders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import yaml
+from datatrove.io import DataFolderLike, get_datafolder
+
+from .shards import SHARD_GLOB
+
+RELEASE_REPO = "weizhiwang/Open-Qwen2VL-Data"
+
+
+@dataclass(frozen=True)
+class Subset:
+    folder: str
+    description: str
+
+
+# Config name -> folder. The folder names are those of the released data (read from the original packing scripts);
+# ``datacomp_mlmf_su85`` alone is not in the release (only its union with DFN is) and is what ``select`` makes.
+KNOWN_SUBSETS = {
+    "ccs": Subset("ccs_webdataset", "CC3M + CC12M + SBU (BLIP's CapFilt/CLIP-filtered `ccs_filtered.json`), "
+                                    "downloaded with img2dataset"),
+    "datacomp_dfn": Subset("datacomp_medium_dfn_webdataset", "DataComp-medium samples whose uid is in the DFN "
+                                                             "release `datacomp_medium_dfn_20m_inds.npy`"),
+    "datacomp_mlmf_su85": Subset("datacomp_medium_mlm_filter_su_85_webdataset",
+                                 "DataComp-medium with MLM-Filter semantic understanding >= 85"),
+    "datacomp_mlmf_su85_union_dfn": Subset("datacomp_medium_mlm_filter_su_85_union_dfn_webdataset",
+                                           "union of the MLM-Filter SU>=85 and DFN selections (uid de-duplicated), "
+                                           "the DataComp part of Open-Qwen2VL's pretraining data"),
+    "laion": Subset("laion_webdataset", "the LAION subset of the pretraining data"),
+}
+# Configs that concatenate subsets: the paper's pretraining mixture (train.sh: datacomp_hq + ccs + laion).
+MIXTURES = {"pretraining": ("ccs", "datacomp_mlmf_su85_union_dfn", "laion")}
+CARD_TEMPLATE = """# Open-Qwen2VL pretraining corpora
+
+Image-caption pairs in WebDataset shards (img2dataset layout: `KEY.jpg`, `KEY.txt`, `KEY.json` with `uid`, `url`,
+`caption`, ... and one metadata parquet per shard), made with the Open-Qwen2VL kit's data stages
+(`python -m dataset_builders score|select|reshard`).
+
+## Subsets
+
+{table}
+
+## Loading
+
+```python
+from datasets import load_dataset
+
+ds = load_dataset("{path}", "{example}", split="train")                  # decoded PIL images in ds["jpg"]
+ds = load_dataset("{path}", "{example}", split="train", streaming=True)  # no download up front
+```
+
+Columns are the file extensions of the shards: `jpg` (image; the bytes are always a JPEG), `txt` (caption), `json`
+(`uid`, `key`, `url`, `caption`, `width`, `height`, `source_shard`, `source_key`), `__key__`, `__url__`.
+{accounting}"""
+
+
+def subset_folder(name: str) -> str:
+    """Folder of a subset: the released name for known subsets, ``<name>_webdataset`` otherwise."""
+    return KNOWN_SUBSETS[name].folder if name in KNOWN_SUBSETS else f"{name}_webdataset"
+
+
+def discover_subsets(root: DataFolderLike) -> dict[str, str]:
+    """Subsets present under ``root``: known folders and any other ``*_webdataset`` folder holding tars."""
+    folder = get_datafolder(root)
+    by_folder = {subset.folder: name for name, subset in KNOWN_SUBSETS.items()}
+    found = {}
+    for path in folder.list_files(include_directories=True, recursive=False):
+        if not folder.isdir(path) or not folder.glob(f"{path}/{SHARD_GLOB}"):
+            continue
+        if path in by_folder:
+            found[by_folder[path]] = path
+        elif path.endswith("_webdataset"):
+            found[path[: -len("_webdataset")]] = path
+    return dict(sorted(found.items()))
+
+
+def card_configs(subsets: dict[str, str]) -> list[dict]:
+    """YAML ``configs:`` entries: one per subset, plus mixtures whose parts are all present (one default)."""
+    configs = [{"config_name": name, "data_files": [{"split": "train", "path": f"{folder}/{SHARD_GLOB}"}]}
+               for name, folder in subsets.items()]
+    for mixture, parts in MIXTURES.items():
+        present = [p for p in parts if p in subsets]
+        if len(present) >= 2:
+            configs.append({"config_name": mixture, "data_files": [
+                {"split": "train", "path": [f"{subsets[p]}/{SHARD_GLOB}" for p in present]}]})
+    if configs:
+        default = next((c for c in configs if c["config_name"] in MIXTURES), configs[0])
+        default["default"] = True
+    return configs
+
+
+def _count(folder, subset_path: str) -> tuple[int, int | None]:
+    """(shards, samples) of a subset folder; samples from the shards' metadata parquets when all exist."""
+    import pyarrow.parquet as pq
+
+    tars = folder.glob(f"{subset_path}/{SHARD_GLOB}")
+    samples = 0
+    for tar in tars:
+        parquet = tar[: -len(".tar")] + ".parquet"
+        if not folder.exists(parquet):
+            return len(tars), None
+        with folder.open(parquet, "rb") as handle:
+            samples += pq.ParquetFile(handle).metadata.num_rows
+    return len(tars), samples
+
+
+def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, path_hint: str | None = None,
+                accounting: dict | None = None) -> str:
+    """README.md text for ``root`` (subsets discovered unless given)."""
+    folder = get_datafolder(root)
+    subsets = subsets if subsets is not None else discover_subsets(folder)
+    if not subsets:
+        raise FileNotFoundError(f"no subset folders with *.tar shards under {folder.path}")
+    configs = card_configs(subsets)
+    header = yaml.safe_dump({"configs": configs, "task_categories": ["image-to-text"]}, sort_keys=False)
+    rows = ["| config | folder | shards | samples | content |", "|---|---|---|---|---|"]
+    for name, subset_path in subsets.items():
+        shards, samples = _count(folder, subset_path)
+        about = KNOWN_SUBSETS[name].description if name in KNOWN_SUBSETS else "made with the kit's data stages"
+        rows.append(f"| `{name}` | `{subset_path}/` | {shards} | {samples if samples is not None else '?'} | {about} |")
+    for config in configs:
+        if config["config_name"] in MIXTURES:
+            parts = ", ".join(f"`{p}`" for p in MIXTURES[config["config_name"]] if p in subsets)
+            rows.append(f"| `{config['config_name']}` (default) | | | | concatenation of {parts} |")
+    extra = ""
+    if accounting:
+        extra = "\n## How each subset was made\n\n" + "\n".join(
+            f"- `{name}`: {json.dumps(info, sort_keys=True)}" for name, info in sorted(accounting.items())) + "\n"
+    body = CARD_TEMPLATE.format(table="\n".join(rows), path=path_hint or "path/to/this/folder",
+                                example=configs[0]["config_name"], accounting=extra)
+    return f"---\n{header}---\n\n{body}"
+
+
+def write_dataset_card(root: DataFolderLike, subsets: dict[str, str] | None = None, path_hint: str | None = None,
+                       accounting: dict | None = None) -> str:
+    """Write ``root/README.md`` (see ``render_card``); returns its text."""
+    text = render_card(root, subsets, path_hint, accounting)
+    with get_datafolder(root).open("README.md", "wt") as handle:
+        handle.write(text)
+    return text
+
+
+def hub_data_files(config: str, repo: str = RELEASE_REPO) -> dict[str, list[str]]:
+    """``data_files`` for ``load_dataset("webdataset", data_files=...)`` on a Hub repository in the release layout,
+    for repositories without a card (e.g. the original release): ``hub_data_files("ccs")``."""
+    names = MIXTURES.get(config, (config,))
+    unknown = [n for n in names if n not in KNOWN_SUBSETS]
+    if unknown:
+        raise ValueError(f"unknown subset {unknown[0]!r}; known: {sorted(KNOWN_SUBSETS) + sorted(MIXTURES)}")
+    return {"train": [f"hf://datasets/{repo}/{KNOWN_SUBSETS[n].folder}/{SHARD_GLOB}" for n in names]}

@@ -1,0 +1,263 @@
+"""The stage graphs (score, select, reshard) and the executor switch: local (default), Slurm or Ray.
+
+Every stage is a list of datatrove steps run by a datatrove executor; the same list runs under
+``LocalPipelineExecutor``, ``SlurmPipelineExecutor`` or ``RayPipelineExecutor``. Tasks are shards: one task per
+input shard for score and select, one per output shard for reshard, so a rerun skips completed shards and a task
+killed midway is redone from its start (outputs are written atomically under deterministic names, so the redo
+gives the same files). Each stage keeps its datatrove logs, stats and completion markers in
+``<output>/.datatrove/<stage>``, plus ``accounting.json`` (read = kept + dropped by reason) and the settings the
+output was made with: rerunning into the same folder with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from datatrove.executor.base import PipelineExecutor
+from datatrove.io import get_datafolder
+from datatrove.utils.logging import logger
+
+from .accounting import Accounting, collect, write_accounting
+from .selection import SelectionRules, resolve_thresholds
+from .shards import list_shards, open_folder
+from .steps.decode import DecodeImages
+from .steps.reader import WebDatasetReader
+from .steps.reshard import ReshardWriter, plan_reshard
+from .steps.score_writer import ScoreWriter
+from .steps.scoring import BatchScorer
+from .steps.select import SelectionFinalizer, ShardSelector, selection_accounting
+
+EXECUTORS = ("local", "slurm", "ray")
+STAGE_SETTINGS = "settings.json"
+
+
+@dataclass
+class ExecutorConfig:
+    """Where and how a stage's tasks run.
+
+    ``tasks``: number of datatrove tasks (None: one per shard, the finest restart granularity). ``workers``: tasks
+    run at once (local processes, Ray or Slurm array slots). Slurm needs ``partition``; ``time``, ``cpus_per_task``,
+    ``mem_per_cpu_gb``, ``gpus_per_task``, ``venv_path`` / ``env_command`` and ``sbatch_args`` are passed through.
+    Ray connects to ``ray_address`` ("auto" for a running cluster; None starts a local Ray).
+    """
+
+    kind: str = "local"
+    tasks: int | None = None
+    workers: int = 1
+    logging_dir: str | None = None
+    skip_completed: bool = True
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    gpus_per_task: int = 0
+    venv_path: str | None = None
+    env_command: str | None = None
+    sbatch_args: dict = field(default_factory=dict)
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.kind!r}")
+        if self.kind == "slurm" and not self.partition:
+            raise ValueError("the slurm executor needs a partition (--slurm-partition)")
+
+
+def make_executor(pipeline: list, config: ExecutorConfig, tasks: int, logging_dir: str,
+                  depends: PipelineExecutor | None = None, job_name: str = "open-qwen2vl-data") -> PipelineExecutor:
+    """The datatrove executor of ``config.kind`` for ``pipeline`` with ``tasks`` tasks."""
+    workers = max(1, min(config.workers, tasks)) if config.workers > 0 else tasks
+    if config.kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                     skip_completed=config.skip_completed, depends=depends)
+    if config.kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        return SlurmPipelineExecutor(
+            pipeline, tasks=tasks, workers=config.workers if config.workers > 0 else -1, time=config.time,
+            partition=config.partition, cpus_per_task=config.cpus_per_task, mem_per_cpu_gb=config.mem_per_cpu_gb,
+            gpus_per_task=config.gpus_per_task, job_name=job_name, logging_dir=logging_dir,
+            skip_completed=config.skip_completed, venv_path=config.venv_path, env_command=config.env_command,
+            sbatch_args=config.sbatch_args or None, depends=depends,
+        )
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                               skip_completed=config.skip_completed, cpus_per_task=config.cpus_per_task,
+                               mem_per_cpu_gb=config.mem_per_cpu_gb, gpus_per_task=config.gpus_per_task,
+                               depends=depends)
+
+
+def _ensure_ray(config: ExecutorConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if config.ray_address:
+            ray.init(address=config.ray_address)
+        else:
+            ray.init(num_cpus=max(config.workers * config.cpus_per_task, 1), include_dashboard=False)
+
+
+def run_executor(executor: PipelineExecutor, config: ExecutorConfig) -> bool:
+    """Run (or, for Slurm, submit) ``executor``. Returns True when the stage finished here and now; raises if a
+    task failed."""
+    if config.kind == "ray":
+        _ensure_ray(config)
+    executor.run()
+    if config.kind == "slurm":
+        logger.info(f"submitted to Slurm; when the jobs end: python -m dataset_builders stats {executor.logging_dir.path}")
+        return False
+    incomplete = executor.get_incomplete_ranks(skip_completed=True)
+    if incomplete:
+        raise RuntimeError(f"{len(incomplete)} task(s) did not complete (first: {incomplete[:5]}); see the logs in "
+                           f"{executor.logging_dir.path}/logs; rerun the same command to redo only those")
+    return True
+
+
+def _stage_dir(output: str, stage: str, config: ExecutorConfig) -> str:
+    return config.logging_dir or f"{output.rstrip('/')}/.datatrove/{stage}"
+
+
+def _check_settings(logging_dir: str, settings: dict) -> None:
+    """Refuse to resume a stage whose outputs were made with other settings (completed tasks would be skipped)."""
+    folder = get_datafolder(logging_dir)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    if folder.exists(STAGE_SETTINGS):
+        with folder.open(STAGE_SETTINGS, "rt") as handle:
+            previous = handle.read()
+        if json.loads(previous) != json.loads(text):
+            raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}); use another "
+                             f"output folder, or delete that one to start over")
+        return
+    with folder.open(STAGE_SETTINGS, "wt") as handle:
+        handle.write(text)
+
+
+def _finish(logging_dir: str, finished: bool) -> Accounting | None:
+    if not finished:
+        return None
+    accounting = collect(logging_dir)
+    write_accounting(logging_dir, "accounting.json", accounting)
+    logger.info(accounting.summary())
+    return accounting
+
+
+def _shard_count(folder: str) -> int:
+    shards = list_shards(folder)
+    if not shards:
+        raise FileNotFoundError(f"no *.tar shards in {open_folder(folder).path}")
+    return len(shards)
+
+
+def score_pipeline(input_folder: str, output_folder: str, scorer: BatchScorer, missing_uid: str = "derive",
+                   max_pixels: int | None = None) -> list:
+    """reader -> decode -> scorer -> one score parquet per input shard."""
+    decode = DecodeImages(max_pixels) if max_pixels else DecodeImages()
+    info = {k: v for k, v in vars(scorer).items() if not k.startswith("_") and k != "stats"}
+    return [
+        WebDatasetReader(input_folder, missing_uid=missing_uid),
+        decode,
+        scorer,
+        ScoreWriter(input_folder, output_folder, scorer.output_columns, info=info),
+    ]
+
+
+def run_score(input_folder: str, output_folder: str, scorer: BatchScorer, config: ExecutorConfig | None = None,
+              missing_uid: str = "derive", max_pixels: int | None = None) -> Accounting | None:
+    """Score every sample of ``input_folder``; returns the stage accounting (None when submitted to Slurm)."""
+    config = config or ExecutorConfig()
+    tasks = config.tasks or _shard_count(input_folder)
+    logging_dir = _stage_dir(output_folder, "score", config)
+    pipeline = score_pipeline(input_folder, output_folder, scorer, missing_uid, max_pixels)
+    scorer_settings = {k: v for k, v in pipeline[-1].info.items() if k not in ("batch_size", "device")}
+    _check_settings(logging_dir, {"stage": "score", "input": input_folder, "tasks": tasks,
+                                  "missing_uid": missing_uid, "max_pixels": max_pixels, **scorer_settings})
+    executor = make_executor(pipeline, config, tasks, logging_dir, job_name="score")
+    return _finish(logging_dir, run_executor(executor, config))
+
+
+def run_select(input_folder: str, output_folder: str, rules: SelectionRules, config: ExecutorConfig | None = None,
+               metadata_source: str = "auto", missing_uid: str = "derive",
+               dedup_uid: bool = True) -> Accounting | None:
+    """Decide keep/drop for every sample; ``top()`` thresholds are resolved over the whole pool before any task
+    runs, uid de-duplication runs after all of them. Returns the selection's accounting (from its files)."""
+    config = config or ExecutorConfig()
+    rules.check_names()
+    expression = rules.expression()  # parse errors surface before anything runs
+    tasks = config.tasks or _shard_count(input_folder)
+    rules.thresholds = resolve_thresholds(rules, input_folder)
+    for (column, fraction), threshold in rules.thresholds.items():
+        logger.info(f"top({column}, {fraction}) resolved to {column} >= {threshold:.6g}")
+    logging_dir = _stage_dir(output_folder, "select", config)
+    settings = {"stage": "select", "input": input_folder, "tasks": tasks, "metadata_source": metadata_source,
+                "missing_uid": missing_uid, "rules": _rules_dict(rules)}
+    _check_settings(logging_dir, settings)
+    selector = make_executor([ShardSelector(input_folder, output_folder, rules, metadata_source, missing_uid)],
+                             config, tasks, logging_dir, job_name="select")
+    finalizer_config = ExecutorConfig(**{**asdict(config), "tasks": 1, "workers": 1, "logging_dir": None})
+    finalizer = make_executor(
+        [SelectionFinalizer(input_folder, output_folder, dedup_uid, info={**settings, "where": expression and
+                                                                           expression.source})],
+        finalizer_config, 1, f"{logging_dir}-finalize", depends=selector if config.kind != "ray" else None,
+        job_name="select-finalize",
+    )
+    if config.kind == "ray":  # datatrove's Ray executor waits on dependencies in 2-minute sleeps: run in order
+        run_executor(selector, config)
+    # the finalizer always reruns: it is idempotent and must see every shard's latest decisions
+    finalizer.skip_completed = False
+    if not run_executor(finalizer, finalizer_config):
+        return None
+    accounting = selection_accounting(output_folder, list_shards(input_folder))
+    write_accounting(logging_dir, "accounting.json", accounting)
+    logger.info(f"selection: {accounting.summary()}")
+    return accounting
+
+
+def _rules_dict(rules: SelectionRules) -> dict:
+    data = asdict(rules)
+    data["thresholds"] = {f"top({c}, {f})": t for (c, f), t in rules.thresholds.items()}
+    data["text"] = {k: v for k, v in asdict(rules.text).items() if k != "boilerplate_patterns"}
+    return data
+
+
+def run_reshard(input_folder: str, selection_folder: str, output_folder: str, config: ExecutorConfig | None = None,
+                shard_size: int = 10_000, verify_images: str = "quick", missing_uid: str = "derive") -> Accounting | None:
+    """Copy the selected samples into shards of ``shard_size``; the plan is fixed on the first run and checked on
+    reruns (a changed selection is refused rather than mixed into half-written output)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    config = config or ExecutorConfig()
+    logging_dir = _stage_dir(output_folder, "reshard", config)
+    plan = plan_reshard(input_folder, selection_folder, shard_size)
+    log_folder = get_datafolder(logging_dir)
+    if log_folder.exists("plan.parquet"):
+        with log_folder.open("plan.parquet", "rb") as handle:
+            previous = pq.read_table(io.BytesIO(handle.read()))
+        if not previous.equals(plan):
+            raise ValueError(f"{output_folder} was resharded from a different selection; use another output folder")
+    else:
+        buffer = io.BytesIO()
+        pq.write_table(plan, buffer)
+        with log_folder.open("plan.parquet", "wb") as handle:
+            handle.write(buffer.getvalue())
+    num_shards = -(-plan.num_rows // shard_size)
+    if num_shards == 0:
+        logger.warning("the selection keeps no sample: nothing to reshard")
+        accounting = Accounting()
+        write_accounting(logging_dir, "accounting.json", accounting)
+        return accounting
+    tasks = min(config.tasks or num_shards, num_shards)
+    _check_settings(logging_dir, {"stage": "reshard", "input": input_folder, "selection": selection_folder,
+                                  "shard_size": shard_size, "verify_images": verify_images, "tasks": tasks,
+                                  "missing_uid": missing_uid})
+    writer = ReshardWriter(input_folder, output_folder, log_folder.resolve_paths("plan.parquet"),
+                           verify_images=verify_images, missing_uid=missing_uid)
+    executor = make_executor([writer], config, tasks, logging_dir, job_name="reshard")
+    return _finish(logging_dir, run_executor(executor, config))

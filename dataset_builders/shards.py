@@ -1,0 +1,327 @@
+"""WebDataset shard I/O in the img2dataset layout, on local paths or any fsspec URL (``hf://datasets/...``, ``s3://``).
+
+A shard is a tar of samples ``KEY.jpg|png|webp`` + ``KEY.txt`` (caption) + ``KEY.json`` (at least ``uid``, ``url``,
+``caption``), with the shard's metadata in a parquet beside it (``00000.tar`` -> ``00000.parquet``), as
+img2dataset writes them.
+
+Reading never raises on bad content: ``iter_samples`` yields either a ``Sample`` or a ``Dropped`` with a reason
+(corrupt tar, unsafe member path, duplicate key, missing image or caption, non-UTF-8 caption, bad json, missing uid),
+so every stage can count what it lost; a shard that is corrupt or unreadable also yields one ``ShardProblem``. Members are read into memory, never extracted, so a member named
+``../x`` or ``/etc/x`` cannot write anywhere.
+
+Writing is atomic: ``ShardWriter`` writes hidden temp files and renames them into place on ``commit``; a killed
+writer leaves only a hidden ``.NAME.*.tmp`` that the next writer of the same shard removes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import tarfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.io import DataFolder, DataFolderLike, get_datafolder
+
+from .uids import derive_uid, is_uid
+
+# Extensions that hold the sample's image, in order of preference when a sample has several.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SHARD_GLOB = "*.tar"
+# Fixed mtime for written tar members, so that rewriting a shard from the same input gives identical bytes.
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
+# The json written with every output sample (a fixed schema keeps datasets' feature inference stable).
+SAMPLE_JSON_FIELDS = ("uid", "key", "url", "caption", "width", "height", "source_shard", "source_key")
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclass
+class RawSample:
+    """The members of one key, as bytes by (lower-cased) extension."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Dropped:
+    """A sample that could not be used, with the reason counted by the stages."""
+
+    key: str | None
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class ShardProblem:
+    """A shard that is truncated, corrupt or unreadable (not a sample: counted and logged per shard)."""
+
+    shard: str
+    detail: str
+
+
+@dataclass
+class Sample:
+    key: str
+    uid: str
+    caption: str
+    url: str
+    image: bytes
+    image_ext: str
+    meta: dict[str, Any]
+    shard: str
+    uid_derived: bool = False
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset convention: key = path up to the first dot of the basename, extension = the rest (lower-cased)."""
+    directory, base = posixpath.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return posixpath.join(directory, stem) if directory else stem, ext.lower()
+
+
+def is_unsafe_member(name: str) -> bool:
+    """Absolute paths, drive letters, backslashes and ``..`` components (tar path traversal)."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        return True
+    return ".." in name.split("/")
+
+
+def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | ShardProblem]:
+    """Group a tar stream's regular members by key, with structural checks.
+
+    Drops: ``unsafe_member_path`` (the whole key), ``duplicate_key`` (a key seen earlier in the shard; the first
+    occurrence is kept), ``duplicate_field`` (the same extension twice in one key), ``corrupt_shard`` (the sample
+    being read when the tar turned out truncated or corrupt; samples before it are kept).
+    """
+    seen: set[str] = set()
+    current: RawSample | None = None
+    problem: str | None = None
+
+    def finish() -> RawSample | Dropped | None:
+        if current is None:
+            return None
+        seen.add(current.key)
+        return Dropped(current.key, problem) if problem else current
+
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+            for member in stream:
+                if not member.isreg() or _META_MEMBER.match(member.name):
+                    continue
+                parts = split_member_name(member.name)
+                if parts is None:
+                    continue
+                key, ext = parts
+                if current is None or key != current.key:
+                    if (done := finish()) is not None:
+                        yield done
+                    current, problem = RawSample(key), ("duplicate_key" if key in seen else None)
+                if is_unsafe_member(member.name):
+                    problem = problem or "unsafe_member_path"
+                if ext in current.files:
+                    problem = problem or "duplicate_field"
+                current.files[ext] = stream.extractfile(member).read()
+                stream.members = []  # a streamed tar otherwise keeps every TarInfo in memory
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        if current is not None:
+            yield Dropped(current.key, "corrupt_shard", f"{name}: {error}")
+            current = None
+        yield ShardProblem(name, str(error))
+        return
+    if (done := finish()) is not None:
+        yield done
+
+
+def _decode_caption(raw: RawSample, meta: dict) -> str | Dropped:
+    if "txt" in raw.files:
+        try:
+            return raw.files["txt"].decode("utf-8")
+        except UnicodeDecodeError as error:
+            return Dropped(raw.key, "caption_not_utf8", str(error))
+    caption = meta.get("caption")
+    if isinstance(caption, str):
+        return caption
+    return Dropped(raw.key, "missing_caption")
+
+
+def parse_sample(raw: RawSample, shard: str, *, missing_uid: str = "derive") -> Sample | Dropped:
+    """Image, caption, json and uid of one grouped sample, or the reason it is unusable.
+
+    ``missing_uid``: "derive" gives samples without a valid uid a stable one (md5 of url and caption, or of the image
+    bytes), "drop" drops them (reason ``missing_uid``).
+    """
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.files), None)
+    if image_ext is None:
+        return Dropped(raw.key, "missing_image")
+    meta: dict[str, Any] = {}
+    if "json" in raw.files:
+        try:
+            meta = json.loads(raw.files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            return Dropped(raw.key, "bad_json", str(error))
+        if not isinstance(meta, dict):
+            return Dropped(raw.key, "bad_json", f"json is a {type(meta).__name__}, not an object")
+    caption = _decode_caption(raw, meta)
+    if isinstance(caption, Dropped):
+        return caption
+    url = meta.get("url") if isinstance(meta.get("url"), str) else ""
+    uid = meta.get("uid")
+    derived = False
+    if not is_uid(uid):
+        if missing_uid == "drop":
+            return Dropped(raw.key, "missing_uid", f"uid={uid!r}")
+        uid = derive_uid(url, caption) if url else derive_uid(raw.files[image_ext])
+        derived = True
+    return Sample(raw.key, uid.lower(), caption, url, raw.files[image_ext], image_ext, meta, shard, derived)
+
+
+def open_folder(folder: DataFolderLike) -> DataFolder:
+    """A datatrove DataFolder (fsspec DirFileSystem) for a local path, URL, (URL, options) or DataFolder."""
+    return get_datafolder(folder)
+
+
+def list_shards(folder: DataFolderLike) -> list[str]:
+    """Sorted shard names (``*.tar``, top level) relative to ``folder``: the task order of every stage."""
+    return open_folder(folder).list_files(glob_pattern=SHARD_GLOB, recursive=False)
+
+
+def shard_stem(shard: str) -> str:
+    """``00000.tar`` -> ``00000``: the name of the shard's parquet, score and selection files."""
+    return shard[: -len(".tar")] if shard.endswith(".tar") else shard
+
+
+def iter_samples(
+    folder: DataFolderLike, shard: str, *, missing_uid: str = "derive"
+) -> Iterator[Sample | Dropped | ShardProblem]:
+    """Samples of one shard of ``folder``, drops with their reason, and a ``ShardProblem`` if the shard is damaged."""
+    data_folder = open_folder(folder)
+    try:
+        handle = data_folder.open(shard, "rb", block_size=1 << 20)
+    except (OSError, ValueError) as error:
+        yield ShardProblem(shard, str(error))
+        return
+    with handle:
+        for item in iter_tar(handle, shard):
+            yield parse_sample(item, shard, missing_uid=missing_uid) if isinstance(item, RawSample) else item
+
+
+def read_sidecar_parquet(folder: DataFolderLike, shard: str) -> pa.Table | None:
+    """The img2dataset metadata parquet next to a shard, or None when there is none."""
+    data_folder = open_folder(folder)
+    name = shard_stem(shard) + ".parquet"
+    if not data_folder.exists(name):
+        return None
+    with data_folder.open(name, "rb") as handle:
+        return pq.read_table(handle)
+
+
+def _temp_name(name: str) -> str:
+    directory, base = posixpath.split(name)
+    return posixpath.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def remove_stale_temps(folder: DataFolder, name: str) -> None:
+    """Delete hidden temp files a killed writer of ``name`` left behind."""
+    directory, base = posixpath.split(name)
+    for path in folder.glob(posixpath.join(directory, f".{base}.*.tmp") if directory else f".{base}.*.tmp"):
+        folder.rm(path)
+
+
+@contextmanager
+def atomic_write(folder: DataFolderLike, name: str, mode: str = "wb"):
+    """Open ``name`` for writing under a hidden temp name; rename into place only if the block succeeds."""
+    data_folder = open_folder(folder)
+    remove_stale_temps(data_folder, name)
+    temp = _temp_name(name)
+    try:
+        with data_folder.open(temp, mode) as handle:
+            yield handle
+        data_folder.mv(temp, name)
+    except BaseException:
+        if data_folder.exists(temp):
+            data_folder.rm(temp)
+        raise
+
+
+def write_parquet_atomic(folder: DataFolderLike, name: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    with atomic_write(folder, name) as handle:
+        handle.write(buffer.getvalue())
+
+
+class ShardWriter:
+    """Writes one shard (``NAME.tar`` + ``NAME.parquet``) atomically, in the img2dataset layout.
+
+    Use as a context manager: on a clean exit both files are renamed into place (parquet first, so a visible tar
+    always has its metadata); on an exception, or if the process dies, nothing visible is left.
+    """
+
+    def __init__(self, folder: DataFolderLike, stem: str):
+        import webdataset
+
+        self.folder = open_folder(folder)
+        self.stem = stem
+        self.tar_name, self.parquet_name = f"{stem}.tar", f"{stem}.parquet"
+        for name in (self.tar_name, self.parquet_name):
+            remove_stale_temps(self.folder, name)
+        self._temp_tar = _temp_name(self.tar_name)
+        self._handle = self.folder.open(self._temp_tar, "wb", block_size=1 << 20)
+        self._tar = webdataset.TarWriter(self._handle, mtime=TAR_MTIME, encoder=False)
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, key: str, image: bytes, caption: str, meta: dict[str, Any], image_ext: str = "jpg") -> None:
+        record = {name: meta.get(name) for name in SAMPLE_JSON_FIELDS}
+        record.update(key=key, caption=caption)
+        self._tar.write(
+            {
+                "__key__": key,
+                image_ext: image,
+                "txt": caption.encode("utf-8"),
+                "json": json.dumps(record, ensure_ascii=False).encode("utf-8"),
+            }
+        )
+        self.rows.append({**record, "status": "success"})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def commit(self) -> None:
+        self._tar.close()
+        self._handle.close()
+        columns = list(SAMPLE_JSON_FIELDS) + ["status"]
+        table = pa.Table.from_pylist(self.rows, schema=_metadata_schema(columns))
+        write_parquet_atomic(self.folder, self.parquet_name, table)
+        self.folder.mv(self._temp_tar, self.tar_name)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._handle.close()
+        finally:
+            if self.folder.exists(self._temp_tar):
+                self.folder.rm(self._temp_tar)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _metadata_schema(columns: list[str]) -> pa.Schema:
+    types = {"width": pa.int64(), "height": pa.int64()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
