@@ -1,0 +1,127 @@
+"""Evaluate an Open-Qwen2VL model on the paper's benchmarks, batched, with the original harness's prompts and scoring.
+
+    python recipes/eval.py --model <folder or hub id> \\
+        --benchmarks mmbench,seedbench,mmstar,mathvista,ai2d,textvqa,pope,mmmu \\
+        [--data-dir <local copies>] [--limit N] [--batch-size B] [--prompt raw|chat] --output <folder>
+
+Several devices: ``accelerate launch --num_processes N recipes/eval.py ...`` (rows are split across processes).
+Offline demo benchmark: ``--benchmarks easy_vqa`` (data from the easy-vqa package). ``--list-benchmarks`` shows
+every benchmark with its Hub dataset. Outputs (see ``recipes/evaluation/report.py``): ``samples/<name>.jsonl``,
+``summary.json`` and ``results.md`` in ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing the kit
+
+from recipes.evaluation.generation import ORIGINAL_MAX_NEW_TOKENS  # noqa: E402
+from recipes.evaluation.registry import UnknownBenchmarkError, get_benchmark, known_benchmarks  # noqa: E402
+
+PAPER_BENCHMARKS = "mmbench,seedbench,mmstar,mathvista,ai2d,textvqa,pope,mmmu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recipes/eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model folder or Hub id (loaded with trust_remote_code)")
+    parser.add_argument(
+        "--benchmarks", default=PAPER_BENCHMARKS,
+        help=f"comma-separated benchmark names, or 'all' (default: the paper's eight: {PAPER_BENCHMARKS})",
+    )
+    parser.add_argument("--output", type=Path, help="folder for samples/*.jsonl, summary.json, results.md")
+    parser.add_argument("--data-dir", type=Path, default=None, help="local copies: <data-dir>/<benchmark name>")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each benchmark")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (the original used 1)")
+    parser.add_argument(
+        "--prompt", choices=["raw", "chat"], default="raw",
+        help="raw: '<s>' + the original harness's prompt (default); chat: the processor's chat template",
+    )
+    parser.add_argument("--chat-template", default=None, help="template name for --prompt chat (chatml, compat)")
+    parser.add_argument("--max-new-tokens", type=int, default=ORIGINAL_MAX_NEW_TOKENS)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    parser.add_argument(
+        "--paper-column", choices=["auto", "always", "never"], default="auto",
+        help="add the paper's scores to the table (auto: when the model is an Open-Qwen2VL release)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
+    return parser
+
+
+def list_benchmarks() -> str:
+    lines = []
+    for name in known_benchmarks():
+        b = get_benchmark(name)
+        source = f"{b.hub_id} (split {b.split})" if b.hub_id else "the easy-vqa PyPI package"
+        lines.append(f"{name:12s} {b.title:34s} {source}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_benchmarks:
+        print(list_benchmarks())
+        return 0
+    if not args.model or not args.output:
+        parser.error("--model and --output are required")
+    names = known_benchmarks() if args.benchmarks.strip() == "all" else args.benchmarks.split(",")
+    try:
+        for name in names:
+            get_benchmark(name)
+    except UnknownBenchmarkError as err:
+        parser.error(str(err))
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size and --limit must be positive")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from accelerate import PartialState
+
+    from recipes.evaluation.model_loading import load_model_and_processor
+    from recipes.evaluation.paper_scores import is_release
+    from recipes.evaluation.report import write_reports
+    from recipes.evaluation.runner import EvalOptions, evaluate_model, stop_token_ids
+
+    state = PartialState()
+    model, processor = load_model_and_processor(args.model, device=state.device, dtype=args.dtype)
+    options = EvalOptions(
+        data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, prompt_format=args.prompt,
+        chat_template=args.chat_template, max_new_tokens=args.max_new_tokens, show_progress=not args.no_progress,
+    )
+    results = evaluate_model(model, processor, names, options, state)
+    if not state.is_main_process:
+        return 0
+    with_paper = args.paper_column == "always" or (
+        args.paper_column == "auto" and is_release(args.model, model.config)
+    )
+    settings = {
+        "benchmarks": [r.benchmark.name for r in results],
+        "prompt_format": args.prompt,
+        "chat_template": args.chat_template,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "stop_token_ids": stop_token_ids(args.prompt, processor.tokenizer),
+        "dtype": str(model.dtype),
+        "device": str(state.device),
+        "num_processes": state.num_processes,
+        "num_image_tokens": getattr(processor, "num_image_tokens", None),
+    }
+    summary = write_reports(args.output, args.model, settings, results, with_paper)
+    print((args.output / "results.md").read_text())
+    for name, bench in summary["benchmarks"].items():
+        if bench["dropped"]["total"]:
+            print(f"{name}: dropped {bench['dropped']['total']} row(s): {bench['dropped']['by_reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""VQA soft accuracy (TextVQA, VQAv2 style) against ten human answers.
+
+Answers are normalised as the EvalAI / VQA evaluation does: lower-case, drop "," and "?" tokens, strip
+punctuation (kept between digits), drop a period that is not a decimal point, spell-out numbers ("two" -> "2"),
+drop articles, restore contractions ("dont" -> "don't").
+
+Configurations:
+
+- ``official``: the VQA evaluation: for each of the ten answers, min(1, matches among the other nine / 3); the
+  score is the mean over the ten.
+- ``m4c``: what the Open-Qwen2VL harness ran (its ``TextVQAAccuracyEvaluator`` from M4C): the output first has
+  newlines, "." and "," removed and is lower-cased; then for a predicted answer a, the score is the mean over the
+  ten answers g of min(1, #answers equal to a among those different from g / 3). Leaving out *all* answers equal to
+  g (not one) makes it differ from ``official`` when several annotators agree.
+
+Inputs: ``predictions`` (text), ``references`` (the list of human answers). Output: ``accuracy`` plus per-sample
+``parsed`` (normalised prediction) and ``correct`` (the soft score in [0, 1]).
+"""
+
+import itertools
+import re
+
+import datasets
+import evaluate
+
+_CITATION = """\
+@inproceedings{singh2019textvqa, title={Towards VQA Models That Can Read}, author={Singh, Amanpreet and others},
+booktitle={CVPR}, year={2019}}
+"""
+
+_CONFIGS = ("official", "m4c")
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+_PERIOD_NOT_DECIMAL = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the VQA code's pattern, look-behind typo included
+# Contractions as written correctly; the normaliser maps every spelling with some apostrophes left out to these.
+_CONTRACTIONS = [
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd", "i'd've", "i'm",
+    "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've", "mustn't",
+    "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd", "she'd've", "she's",
+    "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll", "somebody's",
+    "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've", "something'll",
+    "that's", "there'd", "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're",
+    "they've", "'twas", "wasn't", "we'd", "we'd've", "we're", "we've", "weren't", "what'll", "what're", "what's",
+    "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've",
+    "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
+    "you'd", "you'd've", "you'll", "you're", "you've",
+]
+
+
+def _contraction_spellings() -> dict:
+    spellings = {}
+    for word in _CONTRACTIONS:
+        positions = [i for i, char in enumerate(word) if char == "'"]
+        for size in range(1, len(positions) + 1):
+            for dropped in itertools.combinations(positions, size):
+                spellings.setdefault("".join(c for i, c in enumerate(word) if i not in dropped), word)
+    return spellings
+
+
+_CONTRACTION_MAP = _contraction_spellings()
+
+
+def strip_punctuation(text: str) -> str:
+    for mark in _PUNCTUATION:
+        if (mark + " " in text or " " + mark in text) or _COMMA_BETWEEN_DIGITS.search(text) is not None:
+            text = text.replace(mark, "")
+        else:
+            text = text.replace(mark, " ")
+    return _PERIOD_NOT_DECIMAL.sub("", text)
+
+
+def digits_and_articles(text: str) -> str:
+    words = []
+    for word in text.lower().split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTION_MAP.get(word, word))
+    return " ".join(words)
+
+
+def normalize_answer(answer: str) -> str:
+    """The EvalAI answer processor."""
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return digits_and_articles(strip_punctuation(answer))
+
+
+def official_score(prediction: str, answers: list) -> float:
+    scores = []
+    for index in range(len(answers)):
+        others = answers[:index] + answers[index + 1 :]
+        scores.append(min(1.0, sum(other == prediction for other in others) / 3))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def m4c_score(prediction: str, answers: list) -> float:
+    scores = []
+    for answer in answers:
+        others = [other for other in answers if other != answer]
+        scores.append(min(1.0, sum(other == prediction for other in others) / 3))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def m4c_clean_output(output: str) -> str:
+    """The harness's own clean-up of the generated text before scoring."""
+    return output.replace("\n", "").replace(".", "").replace(",", "").lower()
+
+
+class VqaAccuracy(evaluate.Metric):
+    """VQA soft accuracy (see the module docstring)."""
+
+    def _info(self):
+        if self.config_name not in _CONFIGS:
+            raise KeyError(f"unknown vqa_accuracy configuration {self.config_name!r}; expected one of {_CONFIGS}")
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation=_CITATION,
+            inputs_description="predictions: text; references: list of human answers",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        parsed, correct = [], []
+        for output, answers in zip(predictions, references):
+            answers = [normalize_answer(answer) for answer in answers]
+            if self.config_name == "m4c":
+                prediction = normalize_answer(m4c_clean_output(output))
+                score = m4c_score(prediction, answers)
+            else:
+                prediction = normalize_answer(output)
+                score = official_score(prediction, answers)
+            parsed.append(prediction)
+            correct.append(score)
+        accuracy = sum(correct) / len(correct) if correct else 0.0
+        return {"accuracy": accuracy, "parsed": parsed, "correct": correct}

@@ -1,0 +1,48 @@
+"""Load the model and processor to evaluate, from a folder or a Hub id."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA (the original harness's setting), float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def load_model_and_processor(
+    model_id: str, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = True,
+):
+    """``AutoModelForImageTextToText`` + ``AutoProcessor`` in eval mode on ``device``.
+
+    The processor's ``num_image_tokens`` is made to agree with the model config (a mismatch would make every forward
+    pass fail with "Image features and image tokens do not match").
+    """
+    import modeling_open_qwen2vl  # noqa: F401  (registers the Auto classes, so the kit's code is used when present)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_id, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+    )
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    wanted = getattr(model.config, "num_image_tokens", None)
+    if wanted is not None and getattr(processor, "num_image_tokens", wanted) != wanted:
+        logger.warning(
+            "processor of %s expands <image> to %s placeholders but the model config says %s; using %s",
+            model_id, processor.num_image_tokens, wanted, wanted,
+        )
+        processor.num_image_tokens = wanted
+    return model, processor

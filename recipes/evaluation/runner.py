@@ -1,0 +1,150 @@
+"""Evaluate a model on benchmarks: load -> build prompts -> predict in batches -> score -> report.
+
+Rows are read, predicted and released in chunks, so a full benchmark never sits in memory as decoded images. Under
+``accelerate launch`` each process takes every n-th row; predictions are gathered on the main process, which scores
+and writes the reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .generation import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS, Predictor
+from .loading import select_rows
+from .prompts import PromptFormatter
+from .registry import CANDIDATES, GENERATE, LETTER_PROBS, Benchmark, Scores, parse_benchmark_list
+from .samples import DropLog, EvalSample, SampleError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    """How a run evaluates (everything except which model and which benchmarks)."""
+
+    data_dir: Path | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    prompt_format: str = "raw"
+    chat_template: str | None = None
+    max_new_tokens: int = ORIGINAL_MAX_NEW_TOKENS
+    show_progress: bool = True
+
+
+@dataclass
+class BenchmarkResult:
+    benchmark: Benchmark
+    samples: list[EvalSample]
+    outputs: list
+    scores: Scores | None
+    drops: DropLog
+    num_rows: int
+    seconds: float
+    extra_info: dict = field(default_factory=dict)
+
+
+def _single_process_state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def stop_token_ids(prompt_format: str, tokenizer) -> list[int]:
+    """The original's stop list; the chat format also stops at the end of the assistant turn."""
+    ids = list(ORIGINAL_STOP_TOKEN_IDS)
+    if prompt_format == "chat" and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def predict(benchmark: Benchmark, predictor: Predictor, samples: list[EvalSample], options: EvalOptions) -> list:
+    """Model outputs for ``samples``: texts, letter probabilities or candidate log-likelihoods (per ``method``)."""
+    prompts = [s.prompt for s in samples]
+    images = [s.images for s in samples]
+    if benchmark.method == GENERATE:
+        stops = stop_token_ids(options.prompt_format, predictor.tokenizer)
+        return predictor.generate(prompts, images, options.max_new_tokens, stops)
+    if benchmark.method == LETTER_PROBS:
+        return predictor.letter_probabilities(prompts, images, benchmark.probability_letters)
+    if benchmark.method == CANDIDATES:
+        continuations = [benchmark.candidates(s, options.prompt_format) for s in samples]
+        scored = predictor.continuation_scores(prompts, images, continuations)
+        return [[log_likelihood for log_likelihood, _ in row] for row in scored]
+    raise ValueError(f"{benchmark.name}: unknown method {benchmark.method!r}")
+
+
+def build_sample(benchmark: Benchmark, dataset, index: int, formatter: PromptFormatter, drops: DropLog):
+    """The sample of row ``index`` with its prompt, or None (counted in ``drops``) when the row cannot be used."""
+    try:
+        row = dataset[index]
+    except Exception as err:  # noqa: BLE001 - a corrupt row (undecodable image, bad bytes) is dropped, not fatal
+        drops.drop(str(index), f"unreadable row: {type(err).__name__}: {err}")
+        return None
+    try:
+        sample = benchmark.to_sample(row, index)
+    except SampleError as err:
+        drops.drop(benchmark.row_id(row, index), str(err))
+        return None
+    sample.prompt = formatter(sample.text, sample.chat_text)
+    sample.meta["row_index"] = index
+    return sample
+
+
+def evaluate_benchmark(
+    benchmark: Benchmark, predictor: Predictor, options: EvalOptions, formatter: PromptFormatter, state=None
+) -> BenchmarkResult:
+    """Run one benchmark; every process returns the full result, but only the main one has scores."""
+    state = state or _single_process_state()
+    start = time.perf_counter()
+    dataset = benchmark.load(options.data_dir)
+    benchmark.check_columns(dataset.column_names, str(options.data_dir or benchmark.hub_id or "the package"))
+    dataset = select_rows(dataset, benchmark, options.limit)
+    shard = list(range(state.process_index, len(dataset), state.num_processes))
+    drops = DropLog(benchmark.name)
+    chunk = max(4 * options.batch_size, 32)
+    local: list[tuple[EvalSample, object]] = []
+    for begin in range(0, len(shard), chunk):
+        samples = [build_sample(benchmark, dataset, i, formatter, drops) for i in shard[begin : begin + chunk]]
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            continue
+        outputs = predict(benchmark, predictor, samples, options)
+        for sample, output in zip(samples, outputs):
+            sample.meta["num_images"] = len(sample.images)
+            sample.images = []  # release decoded images; the reports do not need them
+            local.append((sample, output))
+    pairs, drops = _gather(local, drops, state)
+    pairs.sort(key=lambda pair: pair[0].meta["row_index"])
+    samples = [s for s, _ in pairs]
+    outputs = [o for _, o in pairs]
+    scores = benchmark.score(samples, outputs) if state.is_main_process and samples else None
+    return BenchmarkResult(benchmark, samples, outputs, scores, drops, len(dataset), time.perf_counter() - start)
+
+
+def _gather(local: list, drops: DropLog, state):
+    if state.num_processes == 1:
+        return local, drops
+    from accelerate.utils import gather_object
+
+    pairs = gather_object(local)
+    merged = DropLog(drops.benchmark)
+    for part in gather_object([drops]):
+        merged.reasons.update(part.reasons)
+        merged.examples.extend(part.examples[: merged.max_examples - len(merged.examples)])
+    return pairs, merged
+
+
+def evaluate_model(model, processor, benchmark_names, options: EvalOptions, state=None) -> list[BenchmarkResult]:
+    """Evaluate an already loaded model on the named benchmarks (comma-separated string or list)."""
+    benchmarks = parse_benchmark_list(benchmark_names)
+    state = state or _single_process_state()
+    predictor = Predictor(model, processor, options.batch_size, show_progress=options.show_progress and state.is_main_process)
+    formatter = PromptFormatter(options.prompt_format, processor, options.chat_template)
+    results = []
+    for benchmark in benchmarks:
+        logger.info("evaluating %s", benchmark.name)
+        results.append(evaluate_benchmark(benchmark, predictor, options, formatter, state))
+    return results

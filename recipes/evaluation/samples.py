@@ -1,0 +1,60 @@
+"""What a benchmark row becomes before the model sees it, and how bad rows are counted instead of crashing a run."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class SampleError(ValueError):
+    """A row the harness cannot evaluate (missing image, unsupported option count, unreadable field ...).
+
+    The message says why; the caller adds which benchmark and row. Such rows are dropped and counted, never fatal.
+    """
+
+
+@dataclass
+class EvalSample:
+    """One evaluation item.
+
+    ``text`` is the benchmark's instruction with ``<image>`` markers (no BOS, no chat wrapping: the run's prompt
+    format adds those); ``images`` are PIL images in marker order; ``answer`` is the gold answer in the form the
+    benchmark's scorers expect; ``choices`` maps option letters to option texts for multiple choice.
+    """
+
+    benchmark: str
+    sample_id: str
+    text: str
+    images: list
+    answer: Any
+    choices: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    chat_text: str | None = None  # the user message for --prompt chat; None = derived from ``text``
+    prompt: str = ""  # filled by the prompt formatter
+
+
+@dataclass
+class DropLog:
+    """Counts rows dropped per reason and keeps the first few examples for the report."""
+
+    benchmark: str
+    max_examples: int = 20
+    reasons: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    def drop(self, row_id: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append({"id": row_id, "reason": reason})
+        logger.warning("%s: dropped row %s: %s", self.benchmark, row_id, reason)
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.reasons), "examples": list(self.examples)}
