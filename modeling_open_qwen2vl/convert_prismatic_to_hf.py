@@ -88,16 +88,43 @@ def load_torch_file(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the bytes
         message = str(error)
-        unsupported = re.search(r"Unsupported global: ([^\n]+)", message)
-        if unsupported or "Weights only load failed" in message:
-            detail = unsupported.group(1).strip() if unsupported else message.splitlines()[0]
+        unsupported = re.search(r"Unsupported global: (?:GLOBAL )?([^\s]+)", message)
+        code = [unsupported.group(1)] if unsupported else _pickle_globals(path)
+        if code:
             raise CheckpointError(
-                f"{path}: refusing to load: its pickle needs code execution ({detail}). Only plain tensor "
-                "checkpoints are read (torch.load(weights_only=True)); re-save the state dicts as plain tensors."
+                f"{path}: refusing to load: its pickle needs code execution ({', '.join(code[:5])}). Only plain "
+                "tensor checkpoints are read (torch.load(weights_only=True)); re-save the state dicts as plain tensors."
             ) from error
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {message.splitlines()[0] if message else ''})"
-        ) from error
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        detail = detail.group(1).strip() if detail else (message.splitlines()[0] if message else "")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail})") from error
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names a pickle would import (GLOBAL / STACK_GLOBAL), read with pickletools without running anything.
+
+    Looks at a plain pickle file or the ``data.pkl`` of a zip checkpoint; returns [] when the bytes are no pickle.
+    """
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        return found
+    except Exception:  # not a pickle stream: the caller reports an unreadable file
+        return []
 
 
 def load_prismatic_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -239,10 +266,10 @@ def load_timm_vision_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
-    converted, unknown = timm_vision_to_hf(_strip_timm_prefix(state, str(path)))
-    if unknown:
-        raise CheckpointError(f"{path}: timm keys without an equivalent in the vision tower: {_listing(unknown)}")
-    return converted
+    converted = timm_vision_to_hf(_strip_timm_prefix(state, str(path)))
+    if converted.unknown:
+        raise CheckpointError(f"{path}: timm keys without an equivalent in the vision tower: {_listing(converted.unknown)}")
+    return converted.tensors
 
 
 def load_hf_siglip_vision(source: str | Path, config: OpenQwen2VLConfig) -> dict[str, torch.Tensor]:
@@ -327,26 +354,25 @@ def convert_state_dict(
                 timm_state[key[len(TIMM_PREFIX) :]] = tensor
             else:
                 unknown.append(f"vision_backbone/{key}")
-        vision_state, vision_unknown = timm_vision_to_hf(timm_state)
+        vision_state, vision_unknown, vision_origins = timm_vision_to_hf(timm_state)
         unknown += [f"vision_backbone/{TIMM_PREFIX}{key}" for key in vision_unknown]
-        vision_origin = "vision_backbone"
-    elif vision is not None:
-        vision_state, vision_origin = dict(vision), "vision weights"
+        vision_origins = {k: f"vision_backbone/{TIMM_PREFIX}{v}" for k, v in vision_origins.items()}
     else:
-        vision_state, vision_origin = {}, "vision weights"
+        vision_state = dict(vision) if vision is not None else {}
+        vision_origins = {key: f"vision weights/{key}" for key in vision_state}
     keep_head = bool(getattr(config.vision_config, "vision_use_head", False))
     for key, tensor in vision_state.items():
         if is_vision_head_key(key, "hf") and not keep_head:
-            dropped.append(f"{vision_origin}/{key}")
+            dropped.append(vision_origins[key])
             continue
         converted[HF_VISION + key] = tensor
-        origin[HF_VISION + key] = f"{vision_origin}/{key}"
+        origin[HF_VISION + key] = vision_origins[key]
 
-    projector_state, projector_unknown = projector_to_hf(original["projector"])
-    unknown += [f"projector/{key}" for key in projector_unknown]
-    for key, tensor in projector_state.items():
+    projector = projector_to_hf(original["projector"])
+    unknown += [f"projector/{key}" for key in projector.unknown]
+    for key, tensor in projector.tensors.items():
         converted[HF_PROJECTOR + key] = tensor
-        origin[HF_PROJECTOR + key] = f"projector/{key}"
+        origin[HF_PROJECTOR + key] = f"projector/{projector.origins[key]}"
 
     language_state, lm_head, llm_unknown, llm_ignored = llm_to_hf(original["llm_backbone"])
     unknown += [f"llm_backbone/{key}" for key in llm_unknown]

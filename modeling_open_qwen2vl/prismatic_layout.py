@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +74,14 @@ _POOL_Q_KV = re.compile(r"attn_pool\.(?P<which>q|kv)\.(?P<p>weight|bias)\Z")
 _HF_IN_PROJ = re.compile(r"head\.attention\.in_proj_(?P<p>weight|bias)\Z")
 
 
+class Conversion(NamedTuple):
+    """Renamed tensors, the input keys no rule knows, and for each output key the input key(s) it came from."""
+
+    tensors: dict[str, torch.Tensor]
+    unknown: list[str]
+    origins: dict[str, str]
+
+
 def _rename(key: str, rules) -> str | None:
     for pattern, template in rules:
         match = pattern.match(key)
@@ -86,15 +95,16 @@ def is_vision_head_key(key: str, layout: str) -> bool:
     return key.startswith("attn_pool." if layout == "timm" else "head.")
 
 
-def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> Conversion:
     """timm SigLIP ViT keys (no prefix) -> SiglipVisionModel keys (no prefix).
 
-    Returns ``(converted, unknown_keys)``: ``unknown_keys`` lists inputs no rule knows (the caller reports them).
+    Unknown input keys are returned, not raised, so the caller can report them with everything else.
     The fused ``attn.qkv`` is split in thirds (timm orders its output rows q, k, v), ``pos_embed [1, N, D]`` drops its
     batch axis, and the pool head's separate ``q`` and fused ``kv`` projections become MultiheadAttention's
     ``in_proj`` (rows q, k, v).
     """
     converted: dict[str, torch.Tensor] = {}
+    origins: dict[str, str] = {}
     unknown: list[str] = []
     pool_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in timm_state.items():
@@ -102,6 +112,7 @@ def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> tuple[dict[str,
             if tensor.dim() != 3 or tensor.shape[0] != 1:
                 raise ValueError(f"vision key 'pos_embed' must have shape [1, num_patches, dim], got {list(tensor.shape)}")
             converted["embeddings.position_embedding.weight"] = tensor[0]
+            origins["embeddings.position_embedding.weight"] = key
             continue
         qkv = _QKV.match(key)
         if qkv:
@@ -110,6 +121,7 @@ def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> tuple[dict[str,
             layer, param = qkv["i"], qkv["p"]
             for which, part in zip("qkv", tensor.chunk(3, dim=0)):
                 converted[f"encoder.layers.{layer}.self_attn.{which}_proj.{param}"] = part
+                origins[f"encoder.layers.{layer}.self_attn.{which}_proj.{param}"] = key
             continue
         pool = _POOL_Q_KV.match(key)
         if pool:
@@ -120,12 +132,14 @@ def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> tuple[dict[str,
             unknown.append(key)
         else:
             converted[target] = tensor
+            origins[target] = key
     for param, parts in pool_parts.items():
         if set(parts) != {"q", "kv"}:
             missing = {"q", "kv"} - set(parts)
             raise ValueError(f"vision head: attn_pool.{'/'.join(sorted(missing))}.{param} is missing")
         converted[f"head.attention.in_proj_{param}"] = torch.cat([parts["q"], parts["kv"]], dim=0)
-    return converted, unknown
+        origins[f"head.attention.in_proj_{param}"] = f"attn_pool.q.{param} + attn_pool.kv.{param}"
+    return Conversion(converted, unknown, origins)
 
 
 def hf_vision_to_timm(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,16 +171,17 @@ def hf_vision_to_timm(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return converted
 
 
-def projector_to_hf(projector_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``mlp_projector.{0,2}.*`` -> ``linear_{1,2}.*`` (no prefix); returns ``(converted, unknown_keys)``."""
-    converted, unknown = {}, []
+def projector_to_hf(projector_state: Mapping[str, torch.Tensor]) -> Conversion:
+    """``mlp_projector.{0,2}.*`` -> ``linear_{1,2}.*`` (no prefix)."""
+    converted, unknown, origins = {}, [], {}
     for key, tensor in projector_state.items():
         target = _rename(key, _PROJECTOR_FORWARD)
         if target is None:
             unknown.append(key)
         else:
             converted[target] = tensor
-    return converted, unknown
+            origins[target] = key
+    return Conversion(converted, unknown, origins)
 
 
 def hf_to_projector(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,6 +256,7 @@ def arch_specifier_for(num_image_tokens: int) -> str:
 
 __all__ = [
     "GROUPS",
+    "Conversion",
     "arch_specifier_for",
     "hf_to_projector",
     "hf_vision_to_timm",
