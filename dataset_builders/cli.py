@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = ["score", "select", "reshard", "card", "stats"]
+COMMAND_MODULES: list[str] = ["score", "select", "reshard", "card", "stats", "pack"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,219 @@
+"""``pack``: an image-text corpus -> packed parquet shards + dataset-card config + packing statistics.
+
+    python -m dataset_builders pack --input <shards folder | dataset> --output <corpus folder> [--config-name packed_144]
+
+The input is either a folder of WebDataset shards (the data stages' output) or anything ``load_dataset`` reads
+(a hub id, a local folder with parquet/imagefolder/json, ...). The output folder gets ``<config>/*.parquet``,
+``<config>/packing_stats.json`` (fill, documents/images/positions per pack, drops by reason) and a ``README.md``
+whose ``configs:`` entry makes ``load_dataset(output, "<config>", split="train")`` (and ``streaming=True``) work;
+other configs already in that card are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+from ..packing import ALGORITHMS, DEFAULT_CAPACITY
+from .common import add_executor_arguments, executor_config
+
+STATS_FILE = "packing_stats.json"
+CARD_BODY = """
+# Packed Open-Qwen2VL pretraining corpus
+
+Each `packed_*` config holds image-caption samples packed into fixed-capacity sequences by
+`python -m dataset_builders pack` (the Open-Qwen2VL kit). A row is one pack: `images` (list of images), `texts`
+(one caption per document; document *i* uses `images[i]`), `lengths` (positions per document: caption tokens +
+`<s>`, `\\n`, `<|im_end|>` + the image tokens) and `uids`. Document *i* is rendered as
+`<s><image>\\n{texts[i]}<|im_end|>`; `dataset_builders.packed_collator.PackedCollator` turns rows into model inputs
+(paper-faithful or isolated attention). Packing statistics are in `<config>/packing_stats.json`.
+"""
+
+
+@dataclass
+class PackSettings:
+    """What a packed corpus is made with (stored in its stats; a rerun into the same folder must match)."""
+
+    config_name: str | None = None  # default packed_<num_image_tokens>
+    num_image_tokens: int = 144
+    capacity: int = DEFAULT_CAPACITY
+    algorithm: str = "default"
+    buffer_size: int = 10_000
+    tokenizer: str | None = None
+    truncate: bool = False
+    image_column: str = "image"
+    text_column: str = "text"
+    uid_column: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+
+    def __post_init__(self):
+        self.config_name = self.config_name or f"packed_{self.num_image_tokens}"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pack", help="pack image-caption samples into 4096-position sequences (parquet + dataset card)",
+        description="Multimodal sequence packing as the paper (first-fit-decreasing with --algorithm ffd) or with "
+                    "the kit's exact-fill default; writes parquet shards, a dataset-card config and statistics.",
+    )
+    parser.add_argument("--input", required=True,
+                        help="folder (or fsspec URL) of *.tar shards, or a dataset id/folder load_dataset reads")
+    parser.add_argument("--output", required=True, help="corpus folder: <config>/*.parquet, README.md card")
+    parser.add_argument("--config-name", default=None, help="card config (default packed_<num-image-tokens>)")
+    parser.add_argument("--num-image-tokens", type=int, default=144, help="positions per image (default 144)")
+    parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="positions per pack (default 4096)")
+    parser.add_argument("--algorithm", default="default", choices=("default",) + ALGORITHMS,
+                        help="default = exact fill (best); ffd = the paper's first-fit-decreasing")
+    parser.add_argument("--buffer-size", type=int, default=10_000,
+                        help="samples packed together per window (memory bound; default 10000)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder, hub id or tokenizer.json (default: offline Qwen2.5 tokenizer)")
+    parser.add_argument("--truncate", action="store_true", help="cut over-long captions instead of dropping them")
+    hf = parser.add_argument_group("datasets input (when --input is not a shard folder)")
+    hf.add_argument("--dataset-config", default=None, help="config name passed to load_dataset")
+    hf.add_argument("--split", default="train")
+    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--text-column", default="text")
+    hf.add_argument("--uid-column", default=None)
+    add_executor_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = PackSettings(
+        config_name=args.config_name or f"packed_{args.num_image_tokens}", num_image_tokens=args.num_image_tokens,
+        capacity=args.capacity, algorithm=args.algorithm, buffer_size=args.buffer_size, tokenizer=args.tokenizer,
+        truncate=args.truncate, image_column=args.image_column, text_column=args.text_column,
+        uid_column=args.uid_column, dataset_config=args.dataset_config, split=args.split,
+    )
+    stats = run_pack(args.input, args.output, settings, executor_config(args))
+    if stats is None:
+        print("pack: submitted")
+        return 0
+    print(f"pack: {stats['packs']} packs of {stats['documents']} documents, fill {stats['fill']:.4%}; "
+          f"read {stats['read']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}")
+    return 0 if stats["balanced"] else 1
+
+
+def run_pack(input_path: str, output_folder: str, settings: PackSettings | None = None, executor=None) -> dict | None:
+    """Pack ``input_path`` into ``output_folder``; returns the packing statistics (None when submitted to Slurm)."""
+    from ..pipelines import ExecutorConfig, make_executor, run_executor
+    from ..shards import list_shards, open_folder
+    from ..steps.pack import ImageTextDatasetReader, PackWriter
+    from ..steps.reader import WebDatasetReader
+
+    settings = settings or PackSettings()
+    config = executor or ExecutorConfig()
+    shards = _shards_or_none(input_path, list_shards)
+    if shards:
+        reader = WebDatasetReader(input_path)
+        tasks = config.tasks or len(shards)
+    else:
+        options = {"split": settings.split}
+        if settings.dataset_config:
+            options["name"] = settings.dataset_config
+        reader = ImageTextDatasetReader(input_path, options, image_column=settings.image_column,
+                                        text_column=settings.text_column, uid_column=settings.uid_column)
+        tasks = config.tasks or 1
+    writer = PackWriter(output_folder, settings.config_name, settings.num_image_tokens, settings.capacity,
+                        settings.algorithm, settings.buffer_size, settings.tokenizer, settings.truncate)
+    logging_dir = config.logging_dir or f"{output_folder.rstrip('/')}/.datatrove/pack-{settings.config_name}"
+    recorded = {"input": input_path, "tasks": tasks, **settings.__dict__}
+    _check_settings(open_folder(logging_dir), recorded)
+    executor = make_executor([reader, writer], config, tasks, logging_dir, job_name="pack")
+    if not run_executor(executor, config):
+        return None
+    stats = packing_statistics(logging_dir, settings, recorded)
+    folder = open_folder(output_folder)
+    with folder.open(f"{settings.config_name}/{STATS_FILE}", "wt") as handle:
+        json.dump(stats, handle, indent=2)
+    write_card(output_folder, settings.config_name)
+    return stats
+
+
+def _shards_or_none(input_path: str, list_shards) -> list[str]:
+    try:
+        return list_shards(input_path)
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError):
+        return []
+
+
+def _check_settings(folder, recorded: dict) -> None:
+    """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently."""
+    text = json.dumps(recorded, sort_keys=True, default=str)
+    if folder.exists("settings.json"):
+        with folder.open("settings.json", "rt") as handle:
+            if json.load(handle) != json.loads(text):
+                raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
+                                 "--config-name or output folder, or delete it to start over")
+        return
+    with folder.open("settings.json", "wt") as handle:
+        handle.write(text)
+
+
+def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict) -> dict:
+    """Fill, documents/images/positions per pack and drops by reason, summed over the tasks' datatrove stats."""
+    from datatrove.io import get_datafolder
+    from datatrove.utils.stats import PipelineStats
+
+    from ..accounting import collect
+
+    folder = get_datafolder(logging_dir)
+    per_pack: dict[str, dict] = {}
+    merged = None
+    for name in folder.list_files("stats", glob_pattern="*.json") if folder.isdir("stats") else []:
+        with folder.open(name, "rt") as handle:
+            task = PipelineStats.from_json(json.load(handle))
+        merged = task if merged is None else merged + task
+    for step in merged.stats if merged is not None else []:
+        for label in ("pack_positions", "pack_documents", "pack_images"):
+            if label in step.stats:
+                per_pack[label] = _summary(step.stats[label])
+    accounting = collect(logging_dir)
+    packs = per_pack.get("pack_positions", {}).get("n", 0)
+    positions = per_pack.get("pack_positions", {}).get("total", 0)
+    return {
+        **recorded,
+        "packs": packs,
+        "documents": accounting.kept,
+        "positions": positions,
+        "fill": positions / (packs * settings.capacity) if packs else 0.0,
+        "positions_per_pack": per_pack.get("pack_positions", {}),
+        "documents_per_pack": per_pack.get("pack_documents", {}),
+        "images_per_pack": per_pack.get("pack_images", {}),
+        "read": accounting.read,
+        "dropped": dict(sorted(accounting.dropped.items())),
+        "events": dict(sorted(accounting.events.items())),
+        "balanced": accounting.balanced,
+    }
+
+
+def _summary(metric) -> dict:
+    data = metric.to_dict() if hasattr(metric, "to_dict") else metric
+    if isinstance(data, (int, float)):
+        return {"total": data, "n": None}
+    return {key: data.get(key) for key in ("total", "n", "mean", "min", "max") if key in data}
+
+
+def write_card(output_folder: str, config_name: str) -> None:
+    """Add (or refresh) the ``config_name`` entry of the folder's dataset card; other configs are kept."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    from ..shards import open_folder
+
+    folder = open_folder(output_folder)
+    entry = {"config_name": config_name, "data_files": [{"split": "train", "path": f"{config_name}/*.parquet"}]}
+    if folder.exists("README.md"):
+        with folder.open("README.md", "rt") as handle:
+            card = DatasetCard(handle.read())
+        configs = [c for c in (card.data.to_dict().get("configs") or []) if c.get("config_name") != config_name]
+        card.data.configs = configs + [entry]
+        if CARD_BODY.strip() not in card.text:
+            card.text = card.text.rstrip() + "\n" + CARD_BODY
+    else:
+        card = DatasetCard.from_template(DatasetCardData(configs=[entry]),
+                                         template_str="---\n{{ card_data }}\n---\n" + CARD_BODY)
+    with folder.open("README.md", "wt") as handle:
+        handle.write(str(card))
