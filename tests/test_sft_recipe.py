@@ -1,0 +1,233 @@
+"""recipes/sft.py end to end on CPU: 2-step runs per data layout, 144->729-style token change, fresh-process reload,
+LoRA adapter reload and merge, bad samples, resume from a Trainer checkpoint."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
+from recipes.sft import SFTScriptArguments, build_trainer, save_outputs
+from recipes.sft_data import BadSampleError
+from recipes.sft_data.easy_vqa import write_easy_vqa_sft
+
+IMG = 151655
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A saved tiny 'pretrained' checkpoint with 16 visual tokens (the 144-token stage in miniature)."""
+    folder = tmp_path_factory.mktemp("base")
+    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
+    torch.manual_seed(0)
+    OpenQwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    build_processor(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """easy-vqa written in every layout: messages JSONL, LLaVA JSON, MAmmoTH JSON and the MAmmoTH split."""
+    folder = tmp_path_factory.mktemp("data")
+    messages = write_easy_vqa_sft(folder, limit=8, turns=2, layout="messages")
+    llava = write_easy_vqa_sft(folder, limit=8, turns=2, layout="llava")
+    rows = json.loads(llava.read_text())
+    rows.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."},
+                                                      {"from": "gpt", "value": "hi"}]})
+    llava.write_text(json.dumps(rows))
+    mammoth = folder / "mammoth_si.json"
+    mammoth.write_text(json.dumps([{**r, "source": "easy_vqa"} for r in rows]))
+    split = folder / "instruction_si_split"
+    split.mkdir()
+    with open(folder / "mammoth_si_simple.jsonl", "w") as index:
+        for r in rows:
+            name = r["id"].replace("-", "_") + ".json"
+            (split / name).write_text(json.dumps({**r, "source": "easy_vqa"}))
+            index.write(json.dumps({"path": name, "length": 729}) + "\n")
+    return {"folder": folder, "messages": messages, "llava": llava, "mammoth": mammoth,
+            "mammoth_split": folder / "mammoth_si_simple.jsonl", "split_dir": split}
+
+
+def _argv(output_dir, dataset, image_root, *extra, model=None):
+    argv = ["--output_dir", str(output_dir), "--dataset_name", str(dataset), "--image_root", str(image_root),
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--max_length", "256", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+            "--save_strategy", "no", "--logging_steps", "1", "--seed", "0", "--gradient_checkpointing", "false"]
+    if model is not None:
+        argv += ["--model_name_or_path", str(model)]
+    return argv + [str(x) for x in extra]
+
+
+def _parse(argv):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+
+
+def _train(argv):
+    script_args, training_args, model_args = _parse(argv)
+    trainer = build_trainer(script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return trainer, script_args, model_args
+
+
+def _losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("layout, extra", [
+    ("llava", ["--train_vision"]),
+    ("mammoth", ["--chat_format", "compat"]),
+    ("mammoth_split", ["--dataset_format", "mammoth_split"]),
+    ("messages", ["--packing"]),
+])
+def test_two_step_run_for_each_layout(layout, extra, base_dir, data, tmp_path):
+    if layout == "mammoth_split":
+        extra = extra + ["--sample_dir", data["split_dir"]]
+    trainer, script_args, model_args = _train(_argv(tmp_path / "out", data[layout], data["folder"], *extra,
+                                                    model=base_dir))
+    losses = _losses(trainer)
+    if layout == "messages":  # packed: rows are packs of conversations, collated into one isolated row
+        assert isinstance(trainer.train_dataset[0]["sample_id"], list) and len(trainer.train_dataset) < 8
+        assert "position_ids" in next(iter(trainer.get_train_dataloader()))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    out = save_outputs(trainer, script_args, model_args)
+    before, after = _weights(base_dir), _weights(out)
+    vision = [k for k in before if ".vision_tower." in k]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".language_model." in k for k in changed) and any(".multi_modal_projector." in k for k in changed)
+    assert bool(changed & set(vision)) == (layout == "llava")  # the tower trains only with --train_vision
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["num_image_tokens"] == 16
+    template = (out / "chat_template.jinja").read_text()
+    assert ("You are a helpful assistant" in template) and (("'<s>" in template) == (layout == "mammoth"))
+
+
+def test_more_visual_tokens_is_a_config_change_and_the_folder_reloads_in_a_fresh_process(base_dir, data, tmp_path):
+    trainer, script_args, model_args = _train(_argv(tmp_path / "out", data["messages"], data["folder"],
+                                                    "--num_image_tokens", "64", model=base_dir))
+    out = save_outputs(trainer, script_args, model_args)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_image_tokens"] == 64 and config["auto_map"]["AutoModelForImageTextToText"]
+    before, after = _weights(base_dir), _weights(out)
+    assert set(before) == set(after)  # same weights, more tokens
+    assert all(torch.equal(before[k], after[k]) for k in before if ".vision_tower." in k)  # frozen by default
+
+    processor = trainer.processing_class
+    image = data["folder"] / "images" / "0.png"
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": "Shape?"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=prompt, images=[Image.open(image)], return_tensors="pt")
+    assert int((inputs["input_ids"] == IMG).sum()) == 64
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(**inputs, use_cache=False).logits
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent("""
+        import sys, torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        out, image, expected = sys.argv[1:4]
+        model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert processor.num_image_tokens == 64
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": "Shape?"}]}], add_generation_prompt=True,
+                                               tokenize=False)
+        inputs = processor(text=prompt, images=[Image.open(image)], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        torch.testing.assert_close(logits, torch.load(expected, weights_only=True), rtol=0, atol=1e-5)
+        print("reloaded", type(model).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(out), str(image), str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reloaded OpenQwen2VLForConditionalGeneration" in result.stdout
+
+
+def test_lora_on_the_language_model_reloads_and_merges(base_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    argv = _argv(tmp_path / "out", data["llava"], data["folder"], "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+                 "--gradient_checkpointing", "true", model=base_dir)
+    trainer, script_args, model_args = _train(argv)
+    names = [n for n, _ in trainer.model.named_modules() if n.endswith("lora_A")]
+    assert len(names) == 2 * 7 and all(".language_model.layers." in n for n in names)  # 2 layers x 7 linears
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trained = model(**batch, use_cache=False).logits
+    out = save_outputs(trainer, script_args, model_args)
+    adapter = out / "adapter"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "language_model" in adapter_config["target_modules"]
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector"]
+    assert not (out / "adapter_config.json").exists()
+
+    fresh = AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True)
+    reloaded = PeftModel.from_pretrained(fresh, adapter).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch, use_cache=False).logits, trained, rtol=0, atol=0)
+        torch.testing.assert_close(merged(**batch, use_cache=False).logits, trained, rtol=0, atol=1e-4)
+    base_weights, merged_weights = _weights(base_dir), _weights(out)
+    assert all(torch.equal(base_weights[k], merged_weights[k]) for k in base_weights if ".vision_tower." in k)
+
+
+def test_bad_samples_stop_the_run_or_are_counted(base_dir, data, tmp_path):
+    rows = json.loads(data["llava"].read_text())
+    rows.append({"id": "ghost", "image": "images/ghost.png", "conversations": rows[0]["conversations"]})
+    rows.append({"id": "huge", "conversations": [{"from": "human", "value": "word " * 400},
+                                                 {"from": "gpt", "value": "ok"}]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows))
+    with pytest.raises(BadSampleError, match=r"sample 'ghost': image file .*ghost.png does not exist"):
+        _train(_argv(tmp_path / "a", bad, data["folder"], model=base_dir))
+    trainer, *_ = _train(_argv(tmp_path / "b", bad, data["folder"], "--skip_bad_samples", model=base_dir))
+    report = json.loads((tmp_path / "b" / "skipped_samples.json").read_text())
+    assert report["counts"] == {"missing_image": 1, "too_long": 1}
+    assert len(trainer.train_dataset) == len(rows) - 2
+
+
+@pytest.mark.slow
+def test_tiny_config_runs_from_the_command_line(tmp_path):
+    """The shipped tiny YAML (random tiny model, easy-vqa written on the fly) through the script entry point."""
+    result = subprocess.run(
+        [sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_tiny.yaml", "--output_dir",
+         str(tmp_path / "tiny"), "--max_steps", "2", "--easy_vqa_limit", "8"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "tiny" / "model.safetensors").exists()
+    assert (tmp_path / "tiny" / "easy_vqa_data" / "train.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_resume_from_a_trainer_checkpoint_reproduces_the_losses(base_dir, data, tmp_path):
+    common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    full, *_ = _train(_argv(tmp_path / "full", data["messages"], data["folder"], *common, model=base_dir))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed, *_ = _train(_argv(resumed_dir, data["messages"], data["folder"], *common, "--resume_from_checkpoint",
+                               resumed_dir / "checkpoint-2", model=base_dir))
+    assert resumed.state.global_step == 4
+    torch.testing.assert_close(torch.tensor(_losses(resumed)[-2:]), torch.tensor(_losses(full)[-2:]), rtol=0, atol=1e-5)
