@@ -1,0 +1,173 @@
+"""Offline packer: corpus -> packed parquet + card + stats, read back by load_dataset (also in a fresh process)."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import pytest
+import webdataset
+from PIL import Image
+
+from dataset_builders.cli import main as cli_main
+from dataset_builders.commands.pack import PackSettings, run_pack
+from dataset_builders.packed_collator import PackedCollator
+from dataset_builders.pipelines import ExecutorConfig
+from test_packing import linear_scan_ffd
+
+NUM_IMAGE_TOKENS = 16
+CAPACITY = 256
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, easy_vqa_images):
+    """An image-caption parquet set with one bad sample of each kind."""
+    import easy_vqa
+
+    questions, answers, _ = easy_vqa.get_train_questions()
+    rows = [{"image": _png(easy_vqa_images[i % 4]), "text": f"{questions[i]} {answers[i]}", "uid": f"u{i:03d}"}
+            for i in range(120)]
+    rows[3]["text"] = ""                             # zero-length caption
+    rows[5]["text"] = "a caption with <|image_pad|>"  # text that would add image placeholders
+    rows[7]["image"] = None                          # caption without an image
+    rows[9]["text"] = "long " * 400                  # longer than the capacity
+    folder = tmp_path_factory.mktemp("source")
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "uid": datasets.Value("string")})
+    table = datasets.Dataset.from_list(
+        [dict(r, image=None if r["image"] is None else {"bytes": r["image"], "path": None}) for r in rows],
+        features=features)
+    table.to_parquet(str(folder / "train.parquet"))
+    return folder, rows
+
+
+@pytest.fixture(scope="module")
+def packed(source, tmp_path_factory):
+    folder, rows = source
+    output = tmp_path_factory.mktemp("corpus")
+    settings = PackSettings(num_image_tokens=NUM_IMAGE_TOKENS, capacity=CAPACITY, buffer_size=50, uid_column="uid")
+    stats = run_pack(str(folder), str(output), settings, ExecutorConfig(tasks=1))
+    return output, rows, stats
+
+
+@pytest.mark.slow
+def test_corpus_loads_in_a_fresh_process(packed):
+    output, rows, _ = packed
+    script = textwrap.dedent(f"""
+        import json, datasets
+        ds = datasets.load_dataset({str(output)!r}, "packed_16", split="train")
+        stream = datasets.load_dataset({str(output)!r}, "packed_16", split="train", streaming=True)
+        first = next(iter(stream))
+        print(json.dumps({{"rows": ds.num_rows, "uids": [u for r in ds["uids"] for u in r],
+                          "image_type": type(ds[0]["images"][0]).__name__,
+                          "stream_first": first["uids"], "size": list(first["images"][0].size)}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    kept = {r["uid"] for i, r in enumerate(rows) if i not in (3, 5, 7, 9)}
+    assert sorted(loaded["uids"]) == sorted(kept)  # every good sample exactly once
+    assert loaded["image_type"].endswith("ImageFile") or loaded["image_type"] == "Image"
+    assert loaded["size"] == [64, 64]
+    assert loaded["stream_first"]
+
+
+def test_rows_rebuild_the_documents(packed, processor):
+    output, rows, _ = packed
+    ds = datasets.load_dataset(str(output), "packed_16", split="train")
+    by_uid = {r["uid"]: r for r in rows}
+    collator = PackedCollator(processor, max_length=CAPACITY)
+    for pack in ds:
+        assert len(pack["images"]) == len(pack["texts"]) == len(pack["lengths"]) == len(pack["uids"])
+        assert sum(pack["lengths"]) <= CAPACITY
+        assert pack["lengths"] == [len(d) for d in collator.document_ids(pack["texts"])]
+        for uid, text, image in zip(pack["uids"], pack["texts"], pack["images"]):
+            assert text == by_uid[uid]["text"]
+            original = np.asarray(Image.open(io.BytesIO(by_uid[uid]["image"])).convert("RGB"))
+            assert np.array_equal(np.asarray(image.convert("RGB")), original)
+    batch = collator([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 2
+
+
+def test_statistics_match_the_corpus(packed):
+    output, rows, stats = packed
+    ds = datasets.load_dataset(str(output), "packed_16", split="train")
+    on_disk = json.loads((output / "packed_16" / "packing_stats.json").read_text())
+    assert on_disk == stats
+    positions = sum(sum(p) for p in ds["lengths"])
+    assert stats["packs"] == ds.num_rows
+    assert stats["positions"] == positions
+    assert stats["fill"] == pytest.approx(positions / (ds.num_rows * CAPACITY))
+    assert stats["documents"] == sum(len(t) for t in ds["texts"]) == 116
+    assert stats["documents_per_pack"]["max"] == max(len(t) for t in ds["texts"])
+    assert stats["images_per_pack"]["mean"] == pytest.approx(116 / ds.num_rows)
+    assert stats["read"] == 120 and stats["balanced"]
+    assert stats["dropped"] == {"caption_has_image_token": 1, "empty_caption": 1, "missing_image": 1, "too_long": 1}
+    card = (output / "README.md").read_text()
+    assert "config_name: packed_16" in card and "packed_16/*.parquet" in card
+
+
+def test_ffd_algorithm_gives_the_papers_packs(source, tmp_path, processor):
+    folder, rows = source
+    settings = PackSettings(num_image_tokens=NUM_IMAGE_TOKENS, capacity=CAPACITY, buffer_size=1000,
+                            uid_column="uid", algorithm="ffd", config_name="ffd_16")
+    run_pack(str(folder), str(tmp_path), settings, ExecutorConfig(tasks=1))
+    ds = datasets.load_dataset(str(tmp_path), "ffd_16", split="train")
+    good = [r for i, r in enumerate(rows) if i not in (3, 5, 7, 9)]
+    collator = PackedCollator(processor, max_length=CAPACITY)
+    lengths = [len(d) for d in collator.document_ids([r["text"] for r in good])]
+    expected = [[good[i]["uid"] for i in bin_] for bin_ in linear_scan_ffd(lengths, CAPACITY)]
+    assert ds["uids"] == expected
+
+
+@pytest.mark.slow
+def test_webdataset_shards_through_the_cli(tmp_path, easy_vqa_images):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with webdataset.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
+            for i in range(10):
+                uid = f"{s * 10 + i:032x}"
+                caption = f"shape number {s * 10 + i}" if i != 4 else ""
+                sink.write({"__key__": f"{s:05d}{i:04d}", "png": _png(easy_vqa_images[i % 4]),
+                            "txt": caption, "json": {"uid": uid, "caption": caption, "url": ""}})
+    output = tmp_path / "out"
+    args = ["pack", "--input", str(shards), "--output", str(output), "--num-image-tokens", "16",
+            "--capacity", "256", "--buffer-size", "8"]
+    assert cli_main(args) == 0
+    stats = json.loads((output / "packed_16" / "packing_stats.json").read_text())
+    assert stats["tasks"] == 2 and stats["read"] == 20 and stats["documents"] == 18
+    assert stats["dropped"] == {"empty_caption": 2}
+    ds = datasets.load_dataset(str(output), "packed_16", split="train", streaming=True)
+    uids = sorted(u for row in ds for u in row["uids"])
+    assert uids == sorted(f"{n:032x}" for n in range(20) if n % 10 != 4)
+    assert len(list((output / "packed_16").glob("*.parquet"))) == 2
+    # A rerun with the same settings skips the completed tasks; other settings in the same place are refused.
+    before = {p.name: p.stat().st_mtime_ns for p in (output / "packed_16").glob("*.parquet")}
+    assert cli_main(args) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (output / "packed_16").glob("*.parquet")}
+    with pytest.raises(ValueError, match="packed with other settings"):
+        cli_main(args[:-1] + ["16"])
+
+
+def test_card_keeps_other_configs(packed, tmp_path):
+    from dataset_builders.commands.pack import write_card
+
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: ccs\n  data_files:\n  - split: train\n    path: ccs_webdataset/*.tar\n---\n\n"
+        "# Existing card\n")
+    write_card(str(tmp_path), "packed_144")
+    write_card(str(tmp_path), "packed_144")  # idempotent
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("config_name: packed_144") == 1 and "config_name: ccs" in card
+    assert "# Existing card" in card and card.count("# Packed Open-Qwen2VL") == 1

@@ -1,0 +1,135 @@
+"""StreamingPacker: every sample once, counted drops, exact resume (plain iterables and datasets streams)."""
+
+import pickle
+
+import datasets
+import pytest
+
+from dataset_builders.packed_collator import PackedCollator, PretrainingDocuments, stream_packed_rows
+from dataset_builders.streaming_packing import Drop, StreamingPacker
+from test_packing import caption_like_lengths
+
+
+def _items(n, seed=5):
+    return [{"i": i, "n": n_} for i, n_ in enumerate(caption_like_lengths(n, seed=seed))]
+
+
+def _ids(packs):
+    return [[x["i"] for x in pack] for pack in packs]
+
+
+def test_every_sample_once_valid_packs_and_counted_drops():
+    items = _items(12_000) + [{"i": -1, "n": 5000}, {"i": -2, "n": 0}, {"i": -3, "n": "bad"}]
+
+    def length(item):
+        return Drop("not_a_number", str(item["n"])) if isinstance(item["n"], str) else item["n"]
+
+    packer = StreamingPacker(items, length, buffer_size=3000)
+    packs = list(packer)
+    assert sorted(i for pack in _ids(packs) for i in pack) == list(range(12_000))
+    assert all(sum(x["n"] for x in pack) <= 4096 for pack in packs)
+    assert packer.stats["dropped/too_long"] == 1
+    assert packer.stats["dropped/empty"] == 1
+    assert packer.stats["dropped/not_a_number"] == 1
+    assert packer.stats["packs"] == len(packs)
+    assert packer.stats["samples_packed"] == 12_000
+
+
+def test_window_packing_with_carry_fills_like_global_packing():
+    items = _items(40_000, seed=2)
+    total = sum(x["n"] for x in items)
+    with_carry = list(StreamingPacker(items, lambda x: x["n"], buffer_size=5000))
+    without = list(StreamingPacker(items, lambda x: x["n"], buffer_size=5000, carry_below=0))
+    fill = total / (len(with_carry) * 4096)
+    assert fill >= 0.995
+    assert len(with_carry) <= len(without)
+
+
+@pytest.mark.parametrize("stop_after", [1, 37, 40, 41, 200, None])  # windows hold ~40 packs; None: at the end
+def test_resume_is_exact_for_a_plain_iterable(stop_after):
+    items = _items(9_000, seed=7) + [{"i": -1, "n": 9999}]
+    reference = StreamingPacker(items, lambda x: x["n"], buffer_size=1000)
+    full = _ids(reference)
+    stop_after = len(full) if stop_after is None else stop_after
+    first = StreamingPacker(items, lambda x: x["n"], buffer_size=1000)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(stop_after)]
+    state = pickle.loads(pickle.dumps(first.state_dict()))  # checkpoints are pickled
+    resumed = StreamingPacker(items, lambda x: x["n"], buffer_size=1000)
+    resumed.load_state_dict(state)
+    assert _ids(head) + _ids(resumed) == full
+    assert resumed.stats == reference.stats
+
+
+def test_resume_is_exact_for_a_datasets_iterable_dataset():
+    lengths = caption_like_lengths(6_000, seed=11)
+    stream = datasets.Dataset.from_dict({"i": list(range(len(lengths))), "n": lengths}).to_iterable_dataset(4)
+    full = _ids(StreamingPacker(stream, lambda x: x["n"], buffer_size=700))
+    first = StreamingPacker(stream, lambda x: x["n"], buffer_size=700)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(90)]
+    state = first.state_dict()
+    assert isinstance(state["window_start"], dict)  # the dataset's own state, not a count
+    resumed = StreamingPacker(stream, lambda x: x["n"], buffer_size=700)
+    resumed.load_state_dict(state)
+    assert _ids(head) + _ids(resumed) == full
+
+
+def test_state_of_another_source_kind_is_refused():
+    state = StreamingPacker([1, 2], lambda x: 1).state_dict()
+    stream = datasets.Dataset.from_dict({"n": [1]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="different kind"):
+        StreamingPacker(stream, lambda x: 1).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def examples(easy_vqa_images):
+    captions = ["a red circle", "", "a blue <|image_pad|> square", "green", "a grey triangle " * 3, "yellow shape"]
+    images = [easy_vqa_images[i % 4] for i in range(len(captions))]
+    images[3] = None
+    return [{"image": im, "text": t, "uid": f"u{i}"} for i, (im, t) in enumerate(zip(images, captions))]
+
+
+def test_stream_packed_rows_from_a_streaming_dataset_feed_the_collator(processor, examples):
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "uid": datasets.Value("string")})
+    stream = datasets.Dataset.from_list(examples, features=features).to_iterable_dataset()
+    packer = stream_packed_rows(stream, processor, capacity=64, buffer_size=4, uid_column="uid")
+    rows = list(packer)
+    assert sorted(u for row in rows for u in row["uids"]) == ["u0", "u4", "u5"]
+    assert {k: v for k, v in packer.stats.items() if k.startswith("dropped/")} == {
+        "dropped/empty_caption": 1, "dropped/caption_has_image_token": 1, "dropped/missing_image": 1}
+    collator = PackedCollator(processor, max_length=64)
+    for row in rows:
+        expected = [len(d) for d in collator.document_ids(row["texts"])]
+        assert row["lengths"] == expected and sum(expected) <= 64
+    batch = collator(rows)
+    assert batch["pixel_values"].shape[0] == 3
+
+
+def test_too_long_captions_are_dropped_or_truncated_to_fit(processor, easy_vqa_images):
+    long = " ".join(f"word{i}" for i in range(200))
+    example = {"image": easy_vqa_images[0], "text": long, "uid": "long"}
+    documents = PretrainingDocuments(processor, capacity=64)
+    assert documents([example])[0].length > 64  # the packer then drops it as too_long
+    packer = StreamingPacker([example], documents, capacity=64, batched=True, output_fn=documents.to_row)
+    assert list(packer) == [] and packer.stats["dropped/too_long"] == 1
+
+    truncating = PretrainingDocuments(processor, capacity=64, truncate=True)
+    packer = StreamingPacker([example], truncating, capacity=64, batched=True, output_fn=truncating.to_row)
+    (row,) = list(packer)
+    assert packer.stats["event/truncated"] == 1
+    text = row["texts"][0]
+    assert long.startswith(text) and len(text) < len(long)
+    rebuilt = PackedCollator(processor).document_ids([text])[0]
+    assert len(rebuilt) == row["lengths"][0] <= 64
+    assert len(rebuilt) >= 60  # the prefix is as long as fits, not arbitrarily short
+
+
+def test_pretraining_documents_need_image_tokens_with_a_bare_tokenizer(processor):
+    with pytest.raises(ValueError, match="needs num_image_tokens"):
+        PretrainingDocuments(processor.tokenizer)
+    documents = PretrainingDocuments(processor.tokenizer, num_image_tokens=144)
+    measured = documents([{"image": b"x", "text": "hello"}])[0]
+    expected = 1 + 144 + len(processor.tokenizer.encode("\nhello<|im_end|>", add_special_tokens=False))
+    assert measured.length == expected
