@@ -74,6 +74,8 @@ class SFTScriptArguments(ScriptArguments):
     packing_buffer_size: int = field(default=10_000, metadata={"help": "streaming packing: samples per buffer"})
     merge_lora: bool = field(default=True, metadata={
         "help": "with --use_peft: write the merged full model to output_dir (adapter in output_dir/adapter)"})
+    shuffle_buffer_size: int = field(default=10_000, metadata={
+        "help": "streaming with --shuffle_dataset: samples in the shuffle buffer"})
     easy_vqa_limit: int | None = field(default=None, metadata={"help": "dataset_name=easy_vqa: conversations to write"})
 
 
@@ -92,6 +94,8 @@ class SkipReport(TrainerCallback):
 def _prepare_data(source, script_args, training_args, encoder, skip_log, packing: bool):
     raw = load_raw_sft_dataset(source, split=script_args.dataset_train_split, streaming=script_args.dataset_streaming,
                                config_name=script_args.dataset_config)
+    if script_args.dataset_streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
+        raw = raw.shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
     encoded = encode_sft_dataset(
         raw, encoder, data_format=script_args.dataset_format, image_root=script_args.image_root,
         sample_dir=script_args.sample_dir, skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log,
@@ -187,24 +191,36 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
     return trainer
 
 
+def _save_folder(trainer: SFTTrainer, folder: Path) -> None:
+    """``trainer.save_model`` except under FSDP, where any state-dict type is gathered to full weights first
+    (``save_model`` writes no weights for a sharded state dict, and an HF folder needs full ones)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(folder))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+    if trainer.accelerator.is_main_process:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(folder, state_dict=state_dict)
+        trainer.processing_class.save_pretrained(folder)
+    trainer.accelerator.wait_for_everyone()
+
+
 def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_args: ModelConfig) -> Path:
     """Full fine-tuning: the model + processor in ``output_dir``. LoRA: the adapter in ``output_dir/adapter`` and,
     with ``merge_lora``, the merged model in ``output_dir``. Returns the folder to load the model from."""
     from accelerate.utils import is_peft_model
 
     out = Path(trainer.args.output_dir)
-    if not is_peft_model(trainer.model):
-        trainer.save_model(str(out))
+    if not is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
+        _save_folder(trainer, out)
         return out
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
+    _save_folder(trainer, adapter_dir)
     if not script_args.merge_lora:
         return adapter_dir
-    trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         if trainer.accelerator.num_processes == 1:
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        else:  # sharded weights: merge on a fresh base instead
+        else:  # the trained weights are sharded across ranks: merge the saved adapter into a fresh base instead
             from peft import PeftModel
             from transformers import AutoModelForImageTextToText
 

@@ -99,13 +99,15 @@ def trainable_counts(model) -> dict[str, int]:
     return parts
 
 
-def language_model_lora_pattern(target_modules: list[str] | None = None) -> str:
+def language_model_lora_pattern(target_modules: list[str] | str | None = None) -> str:
     """A regex (matched by PEFT with ``re.fullmatch``) selecting linears of the Qwen2 decoder layers only.
 
     ``target_modules`` are module names such as ``q_proj``; ``None`` or ``["all-linear"]`` means every projection of
     attention and MLP. The pattern is anchored on ``model.language_model.layers`` so it cannot match the SigLIP
     tower, whose attention also has ``q_proj``/``k_proj``/``v_proj``.
     """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
     names = list(target_modules or LM_LINEAR_MODULES)
     if names == ["all-linear"]:
         names = list(LM_LINEAR_MODULES)

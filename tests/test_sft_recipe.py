@@ -231,3 +231,27 @@ def test_resume_from_a_trainer_checkpoint_reproduces_the_losses(base_dir, data, 
                                resumed_dir / "checkpoint-2", model=base_dir))
     assert resumed.state.global_step == 4
     torch.testing.assert_close(torch.tensor(_losses(resumed)[-2:]), torch.tensor(_losses(full)[-2:]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sft_llava665k", "sft_mammoth"])
+def test_paper_configs_hold_the_paper_hyperparameters(name):
+    script_args, training_args, model_args = _parse(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml"),
+                                                     "--bf16", "false"])  # bf16 needs a GPU to parse
+    assert (training_args.learning_rate, training_args.weight_decay, training_args.warmup_steps) == (2e-5, 0.1, 0.03)
+    assert training_args.lr_scheduler_type == "cosine" and training_args.max_length == 4096
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 8 == 128
+    assert script_args.num_image_tokens == 729 and not script_args.train_vision and not model_args.use_peft
+
+
+def test_lora_pattern_cannot_match_the_vision_tower(tiny_model):
+    import re
+
+    from recipes.sft_model import language_model_lora_pattern
+
+    for targets in (None, "all-linear", ["all-linear"], ["q_proj", "v_proj"]):
+        pattern = language_model_lora_pattern(targets)
+        matched = [n for n, _ in tiny_model.named_modules() if re.fullmatch(pattern, n)]
+        expected = 2 * (7 if targets in (None, "all-linear", ["all-linear"]) else 2)
+        assert len(matched) == expected and all(n.startswith("model.language_model.layers.") for n in matched)
+    vision = [n for n, _ in tiny_model.named_modules() if n.endswith("q_proj") and "vision_tower" in n]
+    assert vision  # the tower does have q_proj modules that a plain list would have hit
