@@ -113,8 +113,9 @@ def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | Sha
         seen.add(current.key)
         return Dropped(current.key, problem) if problem else current
 
+    reader = _CountingReader(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+        with tarfile.open(fileobj=reader, mode="r|*") as stream:
             for member in stream:
                 if not member.isreg() or _META_MEMBER.match(member.name):
                     continue
@@ -132,6 +133,11 @@ def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | Sha
                     problem = problem or "duplicate_field"
                 current.files[ext] = stream.extractfile(member).read()
                 stream.members = []  # a streamed tar otherwise keeps every TarInfo in memory
+            # tarfile ends silently when the file stops inside a member header (after the first member): a complete
+            # uncompressed tar has at least one end-of-archive block after its last member.
+            reader.drain()
+            if reader.uncompressed and reader.total < stream.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"file ends inside a member header at byte {reader.total}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         if current is not None:
             yield Dropped(current.key, "corrupt_shard", f"{name}: {error}")
@@ -140,6 +146,34 @@ def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | Sha
         return
     if (done := finish()) is not None:
         yield done
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes of a stream and remembers its first block (to tell a plain tar from a compressed one)."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = raw
+        self.total = 0
+        self.head = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if len(self.head) < tarfile.BLOCKSIZE:
+            self.head += data[: tarfile.BLOCKSIZE - len(self.head)]
+        self.total += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    @property
+    def uncompressed(self) -> bool:
+        return self.head[257:262] == b"ustar"
 
 
 def _decode_caption(raw: RawSample, meta: dict) -> str | Dropped:

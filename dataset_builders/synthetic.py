@@ -128,7 +128,8 @@ def decompression_bomb_png(side: int = 100_000) -> bytes:
 
 def odd_mode_images() -> dict[str, bytes]:
     """Valid images in modes that need care: CMYK JPEG, palette PNG with transparency, LA PNG, 16-bit PNG, 1x1."""
-    palette = Image.new("P", (16, 12), 1)
+    palette = Image.new("P", (16, 12), 1)  # left half index 0 (transparent), right half index 1 (blue)
+    palette.paste(0, (0, 0, 8, 12))
     palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     palette.info["transparency"] = 0
     sixteen = Image.fromarray((np.arange(16 * 12, dtype=np.uint16).reshape(12, 16) * 300), "I;16")
@@ -189,3 +190,38 @@ def damaged_shard_members(rng: random.Random, prefix: str = "bad") -> tuple[list
     members.append((f"/abs/{prefix}_absolute.jpg", good))
     expected[f"/abs/{prefix}_absolute"] = "unsafe_member_path"
     return members, expected
+
+
+# -- tiny random models (tests, demos, benchmarks: no download) -----------------------------------------------
+
+
+def save_tiny_clip(path: str, image_size: int = 32, seed: int = 0) -> str:
+    """A random CLIP (2 layers, width 32) with a word-level tokenizer over the synthetic captions' vocabulary and a
+    CLIP image processor, saved as a normal checkpoint folder loadable with AutoModel + AutoProcessor."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    words = sorted({w for phrase in COLORS + SHAPES + PLACES for w in phrase.split()} | {"a", "an"})
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+                                        model_max_length=32)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
