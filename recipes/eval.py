@@ -4,7 +4,8 @@
         --benchmarks mmbench,seedbench,mmstar,mathvista,ai2d,textvqa,pope,mmmu \\
         [--data-dir <local copies>] [--limit N] [--batch-size B] [--prompt raw|chat] --output <folder>
 
-Several devices: ``accelerate launch --num_processes N recipes/eval.py ...`` (rows are split across processes).
+Several devices: ``accelerate launch --num_processes N recipes/eval.py ...`` (rows are split across processes; on a
+CPU-only machine use ``torchrun --nproc_per_node N recipes/eval.py ...``).
 Offline demo benchmark: ``--benchmarks easy_vqa`` (data from the easy-vqa package). ``--list-benchmarks`` shows
 every benchmark with its Hub dataset. Outputs (see ``recipes/evaluation/report.py``): ``samples/<name>.jsonl``,
 ``summary.json`` and ``results.md`` in ``--output``.
@@ -83,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size and --limit must be positive")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from accelerate import PartialState
-
     from recipes.evaluation.model_loading import load_model_and_processor
     from recipes.evaluation.paper_scores import is_release
     from recipes.evaluation.report import write_reports
-    from recipes.evaluation.runner import EvalOptions, evaluate_model, stop_token_ids
+    from recipes.evaluation.runner import EvalOptions, evaluate_model, process_state, stop_token_ids
 
-    state = PartialState()
+    state = process_state()
     model, processor = load_model_and_processor(args.model, device=state.device, dtype=args.dtype)
     options = EvalOptions(
         data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, prompt_format=args.prompt,

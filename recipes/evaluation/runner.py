@@ -46,10 +46,16 @@ class BenchmarkResult:
     extra_info: dict = field(default_factory=dict)
 
 
-def _single_process_state():
+def process_state():
+    """accelerate's ``PartialState``. On a machine without CUDA, a multi-process launch (``torchrun``) needs
+    ``cpu=True`` to become a gloo process group; without it every process would silently run the whole job."""
+    import os
+
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available())
 
 
 def stop_token_ids(prompt_format: str, tokenizer) -> list[int]:
@@ -97,7 +103,7 @@ def evaluate_benchmark(
     benchmark: Benchmark, predictor: Predictor, options: EvalOptions, formatter: PromptFormatter, state=None
 ) -> BenchmarkResult:
     """Run one benchmark; every process returns the full result, but only the main one has scores."""
-    state = state or _single_process_state()
+    state = state or process_state()
     start = time.perf_counter()
     dataset = benchmark.load(options.data_dir)
     benchmark.check_columns(dataset.column_names, str(options.data_dir or benchmark.hub_id or "the package"))
@@ -140,7 +146,7 @@ def _gather(local: list, drops: DropLog, state):
 def evaluate_model(model, processor, benchmark_names, options: EvalOptions, state=None) -> list[BenchmarkResult]:
     """Evaluate an already loaded model on the named benchmarks (comma-separated string or list)."""
     benchmarks = parse_benchmark_list(benchmark_names)
-    state = state or _single_process_state()
+    state = state or process_state()
     predictor = Predictor(model, processor, options.batch_size, show_progress=options.show_progress and state.is_main_process)
     formatter = PromptFormatter(options.prompt_format, processor, options.chat_template)
     results = []
