@@ -8,10 +8,9 @@ Configurations:
 
 - ``official``: the VQA evaluation: for each of the ten answers, min(1, matches among the other nine / 3); the
   score is the mean over the ten.
-- ``m4c``: what the Open-Qwen2VL harness ran (its ``TextVQAAccuracyEvaluator`` from M4C): the output first has
-  newlines, "." and "," removed and is lower-cased; then for a predicted answer a, the score is the mean over the
-  ten answers g of min(1, #answers equal to a among those different from g / 3). Leaving out *all* answers equal to
-  g (not one) makes it differ from ``official`` when several annotators agree.
+- ``m4c``: what the Open-Qwen2VL harness ran: the same soft score (M4C's ``TextVQAAccuracyEvaluator``), after the
+  harness's own clean-up of the generated text: newlines, "." and "," removed, lower-cased. The clean-up matters
+  for decimals ("3.5" becomes "35") and for answers the model ends with a period.
 
 Inputs: ``predictions`` (text), ``references`` (the list of human answers). Output: ``accuracy`` plus per-sample
 ``parsed`` (normalised prediction) and ``correct`` (the soft score in [0, 1]).
@@ -91,18 +90,11 @@ def normalize_answer(answer: str) -> str:
     return digits_and_articles(strip_punctuation(answer))
 
 
-def official_score(prediction: str, answers: list) -> float:
+def soft_score(prediction: str, answers: list) -> float:
+    """Mean over the answers of min(1, how many of the *other* answers equal the prediction / 3)."""
     scores = []
     for index in range(len(answers)):
         others = answers[:index] + answers[index + 1 :]
-        scores.append(min(1.0, sum(other == prediction for other in others) / 3))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-def m4c_score(prediction: str, answers: list) -> float:
-    scores = []
-    for answer in answers:
-        others = [other for other in answers if other != answer]
         scores.append(min(1.0, sum(other == prediction for other in others) / 3))
     return sum(scores) / len(scores) if scores else 0.0
 
@@ -131,13 +123,9 @@ class VqaAccuracy(evaluate.Metric):
         parsed, correct = [], []
         for output, answers in zip(predictions, references):
             answers = [normalize_answer(answer) for answer in answers]
-            if self.config_name == "m4c":
-                prediction = normalize_answer(m4c_clean_output(output))
-                score = m4c_score(prediction, answers)
-            else:
-                prediction = normalize_answer(output)
-                score = official_score(prediction, answers)
+            cleaned = m4c_clean_output(output) if self.config_name == "m4c" else output
+            prediction = normalize_answer(cleaned)
             parsed.append(prediction)
-            correct.append(score)
+            correct.append(soft_score(prediction, answers))
         accuracy = sum(correct) / len(correct) if correct else 0.0
         return {"accuracy": accuracy, "parsed": parsed, "correct": correct}
