@@ -92,10 +92,11 @@ def pack_lengths_array(
         placements = _fit_decreasing(counts, capacity, best_fit=True)
     else:
         placements = _exact_fill(counts, capacity)
-        # A safety net that costs ~10 ms per million samples (assembly is only done for the winner).
-        baseline = _fit_decreasing(counts, capacity, best_fit=False)
-        if baseline.num_bins < placements.num_bins:
-            placements = baseline
+        lower_bound = -(-int(counts @ np.arange(capacity + 1)) // capacity)
+        if placements.num_bins > lower_bound:  # not provably optimal: never return worse than FFD
+            baseline = _fit_decreasing(counts, capacity, best_fit=False)
+            if baseline.num_bins < placements.num_bins:
+                placements = baseline
     return placements.to_bins(lengths)
 
 

@@ -150,6 +150,10 @@ def test_over_capacity_names_the_samples():
         pack_lengths([1], algorithm="nfd")
     with pytest.raises(ValueError, match="must be integers"):
         pack_lengths([1.5, 2.0])
+    with pytest.raises(ValueError, match="must be integers"):
+        pack_lengths([1] * 100 + [2.5])
+    with pytest.raises(ValueError, match="must be integers"):
+        pack_lengths([1, "3"])
 
 
 def test_sample_length():
