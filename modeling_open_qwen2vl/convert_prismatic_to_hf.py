@@ -280,7 +280,10 @@ def load_hf_siglip_vision(source: str | Path, config: OpenQwen2VLConfig) -> dict
     """
     from transformers import SiglipVisionModel
 
-    model, info = SiglipVisionModel.from_pretrained(str(source), dtype="auto", output_loading_info=True)
+    try:
+        model, info = SiglipVisionModel.from_pretrained(str(source), dtype="auto", output_loading_info=True)
+    except (OSError, ValueError) as error:  # not found offline / on the hub, or not a SigLIP checkpoint
+        raise CheckpointError(f"cannot load SigLIP vision weights from {str(source)!r}: {error}") from error
     if info["missing_keys"]:
         raise CheckpointError(
             f"{source}: the SigLIP checkpoint lacks vision weights {_listing(sorted(info['missing_keys']))}; "
@@ -603,8 +606,9 @@ def convert_checkpoint(
         has_head = any(key.startswith(TIMM_PREFIX + "attn_pool.") for key in original["vision_backbone"])
     elif vision_weights is not None:
         vision = load_vision_weights(vision_weights, config)
-        vision_source = f"`{vision_weights if not Path(vision_weights).exists() else Path(vision_weights).name}` " \
-                        "(the checkpoint has no vision_backbone: the tower was frozen in training)"
+        # A hub id is quoted as given; a local path only by its name (no paths of this machine in the card).
+        name = Path(vision_weights).name if Path(vision_weights).exists() else str(vision_weights)
+        vision_source = f"`{name}` (the checkpoint has no vision_backbone: the tower was frozen in training)"
         has_head = any(is_vision_head_key(key, "hf") for key in vision)
     else:
         raise CheckpointError(
@@ -625,7 +629,6 @@ def convert_checkpoint(
     state = convert_state_dict(original, config, vision=vision)
     target_dtype = _resolve_dtype(original, dtype)
     state = _cast(state, target_dtype)
-    config.dtype = target_dtype
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -656,7 +659,8 @@ def convert_checkpoint(
         "head": "kept (unused by the forward; kept so the export back is lossless)" if keep_head else "not kept",
         "dropped": ", ".join(dropped),
         "dtype": str(target_dtype).removeprefix("torch."),
-        "tokenizer": f"`{tokenizer}`" if tokenizer else "the official Qwen2.5 tokenizer.json (offline copy)",
+        "tokenizer": f"`{Path(tokenizer).name if Path(tokenizer).exists() else tokenizer}`" if tokenizer
+        else "the official Qwen2.5 tokenizer.json (offline copy)",
     }
     (output / "README.md").write_text(_model_card(facts), encoding="utf-8")
     logger.info("wrote %s", output)

@@ -95,6 +95,7 @@ def test_cli_writes_sharded_safetensors_and_the_release_files(cli_run):
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) > 1 and all(n.startswith("model-0") for n in shards)
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    assert "convert_prismatic_to_hf.py" not in names and "prismatic_layout.py" not in names  # kit-only code
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert "lm_head.weight" not in index["weight_map"]  # tied to the embeddings, stored once
@@ -117,3 +118,26 @@ def test_model_card_says_what_was_converted_from_what(cli_run):
     assert "arch_specifier `full-align+729-avgpool`" in card and "| visual tokens per image | 729" in card
     assert "the checkpoint's `vision_backbone`" in card
     assert str(run.parent) not in card  # no paths of the converting machine
+
+
+def test_tokenizer_folder_option(tmp_path):
+    """--tokenizer takes a Qwen2.5 tokenizer folder; the converted processor tokenizes exactly like it."""
+    from transformers import AutoProcessor
+
+    from modeling_open_qwen2vl.convert_prismatic_to_hf import main
+
+    reference = build_reference(seed=2)
+    torch.save(reference.checkpoint(), tmp_path / "latest-checkpoint.pt")
+    (tmp_path / "config.json").write_text(json.dumps(run_config("no-align+avgpool")))
+    tiny_base_config().save_pretrained(tmp_path / "base")
+    tokenizer = build_open_qwen2vl_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "qwen-tokenizer")
+    assert main(["--checkpoint", str(tmp_path / "latest-checkpoint.pt"), "--config", str(tmp_path / "config.json"),
+                 "--base-config", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "qwen-tokenizer"),
+                 "--output", str(tmp_path / "hf"), "--no-sha256"]) == 0
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    text = "<s>Hello <|endofchunk|> wörld 123<|im_end|>"
+    assert processor.tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert processor.tokenizer.bos_token_id == 128245 and len(processor.tokenizer) == len(tokenizer)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "`qwen-tokenizer`" in card and str(tmp_path) not in card

@@ -116,3 +116,8 @@ def test_vision_weights_next_to_a_checkpoint_vision_backbone_is_refused(tmp_path
     tiny_base_config().save_pretrained(tmp_path / "base")
     with pytest.raises(CheckpointError, match="has its own vision_backbone; drop --vision-weights"):
         _convert(tmp_path, tmp_path / "anything.safetensors")
+
+
+def test_unreachable_siglip_id_is_a_conversion_error(frozen_vision_run):
+    with pytest.raises(CheckpointError, match=r"cannot load SigLIP vision weights from 'no-such-org/no-such-siglip'"):
+        _convert(frozen_vision_run, "no-such-org/no-such-siglip")
