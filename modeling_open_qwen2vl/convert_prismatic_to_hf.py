@@ -443,6 +443,13 @@ def convert_to_prismatic(
             which is right when the vision tower was never trained.
         include_lm_head: write ``llm.lm_head.weight`` (the original's ``Qwen2ForCausalLM`` has it, tied or not).
     """
+    expected = expected_state_dict_shapes(config)
+    absent = sorted(set(expected) - set(hf_state_dict) - ({HF_LM_HEAD} if config.tie_word_embeddings else set()))
+    wrong = [f"{key}: {list(hf_state_dict[key].shape)} vs config {list(expected[key])}"
+             for key in sorted(set(expected) & set(hf_state_dict)) if hf_state_dict[key].shape != expected[key]]
+    if absent or wrong:
+        raise CheckpointError(f"the state dict does not match its config: missing {_listing(absent)}, "
+                              f"wrong shapes {_listing(wrong)}")
     groups = split_hf_state_dict(hf_state_dict)
     if groups["other"]:
         raise CheckpointError(f"keys outside the Open-Qwen2VL layout: {_listing(sorted(groups['other']))}")

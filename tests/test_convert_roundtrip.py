@@ -170,3 +170,14 @@ def test_drop_vision_head_option(tmp_path, reference):
     exported = torch.load(tmp_path / "back" / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]
     original = reference.checkpoint(with_vision=False)["model"]
     assert_same_groups(exported, original)
+
+
+def test_export_checks_the_state_dict_against_its_config(reference):
+    config = _config()
+    hf = convert_state_dict(reference.checkpoint()["model"], config)
+    incomplete = {k: v for k, v in hf.items() if k != "model.language_model.norm.weight"}
+    with pytest.raises(CheckpointError, match=r"missing \[model\.language_model\.norm\.weight\] \(1 keys\)"):
+        convert_to_prismatic(incomplete, config)
+    extra = {**hf, "model.extra.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"keys outside the Open-Qwen2VL layout: \[model\.extra\.weight\]"):
+        convert_to_prismatic(extra, config)
