@@ -145,11 +145,14 @@ def test_isolated_labels_skip_each_document_start(processor, rows):
     assert later_bos.sum() == 3 and (faithful["labels"][later_bos] == processor.tokenizer.bos_token_id).all()
 
 
-def test_flash_varlen_kwargs_match_transformers(processor, rows):
+def test_flash_varlen_kwargs_match_transformers(tiny_model, processor, rows):
     batch = PackedCollator(processor, attention="isolated", return_flash_attn_kwargs=True)(rows)
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
     assert torch.equal(batch["cu_seq_lens_q"], cu_q) and torch.equal(batch["cu_seq_lens_k"], cu_k)
     assert batch["max_length_q"] == int(max_q) == batch["max_length_k"] == int(max_k)
+    # Non-flash kernels ignore them: same logits as the batch without.
+    plain = PackedCollator(processor, attention="isolated")(rows)
+    torch.testing.assert_close(_run(tiny_model, batch), _run(tiny_model, plain), atol=0, rtol=0)
 
 
 def test_pixel_values_in_document_order(processor, rows):
