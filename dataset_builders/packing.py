@@ -11,13 +11,18 @@ Algorithms (all deterministic; every index exactly once; no bin over capacity):
   taking ``gap // length``, so a whole group is placed in one vectorised step.
 - ``"bfd"``: best-fit-decreasing (tightest bin first), same vectorisation.
 - ``"exact"`` (the default): FFD and BFD leave the last gap of every bin empty, because every item is at least
-  ~148 positions long on caption data (~98.3% fill). This packer builds bins that are filled *exactly*: a bin
-  pattern is a proportional sample of the remaining length histogram (so the pool keeps its variety until the
-  end) completed by an exact pair/single of lengths that closes the gap; each pattern is repeated as many times as
-  the counts allow. What cannot be closed exactly goes through best-fit-decreasing, and the result is never worse
-  than FFD (both run; the one with fewer bins is returned).
+  ~148 positions long on caption data (~98.3% fill). This packer builds bins filled *exactly* to the capacity: a
+  bin pattern (a multiset of lengths) is found by an exact subset-sum over the length histogram, reconstructed to
+  take the longest items possible, and repeated as many times as the counts allow. Patterns are first searched
+  among the most plentiful lengths (a repeat target that halves when no pattern exists), so common lengths are
+  used in bulk and the pool keeps its variety for the last bins; the remainder gets the fullest patterns the
+  leftover lengths allow. On caption lengths this reaches the lower bound ``ceil(sum / capacity)`` (99.998% fill on
+  1M samples, ``bench/packing.py``). When it does not, FFD is run too and the result with fewer bins is returned,
+  so the default is never worse than the paper's packer.
 
-The work is over the histogram of lengths, not per item, so 1M caption samples pack in well under a second.
+The work is over the histogram of lengths, not per item, so 1M caption samples pack in ~0.1-0.2 s (75x faster
+than the original's per-shard linear scan). The cost grows with the number of distinct lengths: the worst case,
+lengths spread uniformly over the whole capacity, takes ~0.1 ms per bin.
 """
 
 from __future__ import annotations

@@ -29,6 +29,22 @@ def linear_scan_ffd(lengths, capacity):
     return bins
 
 
+def linear_scan_bfd(lengths, capacity):
+    """Best-fit-decreasing written plainly: the open bin with the least room left that fits (first such on ties)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    bins, loads = [], []
+    for i in order:
+        fitting = [b for b, load in enumerate(loads) if load + lengths[i] <= capacity]
+        if fitting:
+            b = min(fitting, key=lambda b: (capacity - loads[b], b))
+            loads[b] += lengths[i]
+            bins[b].append(i)
+        else:
+            loads.append(lengths[i])
+            bins.append([i])
+    return bins
+
+
 def optimal_bin_count(lengths, capacity):
     """Exact minimum number of bins by DP over subsets (small instances only)."""
     n = len(lengths)
@@ -83,6 +99,13 @@ def test_every_algorithm_returns_a_valid_packing(capacity, data, algorithm):
 def test_ffd_is_the_papers_linear_scan(capacity, data):
     lengths = data.draw(st.lists(st.integers(1, capacity), max_size=300))
     assert pack_lengths(lengths, capacity, "ffd") == linear_scan_ffd(lengths, capacity)
+
+
+@settings(max_examples=100, deadline=None)
+@given(capacity=st.integers(1, 500), data=st.data())
+def test_bfd_is_plain_best_fit_decreasing(capacity, data):
+    lengths = data.draw(st.lists(st.integers(1, capacity), max_size=200))
+    assert pack_lengths(lengths, capacity, "bfd") == linear_scan_bfd(lengths, capacity)
 
 
 @settings(max_examples=60, deadline=None)
