@@ -276,7 +276,7 @@ def parse_pretrain_args(argv: list[str] | None = None) -> PretrainConfig:
         unknown = sorted(set(content) - set(_valid_names(DATACLASSES)) - {"env"})
         if unknown:
             raise _unknown_key_error(unknown, DATACLASSES, f"in {path}")
-    parser = TrlParser(DATACLASSES)
+    parser = TrlParser(DATACLASSES, allow_abbrev=False)  # a misspelt key must not match a longer one
     model_args, data_args, train_args, remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True
     )

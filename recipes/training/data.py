@@ -162,7 +162,7 @@ class MapStyleMicroBatches:
         sampler = GlobalMicroBatchSampler(len(self.dataset), self.per_device, self.rank, self.world, self.seed,
                                           self.shuffle, start=self.position)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, persistent_workers=False)
+                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         for batch in loader:
             self.position += 1
             yield batch, self.state_dict()

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+# What the model's forward takes from a PackedCollator batch (the flash-attention varlen keys exist only when the
+# collator is asked for them: isolated attention with a flash kernel).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "cu_seq_lens_q", "cu_seq_lens_k",
+                    "max_length_q", "max_length_k")
 
 
 def supervised_tokens(labels: torch.Tensor) -> int:

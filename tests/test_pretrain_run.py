@@ -1,0 +1,208 @@
+"""End-to-end pretraining on CPU with the tiny config: loss, outputs, exact resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.training.run_logs import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, processor):
+    from recipes.training.toy_corpus import write_toy_corpus
+
+    folder = tmp_path_factory.mktemp("packed_corpus")
+    name = write_toy_corpus(folder, processor, num_documents=160, capacity=256)
+    return str(folder), name
+
+
+def _args(corpus, output_dir, *extra) -> list[str]:
+    folder, name = corpus
+    return ["--config", TINY, "--dataset_name_or_path", folder, "--dataset_config_name", name,
+            "--output_dir", str(output_dir), "--report_to", "none", *map(str, extra)]
+
+
+def _pretrain(args, launcher=(sys.executable,), **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(ROOT / "recipes" / "pretrain.py"), *args], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """24 steps through `accelerate launch` (no config: one CPU process), as the demo runs it."""
+    output_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    result = _pretrain(_args(corpus, output_dir, "--max_steps", 24, "--save_steps", 12, "--report_to",
+                             "tensorboard"), launcher=(accelerate, "launch"))
+    _check(result)
+    return output_dir
+
+
+def test_tiny_pretraining_drives_the_loss_down(trained):
+    records = read_jsonl(trained / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 25))
+    first = records[0]["loss"]
+    assert first > 10  # ~ln(151936): a random model over the real Qwen vocabulary
+    assert sum(r["loss"] for r in records[-5:]) / 5 < 0.35 * first
+    for record in records:
+        assert record["tokens"] > 0 and record["tokens_per_s"] > 0 and record["tflops_per_s"] > 0
+        assert record["grad_norm"] > 0 and record["mfu"] is None  # CPU: no peak known, no MFU
+    assert records[0]["lr"] == pytest.approx(1e-2)  # warmup int(0.03 * 24) = 0 steps
+    assert records[-1]["lr"] < records[12]["lr"] < records[0]["lr"]  # cosine decay
+    assert list((trained / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    resolved = (trained / "pretrain_config.yaml").read_text()
+    assert "max_steps: 24" in resolved
+
+
+def test_checkpoints_and_final_model_are_written(trained):
+    from recipes.training.checkpointing import complete_checkpoints, read_trainer_state
+
+    found = complete_checkpoints(trained)
+    assert [p.name for p in found] == ["step-00000012", "step-00000024"]
+    state = read_trainer_state(found[-1])
+    assert state["global_step"] == 24 and state["stage"] == "pretrain" and state["total_steps"] == 24
+    assert (found[-1] / "data_rank0.json").is_file() and (found[-1] / "rng_rank0.safetensors").is_file()
+    assert list((found[-1] / "model_optimizer").glob("*.distcp"))
+    assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pt")) and not list(trained.rglob("*.pkl"))
+    final = trained / "final_model"
+    assert (final / "model.safetensors").is_file() and (final / "modeling_open_qwen2vl.py").is_file()
+
+
+def test_final_model_loads_with_remote_code_in_a_fresh_process(trained, tiny_config, processor, easy_vqa_images):
+    """The remote-code model's logits equal those of a kit model restored from the last training checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
+    from recipes.training.checkpointing import latest_checkpoint, load_checkpoint
+    from recipes.training.model_setup import apply_stage
+    from recipes.training.optim import build_optimizer, build_scheduler
+
+    inputs = processor(text=["<s><image>\na"], images=easy_vqa_images[:1], return_tensors="pt")
+    inputs_file = trained.parent / "inputs.safetensors"
+    save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"]}, str(inputs_file))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForImageTextToText
+        model = AutoModelForImageTextToText.from_pretrained({str(trained / "final_model")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "modeling_open_qwen2vl" not in sys.modules
+        inputs = load_file({str(inputs_file)!r})
+        with torch.no_grad():
+            logits = model.eval()(**inputs).logits
+        save_file({{"logits": logits.contiguous()}}, {str(trained.parent / "logits.safetensors")!r})
+    """)
+    _check(subprocess.run([sys.executable, "-c", script], env=ENV, cwd=trained.parent, capture_output=True,
+                          text=True, timeout=300))
+    remote = load_file(str(trained.parent / "logits.safetensors"))["logits"]
+
+    model = OpenQwen2VLForConditionalGeneration(tiny_config)
+    apply_stage(model, "pretrain")
+    optimizer = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-8)
+    load_checkpoint(latest_checkpoint(trained), model=model, optimizer=optimizer,
+                    scheduler=build_scheduler(optimizer, "cosine", 24, 0))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(remote, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_losses_and_samples(corpus, tmp_path):
+    """Uninterrupted vs killed (SIGKILL mid-run) + --resume: same per-step losses; every pack once per epoch."""
+    common = ("--max_steps", 14, "--gradient_accumulation_steps", 2, "--save_steps", 3, "--log_sample_uids", "true")
+    reference = tmp_path / "reference"
+    _check(_pretrain(_args(corpus, reference, *common)))
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
+                                *_args(corpus, interrupted, *common)], env=ENV, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len(read_jsonl(metrics))
+    assert 7 <= killed_at < 14 and not (interrupted / "final_model").exists()
+
+    resumed = _pretrain(_args(corpus, interrupted, *common, "--resume"))
+    _check(resumed)
+    assert "resumed from" in resumed.stderr and "step-0000000" in resumed.stderr
+
+    expected, got = read_jsonl(reference / "metrics.jsonl"), read_jsonl(metrics)
+    assert [r["step"] for r in got] == list(range(1, 15))
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert b["lr"] == pytest.approx(a["lr"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    samples_expected = read_jsonl(reference / "samples.jsonl")
+    samples_got = read_jsonl(interrupted / "samples.jsonl")
+    assert samples_got == samples_expected
+    # 15 packs, 2 micro-batches per step: epoch 0 is steps 1-8 (its last step takes the one pack left).
+    import datasets
+
+    all_uids = [uid for row in datasets.load_dataset(corpus[0], corpus[1], split="train")["uids"] for uid in row]
+    epoch_0 = [uid for record in samples_got[:8] for uid in record["uids"]]
+    epoch_1 = [uid for record in samples_got[8:] for uid in record["uids"]]
+    assert sorted(epoch_0) == sorted(all_uids)  # every document exactly once
+    assert len(epoch_1) == len(set(epoch_1)) and set(epoch_1) < set(all_uids)
+    state = json.loads((reference / "checkpoints" / "step-00000014" / "data_rank0.json").read_text())
+    assert state["micro_batches"] == 15 + 12
+
+
+@pytest.fixture()
+def in_process():
+    """Run the recipe in this process; reset accelerate's singleton state afterwards."""
+    from accelerate.state import AcceleratorState
+
+    from recipes.pretrain import main
+
+    yield main
+    AcceleratorState._reset_state(True)
+
+
+def test_data_path_without_shards_exits_with_a_clear_error(corpus, tmp_path):
+    empty = tmp_path / "empty_corpus"
+    empty.mkdir()
+    (empty / "README.md").write_text("---\nconfigs: []\n---\n")
+    result = _pretrain(["--config", TINY, "--dataset_name_or_path", str(empty), "--output_dir", str(tmp_path / "out")])
+    assert result.returncode != 0
+    assert f"FileNotFoundError: dataset folder {empty} holds no data shards" in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resuming_a_checkpoint_of_another_model_fails_before_training(corpus, tmp_path, trained, in_process):
+    with pytest.raises(ValueError, match="was written for a different model config; text_config.hidden_size: "
+                                         "checkpoint 64, this run 32"):
+        in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint",
+                         trained / "checkpoints" / "step-00000024", "--model_preset_kwargs", '{"hidden_size": 32}'))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="written by stage 'pretrain', this run is stage 'full'"):
+        in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint",
+                         trained / "checkpoints" / "step-00000024", "--stage", "full"))
+    with pytest.raises(FileNotFoundError, match="is not a finished checkpoint"):
+        in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint", tmp_path))
+
+
+def test_streaming_needs_max_steps(corpus, tmp_path, in_process):
+    with pytest.raises(ValueError, match="streaming=True needs max_steps > 0"):
+        in_process(_args(corpus, tmp_path / "out", "--streaming", "true"))
