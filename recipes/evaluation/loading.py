@@ -29,10 +29,9 @@ def load_split(benchmark, data_dir: str | Path | None = None) -> datasets.Datase
     if data_dir is not None:
         local = Path(data_dir) / (benchmark.data_name or benchmark.name)
         if not local.exists():
+            how = f"`hf download {benchmark.hub_id} --repo-type dataset --local-dir {local}` or " if benchmark.hub_id else ""
             raise FileNotFoundError(
-                f"no local copy of {benchmark.name} at {local}; create it with "
-                f"`hf download {benchmark.hub_id} --repo-type dataset --local-dir {local}` "
-                f"(or save the split there with Dataset.save_to_disk)"
+                f"no local copy of {benchmark.name} at {local}; create it with {how}Dataset.save_to_disk"
             )
         if (local / "state.json").exists() or (local / "dataset_dict.json").exists():
             return _pick_split(datasets.load_from_disk(str(local)), benchmark.split, str(local))

@@ -17,6 +17,7 @@ Row schema of a local copy (``--data-dir <dir>`` with ``<dir>/easy_vqa``): quest
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import datasets
 
@@ -82,7 +83,8 @@ class EasyVQA(Benchmark):
     required_columns = ("question", "answer", "image")
 
     def load(self, data_dir=None):
-        if data_dir is not None:
+        """A local copy under ``--data-dir`` when there is one, else the installed package's data."""
+        if data_dir is not None and (Path(data_dir) / self.name).exists():
             return super().load(data_dir)
         return package_split(self.split)
 
