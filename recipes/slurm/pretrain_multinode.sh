@@ -32,7 +32,8 @@ export TOKENIZERS_PARALLELISM=false
 echo "nodes=$SLURM_NNODES processes=$NUM_PROCESSES master=$MASTER_ADDR:$MASTER_PORT output=$OUTPUT_DIR"
 
 # One task per node; $SLURM_NODEID is evaluated on each node, hence the single quotes.
-srun --kill-on-bad-exit=1 --export=ALL,CONFIG="$CONFIG",DATA="$DATA",OUTPUT_DIR="$OUTPUT_DIR",MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT",NUM_PROCESSES="$NUM_PROCESSES" \
+export CONFIG DATA OUTPUT_DIR MASTER_ADDR MASTER_PORT NUM_PROCESSES  # srun passes the environment to every node
+srun --kill-on-bad-exit=1 \
   bash -c '
     if [ -n "${PYTHON_ENV:-}" ]; then source "$PYTHON_ENV/bin/activate"; fi
     accelerate launch \
