@@ -97,7 +97,9 @@ def load_torch_file(path: str | Path) -> dict:
             ) from error
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
         detail = detail.group(1).strip() if detail else (message.splitlines()[0] if message else "")
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail})") from error
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail})"
+        ) from error
 
 
 def _pickle_globals(path: Path) -> list[str]:
@@ -137,7 +139,9 @@ def load_prismatic_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Ten
         raise CheckpointError(f"{path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
     original = checkpoint.get("model", checkpoint)
     if not isinstance(original, dict):
-        raise CheckpointError(f"{path}: checkpoint['model'] must be a dict of state dicts, got {type(original).__name__}")
+        raise CheckpointError(
+            f"{path}: checkpoint['model'] must be a dict of state dicts, got {type(original).__name__}"
+        )
     validate_original_groups(original, source=str(path))
     return original
 
@@ -156,7 +160,9 @@ def validate_original_groups(original: Mapping, source: str = "checkpoint") -> N
         raise CheckpointError(f"{source}: unknown checkpoint['model'] entries {unknown}")
     for group, state in original.items():
         if not isinstance(state, Mapping):
-            raise CheckpointError(f"{source}: checkpoint['model'][{group!r}] is a {type(state).__name__}, not a state dict")
+            raise CheckpointError(
+                f"{source}: checkpoint['model'][{group!r}] is a {type(state).__name__}, not a state dict"
+            )
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(f"{source}: {group}/{key} is a {type(value).__name__}, not a tensor")
@@ -201,7 +207,9 @@ def derive_config(
     return OpenQwen2VLConfig.from_dict(data)
 
 
-def config_from_run(run_config: Mapping, base_config: str | Path | OpenQwen2VLConfig | None = None) -> OpenQwen2VLConfig:
+def config_from_run(
+    run_config: Mapping, base_config: str | Path | OpenQwen2VLConfig | None = None
+) -> OpenQwen2VLConfig:
     """The kit config of a prismatic run: ``num_image_tokens`` from ``arch_specifier``, architecture from the preset.
 
     ``base_config`` (an ``OpenQwen2VLConfig``, a folder or a config.json) replaces the released architecture, for
@@ -268,7 +276,9 @@ def load_timm_vision_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     converted = timm_vision_to_hf(_strip_timm_prefix(state, str(path)))
     if converted.unknown:
-        raise CheckpointError(f"{path}: timm keys without an equivalent in the vision tower: {_listing(converted.unknown)}")
+        raise CheckpointError(
+            f"{path}: timm keys without an equivalent in the vision tower: {_listing(converted.unknown)}"
+        )
     return converted.tensors
 
 
@@ -290,10 +300,13 @@ def load_hf_siglip_vision(source: str | Path, config: OpenQwen2VLConfig) -> dict
             "refusing to use randomly initialised vision weights"
         )
     ours, theirs = config.vision_config, model.config
-    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+              "patch_size")
     mismatched = {f: (getattr(theirs, f), getattr(ours, f)) for f in fields if getattr(theirs, f) != getattr(ours, f)}
     if mismatched:
-        raise CheckpointError(f"{source}: SigLIP architecture differs from the model config (theirs, ours): {mismatched}")
+        raise CheckpointError(
+            f"{source}: SigLIP architecture differs from the model config (theirs, ours): {mismatched}"
+        )
     return dict(model.state_dict())
 
 
@@ -388,8 +401,8 @@ def convert_state_dict(
         embed = converted.get(embed_key)
         if lm_head is not None and embed is not None and not _same_tensor(lm_head, embed):
             raise CheckpointError(
-                f"llm_backbone/{ORIGINAL_LM_HEAD} differs from llm_backbone/{LLM_PREFIX}model.embed_tokens.weight but the "
-                "config ties them; convert with tie_word_embeddings=False"
+                f"llm_backbone/{ORIGINAL_LM_HEAD} differs from llm_backbone/{LLM_PREFIX}model.embed_tokens.weight "
+                "but the config ties them; convert with tie_word_embeddings=False"
             )
         if embed is not None:
             converted[HF_LM_HEAD] = embed
@@ -737,7 +750,8 @@ def export_to_prismatic(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_open_qwen2vl.convert_prismatic_to_hf",
-        description="Convert a prismatic Open-Qwen2VL checkpoint to a transformers folder (or back with --to-prismatic).",
+        description="Convert a prismatic Open-Qwen2VL checkpoint to a transformers folder "
+                    "(or back with --to-prismatic).",
     )
     parser.add_argument("--checkpoint", help="latest-checkpoint.pt, or a prismatic run directory")
     parser.add_argument("--config", help="the prismatic run's config.json (default: the run directory's)")

@@ -110,7 +110,9 @@ def timm_vision_to_hf(timm_state: Mapping[str, torch.Tensor]) -> Conversion:
     for key, tensor in timm_state.items():
         if key == "pos_embed":
             if tensor.dim() != 3 or tensor.shape[0] != 1:
-                raise ValueError(f"vision key 'pos_embed' must have shape [1, num_patches, dim], got {list(tensor.shape)}")
+                raise ValueError(
+                    f"vision key 'pos_embed' must have shape [1, num_patches, dim], got {list(tensor.shape)}"
+                )
             converted["embeddings.position_embedding.weight"] = tensor[0]
             origins["embeddings.position_embedding.weight"] = key
             continue

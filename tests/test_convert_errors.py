@@ -172,7 +172,8 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     code = main(["--checkpoint", str(tmp_path / "bad.pt"), "--config", str(tmp_path / "config.json"),
                  "--output", str(tmp_path / "out")])
     assert code == 2
-    assert "bad.pt is not a readable PyTorch checkpoint (UnpicklingError: Unsupported operand 0)" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "bad.pt is not a readable PyTorch checkpoint (UnpicklingError: Unsupported operand 0)" in message
     (tmp_path / "broken.json").write_text("{not json")
     code = main(["--checkpoint", str(tmp_path / "bad.pt"), "--config", str(tmp_path / "broken.json"),
                  "--output", str(tmp_path / "out")])

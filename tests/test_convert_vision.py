@@ -52,7 +52,8 @@ def test_timm_safetensors_file_with_bare_keys(frozen_vision_run, reference):
 
 def test_open_clip_style_torch_file_with_other_towers(frozen_vision_run, reference):
     """open_clip checkpoints nest the timm trunk under visual.trunk. next to a text tower: only the trunk is used."""
-    state = {"visual.trunk." + k.removeprefix("featurizer."): v for k, v in reference.vision_backbone.state_dict().items()}
+    vit = reference.vision_backbone.state_dict()
+    state = {"visual.trunk." + k.removeprefix("featurizer."): v for k, v in vit.items()}
     state["text.transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(6, 2)
     state["logit_scale"] = torch.tensor(1.0)
     torch.save(state, frozen_vision_run / "open_clip_pytorch_model.bin")
