@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing the kit
 
-from recipes.evaluation.generation import ORIGINAL_MAX_NEW_TOKENS  # noqa: E402
+from recipes.evaluation.original_settings import ORIGINAL_MAX_NEW_TOKENS  # noqa: E402
 from recipes.evaluation.registry import UnknownBenchmarkError, get_benchmark, known_benchmarks  # noqa: E402
 
 PAPER_BENCHMARKS = "mmbench,seedbench,mmstar,mathvista,ai2d,textvqa,pope,mmmu"

@@ -3,27 +3,33 @@
 Entry points: the CLI ``recipes/eval.py``; ``evaluate_model`` for an already loaded model (e.g. inside a training
 run); the lmms-eval plugin in ``lmms_eval_plugin`` (registered by ``lmms_eval_manifest``). Scoring rules live in
 ``evaluate`` metric modules under ``metrics/`` and load by local path, so everything runs offline once data is local.
+Names are imported lazily, so listing benchmarks or validating names does not load torch.
 """
 
-from .generation import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS, Predictor
-from .registry import Benchmark, Scores, UnknownBenchmarkError, get_benchmark, known_benchmarks
-from .runner import BenchmarkResult, EvalOptions, evaluate_benchmark, evaluate_model
-from .samples import DropLog, EvalSample, SampleError
+from importlib import import_module
 
-__all__ = [
-    "ORIGINAL_MAX_NEW_TOKENS",
-    "ORIGINAL_STOP_TOKEN_IDS",
-    "Benchmark",
-    "BenchmarkResult",
-    "DropLog",
-    "EvalOptions",
-    "EvalSample",
-    "Predictor",
-    "SampleError",
-    "Scores",
-    "UnknownBenchmarkError",
-    "evaluate_benchmark",
-    "evaluate_model",
-    "get_benchmark",
-    "known_benchmarks",
-]
+_EXPORTS = {
+    "ORIGINAL_MAX_NEW_TOKENS": "original_settings",
+    "ORIGINAL_STOP_TOKEN_IDS": "original_settings",
+    "Predictor": "generation",
+    "Benchmark": "registry",
+    "Scores": "registry",
+    "UnknownBenchmarkError": "registry",
+    "get_benchmark": "registry",
+    "known_benchmarks": "registry",
+    "BenchmarkResult": "runner",
+    "EvalOptions": "runner",
+    "evaluate_benchmark": "runner",
+    "evaluate_model": "runner",
+    "DropLog": "samples",
+    "EvalSample": "samples",
+    "SampleError": "samples",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,8 +7,6 @@ without the trailing ``\\nAnswer:`` cue, in a user turn of the processor's chat 
 
 from __future__ import annotations
 
-from modeling_open_qwen2vl import format_raw_prompt
-
 IMAGE = "<image>"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -50,6 +48,8 @@ class PromptFormatter:
 
     def __call__(self, text: str, chat_text: str | None = None) -> str:
         if self.prompt_format == "raw":
+            from modeling_open_qwen2vl import format_raw_prompt
+
             return format_raw_prompt(text)
         message = {"role": "user", "content": chat_text if chat_text is not None else chat_text_from_raw(text)}
         kwargs = {"chat_template": self.chat_template} if self.chat_template else {}

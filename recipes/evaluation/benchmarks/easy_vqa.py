@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import datasets
-
 from ..metric_loader import compute
 from ..prompts import ANSWER_CUE, IMAGE, SHORT_ANSWER_INSTRUCTION
 from ..registry import CANDIDATES, Benchmark, Scores, register
@@ -41,8 +39,10 @@ def answer_kind(answer: str) -> str:
     raise SampleError(f"answer {answer!r} is not one of easy-vqa's answers")
 
 
-def package_split(split: str = "test") -> datasets.Dataset:
+def package_split(split: str = "test"):
     """The split from the installed ``easy-vqa`` package as a Dataset with decoded images."""
+    import datasets
+
     try:
         import easy_vqa
     except ImportError as err:
