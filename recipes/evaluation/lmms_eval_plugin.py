@@ -8,6 +8,8 @@ Model arguments: ``pretrained`` (required), ``device``, ``dtype`` (auto, float32
 ``prompt_format`` ("chat": the processor's chat template, default; "raw": the original harness's ``<s>`` + prompt +
 ``\\nAnswer:``), ``chat_template`` (template name), ``max_new_tokens`` (default when a task sets none).
 Generation is greedy; with ``prompt_format=raw`` it also stops at "." "," and newline as the original harness did.
+``loglikelihood`` answers, like lmms-eval's own models, with the mean negative log-likelihood per continuation token
+(lmms-eval picks the multiple-choice answer by argmin) and whether greedy decoding would produce the continuation.
 Images go where the task's context has ``<image>`` markers, otherwise all in front (``<image>\\n`` each).
 """
 
@@ -35,8 +37,8 @@ def _flatten(visuals) -> list:
     return flat
 
 
-def _loglikelihood_response(log_likelihood: float, is_greedy: bool):
-    """A (log-likelihood, is_greedy) answer that survives lmms-eval's response handling.
+def _loglikelihood_response(loss: float, is_greedy: bool):
+    """A (loss, is_greedy) answer that survives lmms-eval's response handling.
 
     lmms-eval 0.7.3 passes every response through ``unwrap_generation_output``, which turns a plain
     ``(float, bool)`` tuple into its string, so multiple-choice tasks then fail in ``process_results``. A
@@ -45,8 +47,8 @@ def _loglikelihood_response(log_likelihood: float, is_greedy: bool):
     try:
         from lmms_eval.api.instance import GenerationResult
     except ImportError:  # lmms-eval versions without it take the tuple as is
-        return (log_likelihood, is_greedy)
-    return GenerationResult(text=(log_likelihood, is_greedy))
+        return (loss, is_greedy)
+    return GenerationResult(text=(loss, is_greedy))
 
 
 def _truncate(text: str, until: list[str]) -> str:
@@ -145,7 +147,13 @@ class OpenQwen2VLLmms(lmms):
             images.append(visuals)
             continuations.append([str(continuation)])
         scored = self.predictor.continuation_scores(prompts, images, continuations)
-        return [_loglikelihood_response(*row[0]) for row in scored]
+        responses = []
+        for (log_likelihood, is_greedy), (continuation,) in zip((row[0] for row in scored), continuations):
+            # lmms-eval's built-in models answer with the mean loss (negative log-likelihood per continuation token)
+            # and its multiple-choice scoring takes the argmin, so the same convention is used here.
+            length = len(self.processor.tokenizer.encode(continuation, add_special_tokens=False))
+            responses.append(_loglikelihood_response(-log_likelihood / length, is_greedy))
+        return responses
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("open_qwen2vl does not implement multi-round generation")
