@@ -123,8 +123,11 @@ class Predictor:
         """For each prompt and each of its continuations: (sum of log-probabilities, whether greedy decoding
         would produce exactly that continuation). Continuations are tokenized on their own, after the prompt."""
         pairs = [(p, c) for p in range(len(prompts)) for c in range(len(continuations[p]))]
-        prompt_ids = [self._encode([prompts[p]], [images[p]])["input_ids"][0].tolist() for p in range(len(prompts))]
-        pixel_values = [self._pixel_values(images[p]) for p in range(len(prompts))]
+        prompt_ids, pixel_values = [], []
+        for prompt, row_images in zip(prompts, images):
+            encoded = self.processor(text=[prompt], images=list(row_images) or None, return_tensors="pt")
+            prompt_ids.append(encoded["input_ids"][0].tolist())
+            pixel_values.append(encoded.get("pixel_values"))
         targets = {
             (p, c): self.tokenizer.encode(continuations[p][c], add_special_tokens=False) for p, c in pairs
         }
@@ -142,11 +145,6 @@ class Predictor:
                     results[p][c] = score
                 bar.update(len(batch))
         return results
-
-    def _pixel_values(self, images: list):
-        if not images:
-            return None
-        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def _score_rows(self, rows: list[list[int]], targets: list[list[int]], pixel_values: list) -> list:
         width = max(len(r) for r in rows)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .generation import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS, Predictor
+from tqdm.auto import tqdm
+
+from .generation import Predictor
 from .loading import select_rows
+from .original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS
 from .prompts import PromptFormatter
 from .registry import CANDIDATES, GENERATE, LETTER_PROBS, Benchmark, Scores, parse_benchmark_list
 from .samples import DropLog, EvalSample, SampleError
@@ -36,6 +39,9 @@ class EvalOptions:
 
 @dataclass
 class BenchmarkResult:
+    """One benchmark's run: scored samples (images released) in row order, their outputs, the scores (main process
+    only), the dropped rows, how many rows were read and the wall time (loading included)."""
+
     benchmark: Benchmark
     samples: list[EvalSample]
     outputs: list
@@ -43,7 +49,6 @@ class BenchmarkResult:
     drops: DropLog
     num_rows: int
     seconds: float
-    extra_info: dict = field(default_factory=dict)
 
 
 def process_state():
@@ -112,16 +117,18 @@ def evaluate_benchmark(
     drops = DropLog(benchmark.name)
     chunk = max(4 * options.batch_size, 32)
     local: list[tuple[EvalSample, object]] = []
-    for begin in range(0, len(shard), chunk):
-        samples = [build_sample(benchmark, dataset, i, formatter, drops) for i in shard[begin : begin + chunk]]
-        samples = [s for s in samples if s is not None]
-        if not samples:
-            continue
-        outputs = predict(benchmark, predictor, samples, options)
-        for sample, output in zip(samples, outputs):
-            sample.meta["num_images"] = len(sample.images)
-            sample.images = []  # release decoded images; the reports do not need them
-            local.append((sample, output))
+    show = options.show_progress and state.is_main_process
+    with tqdm(total=len(shard), desc=benchmark.name, unit="row", disable=not show) as bar:
+        for begin in range(0, len(shard), chunk):
+            indices = shard[begin : begin + chunk]
+            samples = [build_sample(benchmark, dataset, i, formatter, drops) for i in indices]
+            samples = [s for s in samples if s is not None]
+            outputs = predict(benchmark, predictor, samples, options) if samples else []
+            for sample, output in zip(samples, outputs):
+                sample.meta["num_images"] = len(sample.images)
+                sample.images = []  # release decoded images; the reports do not need them
+                local.append((sample, output))
+            bar.update(len(indices))
     pairs, drops = _gather(local, drops, state)
     pairs.sort(key=lambda pair: pair[0].meta["row_index"])
     samples = [s for s, _ in pairs]
@@ -147,7 +154,7 @@ def evaluate_model(model, processor, benchmark_names, options: EvalOptions, stat
     """Evaluate an already loaded model on the named benchmarks (comma-separated string or list)."""
     benchmarks = parse_benchmark_list(benchmark_names)
     state = state or process_state()
-    predictor = Predictor(model, processor, options.batch_size, show_progress=options.show_progress and state.is_main_process)
+    predictor = Predictor(model, processor, options.batch_size, show_progress=False)  # one bar per benchmark instead
     formatter = PromptFormatter(options.prompt_format, processor, options.chat_template)
     results = []
     for benchmark in benchmarks:

@@ -50,7 +50,9 @@ class DropLog:
         self.reasons[reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append({"id": row_id, "reason": reason})
-        logger.warning("%s: dropped row %s: %s", self.benchmark, row_id, reason)
+            logger.warning("%s: dropped row %s: %s", self.benchmark, row_id, reason)
+            if len(self.examples) == self.max_examples:
+                logger.warning("%s: further dropped rows are counted in the summary, not logged", self.benchmark)
 
     @property
     def total(self) -> int:
