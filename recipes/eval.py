@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, bench in summary["benchmarks"].items():
         if bench["dropped"]["total"]:
             print(f"{name}: dropped {bench['dropped']['total']} row(s): {bench['dropped']['by_reason']}")
+    failed = [name for name, bench in summary["benchmarks"].items() if bench["error"]]
+    if failed:
+        print(f"could not evaluate: {', '.join(failed)} (see the log above and summary.json)", file=sys.stderr)
+        return 1
     return 0
 
 

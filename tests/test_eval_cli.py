@@ -133,6 +133,19 @@ def test_unknown_benchmark_is_an_error_listing_the_known_ones(workspace):
     assert not (workspace / "x").exists()
 
 
+def test_a_benchmark_without_data_is_reported_and_the_others_still_run(workspace):
+    data = workspace / "only_pope"
+    write_local_copy("pope", data)
+    out = workspace / "partial"
+    run = run_cli("--model", workspace / "model", "--benchmarks", "pope,mmstar", "--data-dir", data, "--output", out)
+    assert run.returncode == 1
+    assert "could not evaluate: mmstar" in run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["benchmarks"]["pope"]["error"] is None and summary["benchmarks"]["pope"]["num_samples"] == 4
+    assert summary["benchmarks"]["mmstar"]["error"].startswith("FileNotFoundError: no local copy of mmstar at")
+    assert "| MMStar | failed: FileNotFoundError: no local copy of mmstar" in (out / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_rows_and_agree_with_one(workspace, batched_run):
     out = workspace / "two_processes"

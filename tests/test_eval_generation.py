@@ -9,7 +9,8 @@ from recipes.evaluation.generation import ORIGINAL_STOP_TOKEN_IDS
 # Different lengths and image counts, so batches really are left-padded (one prompt is text-only).
 PROMPTS = [
     "<s><image>\nQuestion: what is the shape?\nAnswer the question using a single word or phrase.\nAnswer:",
-    "<s><image>\nWhich colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly.\nAnswer:",
+    "<s><image>\nWhich colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."
+    "\nAnswer:",
     "<s>The following are multiple choice questions about  Geometry.\n\nCompare <image>\n and <image>\n.\nAnswer:",
     "<s>What is 2 + 2?\nAnswer:",
     "<s><image>\nIs it red?\nAnswer:",

@@ -21,7 +21,7 @@ def ensure_filelock_api() -> None:
         pass
     core = importlib.import_module("filelock._core")
     alias = types.ModuleType("filelock._api")
-    alias.__doc__ = "Alias of filelock._core for code written against filelock 3 (see recipes.evaluation.lmms_eval_compat)."
+    alias.__doc__ = "filelock._core under its filelock 3 name (see recipes.evaluation.lmms_eval_compat)."
     alias.FileLockMeta = core.FileLockMeta
     alias.BaseFileLock = core.BaseFileLock
     alias._UNSET_FILE_MODE = core.UNSET_FILE_MODE

@@ -29,7 +29,9 @@ def load_split(benchmark, data_dir: str | Path | None = None) -> datasets.Datase
     if data_dir is not None:
         local = Path(data_dir) / (benchmark.data_name or benchmark.name)
         if not local.exists():
-            how = f"`hf download {benchmark.hub_id} --repo-type dataset --local-dir {local}` or " if benchmark.hub_id else ""
+            how = ""
+            if benchmark.hub_id:
+                how = f"`hf download {benchmark.hub_id} --repo-type dataset --local-dir {local}` or "
             raise FileNotFoundError(
                 f"no local copy of {benchmark.name} at {local}; create it with {how}Dataset.save_to_disk"
             )

@@ -32,7 +32,9 @@ def load_model_and_processor(
     import modeling_open_qwen2vl  # noqa: F401  (registers the Auto classes, so the kit's code is used when present)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
     )

@@ -8,8 +8,9 @@ Files written under the output folder:
 - ``summary.json``: run settings and, under ``benchmarks.<name>``:
   ``accuracy`` (fraction, harness rules; the headline number), ``accuracy_strict`` (fraction or null),
   ``original`` / ``strict`` (all metric numbers), ``num_samples`` (scored), ``num_rows`` (read), ``dropped``
-  (``total``, ``by_reason``, ``examples``), ``seconds``, ``samples_per_second``, ``paper`` (percentage or null)
-  and benchmark extras (easy_vqa: ``majority_baseline``, ``chance_baseline``, ``per_kind``).
+  (``total``, ``by_reason``, ``examples``), ``seconds``, ``samples_per_second``, ``error`` (null, or why the
+  benchmark could not run), ``paper`` (percentage or null, with the paper column) and benchmark extras
+  (easy_vqa: ``majority_baseline``, ``chance_baseline``, ``majority_answers``, ``per_kind``).
 - ``results.md``: the table.
 """
 
@@ -62,6 +63,7 @@ def benchmark_summary(result, with_paper: bool) -> dict:
         "dropped": result.drops.as_dict(),
         "seconds": round(result.seconds, 3),
         "samples_per_second": round(count / result.seconds, 3) if result.seconds > 0 else None,
+        "error": result.error,
     }
     if with_paper:
         summary["paper"] = PAPER_SCORES.get(result.benchmark.name)
@@ -91,7 +93,10 @@ def markdown_table(model: str, settings: dict, benchmarks: dict, with_paper: boo
     for name, b in benchmarks.items():
         dropped = b["dropped"]["total"]
         samples = f"{b['num_samples']}" + (f" ({dropped} dropped)" if dropped else "")
-        row = [b["title"], samples, _percent(b["accuracy"]), _percent(b["accuracy_strict"])]
+        if b.get("error"):
+            row = [b["title"], "failed: " + b["error"].splitlines()[0][:80].replace("|", "/"), "n/a", "n/a"]
+        else:
+            row = [b["title"], samples, _percent(b["accuracy"]), _percent(b["accuracy_strict"])]
         if has_baseline:
             row.append(_percent(b.get("majority_baseline")))
         if with_paper:

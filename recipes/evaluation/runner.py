@@ -49,6 +49,7 @@ class BenchmarkResult:
     drops: DropLog
     num_rows: int
     seconds: float
+    error: str | None = None  # set when the benchmark could not run at all (e.g. its data is not available)
 
 
 def process_state():
@@ -150,8 +151,14 @@ def _gather(local: list, drops: DropLog, state):
     return pairs, merged
 
 
-def evaluate_model(model, processor, benchmark_names, options: EvalOptions, state=None) -> list[BenchmarkResult]:
-    """Evaluate an already loaded model on the named benchmarks (comma-separated string or list)."""
+def evaluate_model(
+    model, processor, benchmark_names, options: EvalOptions, state=None, keep_going: bool = True
+) -> list[BenchmarkResult]:
+    """Evaluate an already loaded model on the named benchmarks (comma-separated string or list).
+
+    With ``keep_going`` a benchmark that cannot run (data missing, wrong schema, ...) is logged with its traceback and
+    reported with its ``error``, and the others still run; otherwise the exception propagates.
+    """
     benchmarks = parse_benchmark_list(benchmark_names)
     state = state or process_state()
     predictor = Predictor(model, processor, options.batch_size, show_progress=False)  # one bar per benchmark instead
@@ -159,5 +166,15 @@ def evaluate_model(model, processor, benchmark_names, options: EvalOptions, stat
     results = []
     for benchmark in benchmarks:
         logger.info("evaluating %s", benchmark.name)
-        results.append(evaluate_benchmark(benchmark, predictor, options, formatter, state))
+        start = time.perf_counter()
+        try:
+            results.append(evaluate_benchmark(benchmark, predictor, options, formatter, state))
+        except Exception as err:  # noqa: BLE001 - one unavailable benchmark must not cost the others' results
+            if not keep_going:
+                raise
+            logger.exception("%s could not be evaluated", benchmark.name)
+            seconds = time.perf_counter() - start
+            failed = BenchmarkResult(benchmark, [], [], None, DropLog(benchmark.name), 0, seconds)
+            failed.error = f"{type(err).__name__}: {err}"
+            results.append(failed)
     return results

@@ -47,7 +47,9 @@ class MathVista(Benchmark):
         if kind == "multi_choice":
             choices = [str(c) for c in (row.get("choices") or [])]
             if not 2 <= len(choices) <= MAX_CHOICES:
-                raise SampleError(f"unsupported option count: {len(choices)} (the prompt takes 2-{MAX_CHOICES} choices)")
+                raise SampleError(
+                    f"unsupported option count: {len(choices)} (the prompt takes 2-{MAX_CHOICES} choices)"
+                )
             if answer not in choices:
                 raise SampleError(f"answer {answer!r} is not one of the choices")
             options = dict(zip(letters(len(choices)), choices))

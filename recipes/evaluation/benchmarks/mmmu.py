@@ -4,7 +4,8 @@ Row schema (``lmms-lab/MMMU``, split validation): id, question, options (a Pytho
 explanation, image_1 .. image_7, img_type, answer (letter, or text for open questions), topic_difficulty,
 question_type ("multiple-choice" / "open"), subfield.
 Prompt (reproduced character for character, quirks included): ``The following are multiple choice questions
-about  {subfield}.\\n\\n{question}\\nA. ..\\nAnswer with the option's letter from the given choices directly.\\nAnswer:``
+about  {subfield}.\\n\\n{question}\\nA. ..\\nAnswer with the option's letter from the given choices
+directly.\\nAnswer:``
 (two spaces after "about": the harness prefixed each word of the subfield with a space), or, for open questions,
 ``...{question}\\nAnswer the question using a single word or phrase.\\nAnswer:``; then every ``<image N>`` tag in
 the whole prompt becomes ``<image>\\n``. Images are taken in column order (image_1, image_2, ...), one per tag,

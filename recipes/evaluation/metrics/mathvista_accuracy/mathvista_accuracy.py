@@ -92,7 +92,9 @@ class MathvistaAccuracy(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description="predictions, references; question_types, answer_types, choices, precisions",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, question_types=None, answer_types=None, choices=None, precisions=None):

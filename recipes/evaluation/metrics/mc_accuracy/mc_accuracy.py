@@ -74,7 +74,9 @@ class McAccuracy(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description="predictions: generated text; references: gold letter; options: list of {letter: text}",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, options=None):

@@ -154,7 +154,9 @@ class MmmuAccuracy(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description="predictions, references; question_types, options, sample_ids, seed",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, question_types=None, options=None, sample_ids=None, seed=21):

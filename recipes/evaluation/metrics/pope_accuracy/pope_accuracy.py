@@ -62,7 +62,9 @@ class PopeAccuracy(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description="predictions: text; references: 'yes' or 'no'; categories: optional per-sample names",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, categories=None):

@@ -33,7 +33,9 @@ _NUMBER_WORDS = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+]
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 _PERIOD_NOT_DECIMAL = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the VQA code's pattern, look-behind typo included
 # Contractions as written correctly; the normaliser maps every spelling with some apostrophes left out to these.
