@@ -8,7 +8,8 @@ Several devices: ``accelerate launch --num_processes N recipes/eval.py ...`` (ro
 CPU-only machine use ``torchrun --nproc_per_node N recipes/eval.py ...``).
 Offline demo benchmark: ``--benchmarks easy_vqa`` (data from the easy-vqa package). ``--list-benchmarks`` shows
 every benchmark with its Hub dataset. Outputs (see ``recipes/evaluation/report.py``): ``samples/<name>.jsonl``,
-``summary.json`` and ``results.md`` in ``--output``.
+``summary.json`` and ``results.md`` in ``--output``. ``--download-to <dir>`` saves the evaluation splits once (network
+needed) so that later runs with ``--data-dir <dir>`` need no network.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
+    parser.add_argument(
+        "--download-to", type=Path, default=None,
+        help="save the evaluation split of each benchmark under this folder (for --data-dir later) and exit",
+    )
     return parser
 
 
@@ -72,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_benchmarks:
         print(list_benchmarks())
         return 0
-    if not args.model or not args.output:
-        parser.error("--model and --output are required")
     names = known_benchmarks() if args.benchmarks.strip() == "all" else args.benchmarks.split(",")
     try:
-        for name in names:
-            get_benchmark(name)
+        benchmarks = [get_benchmark(name) for name in names]
     except UnknownBenchmarkError as err:
         parser.error(str(err))
+    if args.download_to:
+        from recipes.evaluation.loading import save_local_copy
+
+        for benchmark in benchmarks:
+            where = save_local_copy(benchmark, args.download_to)
+            print(f"{benchmark.name}: {where or 'no Hub dataset (read from its package)'}")
+        return 0
+    if not args.model or not args.output:
+        parser.error("--model and --output are required")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be positive")
 

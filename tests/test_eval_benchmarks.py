@@ -277,3 +277,31 @@ def test_unknown_benchmark_lists_the_known_ones():
     for name in ["mmmu", "mmstar", "pope", "seedbench", "textvqa", "textvqa_ocr"]:
         assert name in message
     assert get_benchmark("SeedBench").name == "seedbench"  # names are case-insensitive
+
+
+def test_download_to_saves_the_split_that_data_dir_then_reads(tmp_path, processor, monkeypatch):
+    import datasets
+
+    from recipes.evaluation.loading import load_split, save_local_copy
+
+    hub_copy = write_local_copy("pope", tmp_path / "hub")
+    real_load_dataset = datasets.load_dataset
+    calls = []
+
+    def hub_stand_in(path, name=None, split=None, **kwargs):  # what the Hub would serve for lmms-lab/POPE
+        calls.append((path, name, split))
+        return real_load_dataset(str(hub_copy), split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
+    target = save_local_copy(get_benchmark("pope"), tmp_path / "local")
+    assert calls == [("lmms-lab/POPE", None, "test")]
+    assert target == tmp_path / "local" / "pope" and (target / "state.json").exists()
+    assert save_local_copy(get_benchmark("pope"), tmp_path / "local") == target and len(calls) == 1  # kept
+    assert save_local_copy(get_benchmark("easy_vqa"), tmp_path / "local") is None  # no Hub dataset
+    monkeypatch.setattr(datasets, "load_dataset", real_load_dataset)
+    loaded = load_split(get_benchmark("pope"), tmp_path / "local")
+    assert loaded.num_rows == 5 and loaded.features["image"] == datasets.Image()
+    predictor = ScriptedPredictor(processor.tokenizer, {"triangle": "yes", "dog": "no", "circle": "yes", "car": "no"})
+    options = EvalOptions(data_dir=tmp_path / "local")
+    result = evaluate_benchmark(get_benchmark("pope"), predictor, options, PromptFormatter("raw"))
+    assert result.scores.strict["accuracy"] == 1.0 and len(result.samples) == 4

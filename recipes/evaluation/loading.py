@@ -4,7 +4,7 @@ A local copy of benchmark ``<name>`` lives in ``<data-dir>/<name>`` (``textvqa_o
 
 - a snapshot of the Hub dataset repository (``hf download <hub id> --repo-type dataset --local-dir <data-dir>/<name>``);
 - a folder of parquet / json(l) / arrow files that ``load_dataset(folder)`` reads;
-- a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` folder.
+- a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` folder (what ``recipes/eval.py --download-to`` writes).
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ def load_split(benchmark, data_dir: str | Path | None = None) -> datasets.Datase
     if benchmark.hub_id is None:
         raise ValueError(f"{benchmark.name} has no Hub dataset; pass --data-dir")
     return datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=benchmark.split)
+
+
+def save_local_copy(benchmark, data_dir: str | Path) -> Path | None:
+    """Fetch the benchmark's evaluation split from the Hub and save it as ``<data_dir>/<name>`` (``save_to_disk``),
+    so later runs can use ``--data-dir`` offline. Benchmarks without a Hub dataset are skipped (returns None)."""
+    if benchmark.hub_id is None:
+        return None
+    target = Path(data_dir) / (benchmark.data_name or benchmark.name)
+    if target.exists():
+        return target
+    split = datasets.load_dataset(benchmark.hub_id, benchmark.hub_config, split=benchmark.split)
+    split.save_to_disk(str(target))
+    return target
 
 
 def select_rows(dataset: datasets.Dataset, benchmark, limit: int | None) -> datasets.Dataset:
