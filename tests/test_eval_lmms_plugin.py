@@ -131,3 +131,27 @@ def test_unknown_model_argument_is_rejected(task_setup):
 
     with pytest.raises(TypeError, match=r"open_qwen2vl got unknown model arguments \['temprature'\]"):
         OpenQwen2VLLmms(pretrained=str(task_setup[0] / "model"), temprature="0.5")
+
+
+def test_entry_point_line_for_setup_cfg_is_picked_up_by_lmms_eval(tmp_path):
+    """The packaging line `lmms_eval.models = open_qwen2vl = recipes.evaluation.lmms_eval_manifest:MANIFESTS`,
+    declared by a distribution on the path, makes `--model open_qwen2vl` resolve in a fresh process."""
+    import os
+    import subprocess
+
+    dist = tmp_path / "open_qwen2vl_kit_probe-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: open-qwen2vl-kit-probe\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[lmms_eval.models]\nopen_qwen2vl = recipes.evaluation.lmms_eval_manifest:MANIFESTS\n"
+    )
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from lmms_eval.models import get_model\n"
+        "print(get_model('open_qwen2vl').__module__, get_model('open-qwen2vl').__name__)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["recipes.evaluation.lmms_eval_plugin", "OpenQwen2VLLmms"]
