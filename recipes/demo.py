@@ -1,8 +1,18 @@
 """End-to-end offline demo (README command 1: `make demo`).
 
-Builds a tiny Open-Qwen2VL with the real Qwen tokenizer, saves it as a Hugging Face folder, reloads it in a fresh
-process through `AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)` and answers a question
-about a real easy-vqa test image, then writes a short report.
+The paper's pipeline at tiny scale on real data from the `easy-vqa` package, each stage through the kit's own entry
+points:
+
+1. caption shards in the img2dataset layout from easy-vqa training images (captions from ground-truth answers, plus
+   a few broken web-style samples);
+2. data stages: `python -m dataset_builders select` (text and image rules) and `reshard`;
+3. `python -m dataset_builders pack` (16 image tokens per image, 512-position packs);
+4. `accelerate launch recipes/pretrain.py` (low resolution: 16 image tokens, vision tower trained too);
+5. `accelerate launch recipes/sft.py` on easy-vqa training questions (high resolution: 64 image tokens);
+6. `recipes/eval.py --benchmarks easy_vqa` (multiple choice, majority baseline beside it);
+7. reload with `AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)` in a fresh process and
+   answer a question about a test image;
+8. `report.md` with the accounting, the pack-fill histogram and the loss curves.
 """
 
 from __future__ import annotations
@@ -10,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from recipes.demo_steps import PYTHON, StepRunner, run_command  # noqa: E402
@@ -24,63 +36,143 @@ RELOAD_AND_ANSWER = textwrap.dedent(
     import easy_vqa
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    folder, out = sys.argv[1], sys.argv[2]
+    folder, out, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     questions, answers, image_ids = easy_vqa.get_test_questions()
-    image = Image.open(easy_vqa.get_test_image_paths()[image_ids[0]]).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]}]
+    image = Image.open(easy_vqa.get_test_image_paths()[image_ids[index]]).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[index]}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=prompt, images=[image], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     answer = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    json.dump({"class": type(model).__name__, "question": questions[0], "expected": answers[0], "answer": answer},
-              open(out, "w"))
-    print(f"Q: {questions[0]}  expected: {answers[0]}  model: {answer!r}")
+    json.dump({"class": type(model).__module__ + "." + type(model).__name__, "question": questions[index],
+               "expected": answers[index], "answer": answer}, open(out, "w"))
+    print(f"Q: {questions[index]}  expected: {answers[index]}  model: {answer!r}")
     """
 )
 
+SETTINGS = {
+    "seed": 0,
+    "pretrain_image_tokens": 16,
+    "sft_image_tokens": 64,
+    "capacity": 512,
+    "stage": "full",
+    "pretrain_epochs": 2,
+    "sft_steps": 1500,
+    "sft_batch": 16,
+    "sft_learning_rate": 1e-3,
+}
 
-def build_tiny_model(folder: Path) -> None:
-    import torch
 
-    from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
-
-    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
-    torch.manual_seed(0)
-    model = OpenQwen2VLForConditionalGeneration(config)
-    processor = build_processor(config, chat_format="chatml")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"saved a tiny Open-Qwen2VL ({params / 1e6:.1f}M parameters, real Qwen tokenizer) to {folder}")
+def accelerate_launch(script: str, args: list[str]) -> list[str]:
+    return [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", script, *args]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("demo_output"))
+    parser.add_argument("--seed", type=int, default=SETTINGS["seed"])
+    parser.add_argument("--sft-steps", type=int, default=SETTINGS["sft_steps"])
+    parser.add_argument("--pretrain-epochs", type=int, default=SETTINGS["pretrain_epochs"])
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test questions")
+    parser.add_argument("--keep", action="store_true", help="keep an existing output folder (default: start fresh)")
     args = parser.parse_args(argv)
-    out = args.output
+    settings = {**SETTINGS, "seed": args.seed, "sft_steps": args.sft_steps, "pretrain_epochs": args.pretrain_epochs}
+
+    out = args.output.resolve()
+    if out.exists() and not args.keep:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, answer_file = out / "model", out / "answer.json"
+    paths = {name: out / name for name in ("raw", "selection", "corpus", "packed", "pretrain", "sft_data", "sft",
+                                           "eval")}
+    subset_dir = paths["corpus"] / "easy_vqa_captions_webdataset"
+    packed_config = f"packed_{settings['pretrain_image_tokens']}"
+    answer_file = out / "answer.json"
+    data = {}
+
+    def build_shards() -> None:
+        from recipes.demo_data import write_caption_shards
+
+        data["shards"] = write_caption_shards(paths["raw"], shard_size=1000, seed=settings["seed"])
+        print(f"wrote {data['shards']['samples']} samples ({data['shards']['noise']} deliberately broken) in "
+              f"{data['shards']['shards']} shards to {paths['raw']}")
 
     runner = StepRunner()
-    runner.add("build a tiny model with the real Qwen tokenizer and save it", lambda: build_tiny_model(model_dir))
-    runner.add(
-        "reload in a fresh process with trust_remote_code and answer a question",
-        lambda: run_command([PYTHON, "-c", RELOAD_AND_ANSWER, str(model_dir), str(answer_file)]),
-    )
+    runner.add("build caption shards from easy-vqa (img2dataset layout)", build_shards)
+    runner.add("data stage: select (text and image rules, uid de-duplication)", lambda: run_command(
+        [PYTHON, "-m", "dataset_builders", "select", "--input", str(paths["raw"]), "--output",
+         str(paths["selection"]), "--min-words", "2", "--drop-boilerplate", "--min-side", "16"]))
+    runner.add("data stage: reshard the selection into a corpus with a dataset card", lambda: run_command(
+        [PYTHON, "-m", "dataset_builders", "reshard", "--input", str(paths["raw"]), "--selection",
+         str(paths["selection"]), "--output", str(paths["corpus"]), "--subset", "easy_vqa_captions",
+         "--shard-size", "1000"]))
+    runner.add("pack captions into sequences (offline packer)", lambda: run_command(
+        [PYTHON, "-m", "dataset_builders", "pack", "--input", str(subset_dir), "--output", str(paths["packed"]),
+         "--num-image-tokens", str(settings["pretrain_image_tokens"]), "--capacity", str(settings["capacity"])]))
+    runner.add("pretrain at low resolution (accelerate launch recipes/pretrain.py)", lambda: run_command(
+        accelerate_launch("recipes/pretrain.py", [
+            "--config", "recipes/configs/pretrain_tiny.yaml", "--dataset_name_or_path", str(paths["packed"]),
+            "--dataset_config_name", packed_config, "--num_image_tokens", str(settings["pretrain_image_tokens"]),
+            "--max_length", str(settings["capacity"]), "--stage", settings["stage"],
+            "--num_train_epochs", str(settings["pretrain_epochs"]), "--save_steps", "100000",
+            "--seed", str(settings["seed"]), "--output_dir", str(paths["pretrain"])])))
+
+    def write_sft_data() -> None:
+        from recipes.sft_data.easy_vqa import write_easy_vqa_sft
+
+        path = write_easy_vqa_sft(paths["sft_data"], split="train")
+        print(f"wrote {sum(1 for _ in path.open())} training conversations to {path}")
+
+    runner.add("write easy-vqa training questions as SFT conversations", write_sft_data)
+    runner.add("SFT at high resolution (accelerate launch recipes/sft.py)", lambda: run_command(
+        accelerate_launch("recipes/sft.py", [
+            "--config", "recipes/configs/sft_tiny.yaml",
+            "--model_name_or_path", str(paths["pretrain"] / "final_model"),
+            "--num_image_tokens", str(settings["sft_image_tokens"]), "--train_vision",
+            "--dataset_name", str(paths["sft_data"] / "train.jsonl"), "--image_root", str(paths["sft_data"]),
+            "--max_steps", str(settings["sft_steps"]), "--per_device_train_batch_size", str(settings["sft_batch"]),
+            "--learning_rate", str(settings["sft_learning_rate"]), "--logging_steps", "25",
+            "--seed", str(settings["seed"]), "--output_dir", str(paths["sft"])])))
+    eval_args = [PYTHON, "recipes/eval.py", "--model", str(paths["sft"]), "--benchmarks", "easy_vqa",
+                 "--prompt", "chat", "--batch-size", "16", "--output", str(paths["eval"])]
+    if args.eval_limit:
+        eval_args += ["--limit", str(args.eval_limit)]
+    runner.add("evaluate on the easy-vqa test split (recipes/eval.py)", lambda: run_command(eval_args))
+    runner.add("reload in a fresh process with trust_remote_code and answer a test question", lambda: run_command(
+        [PYTHON, "-c", RELOAD_AND_ANSWER, str(paths["sft"]), str(answer_file), "0"]))
     runner.run()
 
-    answer = json.loads(answer_file.read_text())
-    report = out / "report.md"
-    lines = ["# Open-Qwen2VL demo report", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {title} | {seconds:.1f} |" for title, seconds in runner.timings.items()]
-    lines += ["", f"Reloaded class: `{answer['class']}`", "",
-              f"Question: {answer['question']} (expected: {answer['expected']}); model answered: {answer['answer']!r}"]
-    report.write_text("\n".join(lines) + "\n")
-    print(f"\nReport written to {report}")
+    report = _report(out, paths, subset_dir, packed_config, settings, runner.timings, answer_file)
+    summary = json.loads((paths["eval"] / "summary.json").read_text())["benchmarks"]["easy_vqa"]
+    print(f"\neasy-vqa accuracy {100 * summary['accuracy']:.1f}% vs majority baseline "
+          f"{100 * summary['majority_baseline']:.1f}% ({100 * (summary['accuracy'] - summary['majority_baseline']):+.1f}"
+          f" points). Report: {report}")
     return 0
+
+
+def _report(out: Path, paths: dict, subset_dir: Path, packed_config: str, settings: dict, timings: dict,
+            answer_file: Path) -> Path:
+    from recipes.demo_report import pack_fills, read_jsonl, write_report
+
+    pack_stats = json.loads((paths["packed"] / packed_config / "packing_stats.json").read_text())
+    accounting = {
+        "select": json.loads((paths["selection"] / ".datatrove" / "select" / "accounting.json").read_text()),
+        "reshard": json.loads((subset_dir / ".datatrove" / "reshard" / "accounting.json").read_text()),
+        "pack": {"read": pack_stats["read"], "kept": pack_stats["documents"],
+                 "dropped": sum(pack_stats["dropped"].values()), "dropped_by_reason": pack_stats["dropped"]},
+    }
+    curves = {
+        "pretraining (packed captions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["pretrain"] / "metrics.jsonl")],
+        "SFT (easy-vqa questions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["sft"] / "training_log.jsonl")
+                                     if "loss" in r],
+    }
+    return write_report(
+        out, accounting=accounting, pack_stats=pack_stats,
+        fills=pack_fills(paths["packed"] / packed_config, settings["capacity"]), curves=curves,
+        eval_summary=json.loads((paths["eval"] / "summary.json").read_text()),
+        answer=json.loads(answer_file.read_text()), timings=timings, settings=settings)
 
 
 if __name__ == "__main__":
