@@ -31,6 +31,7 @@ real token.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -208,7 +209,21 @@ class PackedCollator:
             if not kept:
                 raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         self.stats["documents"] += len(kept)
-        return kept, images[: len(kept)]
+        return kept, [_as_image(image, name, i) for i, image in enumerate(images[: len(kept)])]
+
+
+def _as_image(image, name: str, index: int):
+    """PIL images pass through; encoded bytes (``{"bytes": ...}`` of an undecoded datasets Image) are decoded."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray, str)):
+        from PIL import Image
+
+        try:
+            return Image.open(io.BytesIO(image) if not isinstance(image, str) else image).convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{name}: document {index} has an image that cannot be decoded: {error}") from None
+    return image
 
 
 class PretrainingDocuments:

@@ -200,3 +200,19 @@ def test_literal_image_marker_in_caption_is_neutralised(processor, easy_vqa_imag
     batch = PackedCollator(processor)([{"images": easy_vqa_images[:1], "texts": ["see <image> here"],
                                         "lengths": [0], "uids": ["x"]}])
     assert int((batch["input_ids"] == IMAGE_PAD).sum()) == processor.num_image_tokens
+
+
+def test_encoded_images_are_decoded_and_bad_ones_named(processor, rows):
+    import io as _io
+
+    row = rows[1]
+    encoded = []
+    for image in row["images"]:
+        buffer = _io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    collator = PackedCollator(processor)
+    expected = collator([row])["pixel_values"]
+    assert torch.equal(collator([dict(row, images=encoded)])["pixel_values"], expected)
+    with pytest.raises(ValueError, match=r"uids \['d', 'e'\]\): document 1 has an image that cannot be decoded"):
+        collator([dict(row, images=[encoded[0], {"bytes": b"not an image", "path": None}])])
