@@ -1,10 +1,12 @@
 """lmms-eval model plugin: ``lmms-eval --model open_qwen2vl --model_args pretrained=<folder or hub id> --tasks ...``.
 
 Registered through the ``lmms_eval.models`` entry-point group (see ``lmms_eval_manifest``); lmms-eval is an optional
-extra of the kit (``pip install --no-deps lmms-eval==0.7.3`` plus pytz, sacrebleu, tenacity: its full dependency set
-pulls a torchvision that does not work beside the CPU torch 2.13).
+extra of the kit (``pip install --no-deps lmms-eval==0.7.3`` plus pytz, sacrebleu, tenacity, and pytablewriter with
+its pure-Python dependencies for the CLI's result table: lmms-eval's full dependency set pulls a torchvision that does
+not work beside the CPU torch 2.13).
 
-Model arguments: ``pretrained`` (required), ``device``, ``dtype`` (auto, float32, bfloat16), ``batch_size``,
+Model arguments: ``pretrained`` (required), ``device``, ``dtype`` (auto, float32, bfloat16), ``batch_size`` (from the
+CLI's ``--batch_size``; do not repeat it in ``--model_args``),
 ``prompt_format`` ("chat": the processor's chat template, default; "raw": the original harness's ``<s>`` + prompt +
 ``\\nAnswer:``), ``chat_template`` (template name), ``max_new_tokens`` (default when a task sets none).
 Generation is greedy; with ``prompt_format=raw`` it also stops at "." "," and newline as the original harness did.
