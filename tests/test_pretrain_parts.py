@@ -265,6 +265,33 @@ def test_dataset_folder_without_shards_is_an_error(tmp_path):
         check_dataset_source(str(tmp_path / "missing"))
 
 
+def test_same_named_corpus_folders_do_not_share_a_stale_cache(tmp_path):
+    """datasets keys a local folder's Arrow cache on its name and card; the loader checks rows against the shards."""
+    import datasets
+
+    from recipes.training.data import load_packed_corpus
+
+    card = "---\nconfigs:\n- config_name: packed\n  data_files:\n  - split: train\n    path: data/*.parquet\n---\n"
+    for parent, rows in (("a", 3), ("b", 5)):
+        folder = tmp_path / parent / "corpus"
+        (folder / "data").mkdir(parents=True)
+        (folder / "README.md").write_text(card)
+        datasets.Dataset.from_dict({"images": [["x"]] * rows, "texts": [["t"]] * rows}).to_parquet(
+            str(folder / "data" / "train-00000.parquet"))
+    for parent, rows in (("a", 3), ("b", 5), ("a", 3)):
+        assert len(load_packed_corpus(str(tmp_path / parent / "corpus"), "packed", "train", False)) == rows
+
+
+def test_corpus_without_the_packed_columns_is_an_error(tmp_path):
+    import datasets
+
+    from recipes.training.data import load_packed_corpus
+
+    datasets.Dataset.from_dict({"texts": [["t"]]}).to_parquet(str(tmp_path / "train-00000.parquet"))
+    with pytest.raises(ValueError, match=rf"packed corpus {tmp_path} \(config None\) lacks column\(s\) \['images'\]"):
+        load_packed_corpus(str(tmp_path), None, "train", False)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

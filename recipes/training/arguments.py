@@ -207,6 +207,9 @@ class PretrainArguments:
         default=None, metadata={"help": "Peak dense TFLOP/s of one device for MFU (default: known GPUs)."}
     )
     save_final_model: bool = field(default=True, metadata={"help": "Write output_dir/final_model (HF folder)."})
+    save_final_checkpoint: bool = field(
+        default=True, metadata={"help": "Write a resumable checkpoint at the last step (off for benchmarks)."}
+    )
 
     def __post_init__(self):
         _check_choice("stage", self.stage, STAGES)

@@ -55,6 +55,14 @@ def load_packed_corpus(path: str, config_name: str | None, split: str, streaming
     check_dataset_source(path)
     try:
         dataset = datasets.load_dataset(path, config_name, split=split, streaming=streaming)
+        expected = None if streaming else _parquet_rows(path, config_name, split)
+        if expected is not None and len(dataset) != expected:
+            # datasets keys the Arrow cache of a local folder on its name and card, not on its files: another
+            # folder with the same name and card (or rewritten shards) is served from a stale cache.
+            logger.warning("cached copy of %s has %d rows, its parquet shards %d: rebuilding the cache",
+                           path, len(dataset), expected)
+            dataset = datasets.load_dataset(path, config_name, split=split, download_mode="force_redownload",
+                                            verification_mode="no_checks")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise type(error)(f"could not load the packed corpus {path} (config {config_name}, split {split}): "
                           f"{error}") from error
@@ -67,6 +75,19 @@ def load_packed_corpus(path: str, config_name: str | None, split: str, streaming
     if not streaming and len(dataset) == 0:
         raise ValueError(f"packed corpus {path} (config {config_name}, split {split}) has no rows")
     return dataset
+
+
+def _parquet_rows(path: str, config_name: str | None, split: str) -> int | None:
+    """Rows in a local corpus' parquet shards for ``split`` (from the footers), or None if not local parquet."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_dir():
+        return None
+    files = datasets.load_dataset_builder(path, config_name).config.data_files.get(split, [])
+    if not files or not all(str(f).endswith(".parquet") for f in files):
+        return None
+    return sum(pq.read_metadata(str(f)).num_rows for f in files)
 
 
 class CollateKeepingUids:

@@ -15,29 +15,42 @@ COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 
 
-def easy_vqa_captions(limit: int | None = None, split: str = "train") -> list[tuple[str, str, str]]:
-    """``(uid, image_path, caption)`` per easy-vqa image whose colour and shape its questions reveal."""
+def easy_vqa_captions(limit: int | None = None, split: str = "train", max_facts: int = 0,
+                      seed: int = 0) -> list[tuple[str, str, str]]:
+    """``(uid, image_path, caption)`` per easy-vqa image whose colour and shape its questions reveal.
+
+    The caption is "a {color} {shape}"; with ``max_facts`` > 0 it is followed by 0..max_facts of the image's own
+    question/answer pairs (a seeded choice per image), so caption lengths vary as in web caption data.
+    """
+    import random
+
     import easy_vqa
 
     questions, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
                                      else easy_vqa.get_test_questions())
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
-    color, shape = {}, {}
+    color, shape, facts = {}, {}, {}
     for question, answer, image_id in zip(questions, answers, image_ids):
+        facts.setdefault(image_id, []).append(f"{question} {answer}.")
         if answer in COLORS and question.startswith("what color"):
             color[image_id] = answer
         elif answer in SHAPES and question.startswith("what is the"):
             shape[image_id] = answer
+    rng = random.Random(seed)
     rows = []
     for image_id in sorted(set(color) & set(shape)):
-        rows.append((f"easyvqa-{split}-{image_id}", paths[image_id], f"a {color[image_id]} {shape[image_id]}"))
+        caption = f"a {color[image_id]} {shape[image_id]}"
+        if max_facts:
+            extra = facts[image_id][: rng.randint(0, max_facts)]
+            caption = " ".join([caption + "."] + extra)
+        rows.append((f"easyvqa-{split}-{image_id}", paths[image_id], caption))
         if limit is not None and len(rows) >= limit:
             break
     return rows
 
 
 def write_toy_corpus(folder: str | Path, processor, num_documents: int = 64, capacity: int = 512,
-                     single: bool = False, rows_per_shard: int = 16, split: str = "train") -> str:
+                     single: bool = False, rows_per_shard: int = 16, split: str = "train", max_facts: int = 0) -> str:
     """Write the corpus under ``folder``; returns the dataset config name (``packed_<n>`` or ``single_<n>``)."""
     import datasets
     from PIL import Image
@@ -45,7 +58,7 @@ def write_toy_corpus(folder: str | Path, processor, num_documents: int = 64, cap
     from dataset_builders.packed_collator import PackedCollator
     from dataset_builders.packing import pack_lengths
 
-    documents = easy_vqa_captions(num_documents, split=split)
+    documents = easy_vqa_captions(num_documents, split=split, max_facts=max_facts)
     collator = PackedCollator(processor, max_length=capacity)
     lengths = [len(ids) for ids in collator.document_ids([caption for _, _, caption in documents])]
     bins = [[i] for i in range(len(documents))] if single else pack_lengths(lengths, capacity=capacity)

@@ -294,7 +294,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
             checkpoint(step, data_state)
     progress.close()
 
-    if step > setup.start_step:
+    if step > setup.start_step and args.save_final_checkpoint:
         checkpoint(step, data_state)
     final_dir = None
     if args.save_final_model:
