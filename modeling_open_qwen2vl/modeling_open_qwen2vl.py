@@ -131,6 +131,10 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         kwargs.pop("return_dict", None)  # generate() passes return_dict=True
+        if use_cache is None and self.training:
+            # A cache is useless in training, and its presence makes transformers ignore packed position_ids
+            # (documents of an isolated pack would see each other again).
+            use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
@@ -192,6 +196,8 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         **kwargs,
     ) -> CausalLMOutputWithPast:
         return_dict = kwargs.pop("return_dict", None)
+        if use_cache is None and labels is not None:
+            use_cache = False  # computing a loss: no cache (it would also defeat packed-sequence isolation)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

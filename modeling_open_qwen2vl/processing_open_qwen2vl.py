@@ -120,8 +120,8 @@ class OpenQwen2VLProcessor(ProcessorMixin):
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def _tokenize(self, text: str) -> list:
-        """Token ids of one text, ``<image>`` markers expanded.
+    def encode_text(self, text: str) -> list:
+        """Token ids of one text, each ``<image>`` marker expanded to ``num_image_tokens`` placeholders.
 
         The original tokenizes each turn on its own with LLaVA's ``tokenizer_image_token``. When a turn starts with the
         BOS id (only the first SFT turn, whose system prompt starts with ``<s>``) that function skips the first token
@@ -185,7 +185,7 @@ class OpenQwen2VLProcessor(ProcessorMixin):
                 raise ValueError(f"images per text {per_text} do not match {IMAGE_MARKER} markers per text {counts}")
         input_ids = []
         for index, sample in enumerate(texts):
-            ids = self._tokenize(sample)
+            ids = self.encode_text(sample)
             if truncation and max_length is not None and len(ids) > max_length:
                 if self.image_token_id in ids[max_length:]:
                     raise ValueError(

@@ -19,6 +19,7 @@ command line (TRL's ``TrlParser``). What the kit adds to plain TRL:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -40,6 +41,7 @@ from recipes.sft_data import (
     encode_sft_dataset,
     load_raw_sft_dataset,
 )
+from recipes.sft_cpu_head import enable_compact_lm_head_on_cpu
 from recipes.sft_model import build_lora_config, load_model_and_processor, set_trainable, trainable_counts
 
 logger = logging.getLogger("recipes.sft")
@@ -89,6 +91,20 @@ class SkipReport(TrainerCallback):
         if state.is_world_process_zero:
             logger.info(self.skip_log.summary())
             self.skip_log.write(Path(args.output_dir) / "skipped_samples.json")
+
+
+class TrainingLog(TrainerCallback):
+    """Appends every logged record (loss, learning rate, grad norm...) to ``output_dir/training_log.jsonl``.
+
+    Trainer keeps its log history only in checkpoints; this file is there even when nothing is saved (plots, demo).
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            path = Path(args.output_dir) / "training_log.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
 def _prepare_data(source, script_args, training_args, encoder, skip_log, packing: bool):
@@ -181,10 +197,14 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
     collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
                               pad_to_multiple_of=training_args.pad_to_multiple_of,
                               skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
+    enable_compact_lm_head_on_cpu()  # TRL scores every position on CPU; only the supervised ones matter
+    log_file = Path(training_args.output_dir) / "training_log.jsonl"
+    if log_file.exists() and not training_args.resume_from_checkpoint:
+        log_file.unlink()
     trainer = SFTTrainer(
         model=model, args=training_args, data_collator=collator, train_dataset=train_dataset,
         eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
-        callbacks=[SkipReport(skip_log)],
+        callbacks=[SkipReport(skip_log), TrainingLog()],
     )
     trainer.kit_packing = packing
     logger.info("trainable parameters: %s", trainable_counts(trainer.model))

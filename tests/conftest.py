@@ -13,25 +13,26 @@ import torch
 from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def tiny_config() -> OpenQwen2VLConfig:
+    """A fresh config per test (loading with attn_implementation=... edits a config in place)."""
     return OpenQwen2VLConfig.tiny()
 
 
 @pytest.fixture(scope="session")
-def processor(tiny_config):
-    return build_processor(tiny_config)
+def processor():
+    return build_processor(OpenQwen2VLConfig.tiny())
 
 
 @pytest.fixture(scope="session")
-def compat_processor(tiny_config):
-    return build_processor(tiny_config, chat_format="compat")
+def compat_processor():
+    return build_processor(OpenQwen2VLConfig.tiny(), chat_format="compat")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_config):
+def tiny_model():
     torch.manual_seed(0)
-    return OpenQwen2VLForConditionalGeneration(tiny_config).eval()
+    return OpenQwen2VLForConditionalGeneration(OpenQwen2VLConfig.tiny()).eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """PackedCollator: packed rows -> model inputs; attention isolation checked against documents run alone."""
 
-import copy
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from dataset_builders.packed_collator import IGNORE_INDEX, PackedCollator
-from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration, format_pretraining_text
+from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, format_pretraining_text
 
 IMAGE_PAD = 151655
 
@@ -31,9 +30,9 @@ def rows(easy_vqa_images):
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def model(request, tiny_config):
+def model(request):
     torch.manual_seed(0)
-    config = copy.deepcopy(tiny_config)  # _from_config records the kernel in the config: keep the shared one clean
+    config = OpenQwen2VLConfig.tiny()
     return OpenQwen2VLForConditionalGeneration._from_config(config, attn_implementation=request.param).eval()
 
 
@@ -75,7 +74,7 @@ def test_isolated_logits_and_loss_equal_each_document_alone(model, processor, ro
 def test_isolated_with_flex_attention(tiny_config, processor, rows):
     """flex_attention gets the same block-causal mask (as a BlockMask); slow on CPU because it compiles."""
     torch.manual_seed(0)
-    config = copy.deepcopy(tiny_config)
+    config = tiny_config  # a fresh config per test
     flex = OpenQwen2VLForConditionalGeneration._from_config(config, attn_implementation="flex_attention")
     _check_isolated(flex.eval(), processor, rows[:1])
 

@@ -69,8 +69,8 @@ class SFTEncoder:
         # A private copy that writes one placeholder per image (the shared processor is left untouched).
         self._compact = copy.copy(processor)
         self._compact.num_image_tokens = 1
-        if not hasattr(self._compact, "_tokenize"):
-            raise TypeError(f"{type(processor).__name__} is not the kit's OpenQwen2VLProcessor (no `_tokenize`)")
+        if not hasattr(self._compact, "encode_text"):
+            raise TypeError(f"{type(processor).__name__} is not the kit's OpenQwen2VLProcessor (no `encode_text`)")
 
     def expanded_length(self, num_ids: int, num_images: int) -> int:
         """Positions of a compact sequence once each image takes ``num_image_tokens`` positions."""
@@ -100,7 +100,7 @@ class SFTEncoder:
         input_ids: list[int] = []
         labels: list[int] = []
         for text, is_assistant in self.render_segments(sample.messages):
-            ids = self._compact._tokenize(text)
+            ids = self._compact.encode_text(text)
             input_ids.extend(ids)
             if is_assistant:
                 labels.extend(IGNORE_INDEX if t == self.image_token_id else t for t in ids)
