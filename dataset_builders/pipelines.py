@@ -191,8 +191,8 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
     expression = rules.expression()  # parse errors surface before anything runs
     tasks = config.tasks or _shard_count(input_folder)
     rules.thresholds = resolve_thresholds(rules, input_folder)
-    for (column, fraction), threshold in rules.thresholds.items():
-        logger.info(f"top({column}, {fraction}) resolved to {column} >= {threshold:.6g}")
+    for name, threshold in rules.thresholds.items():
+        logger.info(f"{name} resolved to a threshold of {threshold:.6g}")
     logging_dir = _stage_dir(output_folder, "select", config)
     settings = {"stage": "select", "input": input_folder, "tasks": tasks, "metadata_source": metadata_source,
                 "missing_uid": missing_uid, "rules": _rules_dict(rules)}
@@ -220,7 +220,6 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
 
 def _rules_dict(rules: SelectionRules) -> dict:
     data = asdict(rules)
-    data["thresholds"] = {f"top({c}, {f})": t for (c, f), t in rules.thresholds.items()}
     data["text"] = {k: v for k, v in asdict(rules.text).items() if k != "boilerplate_patterns"}
     return data
 

@@ -159,9 +159,9 @@ class Expression:
             raise RuleError(f"unsupported element {ast.dump(node)[:60]} in selection rule {self.source!r}; "
                             "use and/or/not, comparisons, + - * /, numbers, names and top(name, fraction)")
 
-    def evaluate(self, columns: dict[str, np.ndarray], size: int,
-                 thresholds: dict[tuple[str, float], float] | None = None) -> Truth:
-        """Evaluate on ``size`` rows. Numeric columns use NaN for missing; bool columns are always known."""
+    def evaluate(self, columns: dict[str, np.ndarray], size: int, thresholds: dict[str, float] | None = None) -> Truth:
+        """Evaluate on ``size`` rows. Numeric columns use NaN for missing; bool columns are always known.
+        ``thresholds`` maps ``top_key(column, fraction)`` to the resolved threshold of each ``top()``."""
         result = self._eval(self.tree.body, columns, size, thresholds or {})
         if not isinstance(result, Truth):
             raise RuleError(f"selection rule {self.source!r} is a number, not a condition")
@@ -207,11 +207,11 @@ class Expression:
             return np.full(size, float(node.value))
         if isinstance(node, ast.Call):  # top(name, fraction), validated in _check
             name, fraction = node.args[0].id, float(node.args[1].value)
-            if (name, fraction) not in thresholds:
-                raise RuleError(f"no threshold resolved for top({name}, {fraction})")
+            if top_key(name, fraction) not in thresholds:
+                raise RuleError(f"no threshold resolved for {top_key(name, fraction)}")
             values = self._number(self._eval(node.args[0], columns, size, thresholds))
             with np.errstate(invalid="ignore"):
-                return Truth.of(values >= thresholds[(name, fraction)], ~np.isnan(values))
+                return Truth.of(values >= thresholds[top_key(name, fraction)], ~np.isnan(values))
         raise RuleError(f"cannot evaluate {ast.dump(node)[:60]}")
 
     def _truth(self, value) -> Truth:
@@ -223,6 +223,11 @@ class Expression:
         if isinstance(value, Truth):
             raise RuleError(f"selection rule {self.source!r} compares or adds a condition, not a number")
         return value
+
+
+def top_key(column: str, fraction: float) -> str:
+    """How a resolved ``top(column, fraction)`` threshold is named (json-friendly)."""
+    return f"top({column}, {float(fraction)})"
 
 
 def resolve_top_threshold(values: np.ndarray, fraction: float) -> float:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from datatrove.io import DataFolderLike, get_datafolder
 
 from .images import BadImage, open_image
-from .rules import Expression, ImageRules, RuleError, TextRules, resolve_top_threshold
+from .rules import Expression, ImageRules, RuleError, TextRules, resolve_top_threshold, top_key
 from .shards import Dropped, ShardProblem, iter_samples, list_shards, read_sidecar_parquet, shard_stem
 from .uids import UidList, derive_uid, is_uid, uids_to_array
 
@@ -163,7 +163,7 @@ class SelectionRules:
     selections: dict[str, str] = field(default_factory=dict)
     text: TextRules = field(default_factory=TextRules)
     image: ImageRules = field(default_factory=ImageRules)
-    thresholds: dict[tuple[str, float], float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # top_key(column, fraction) -> threshold
 
     def expression(self) -> Expression | None:
         return Expression(self.where) if self.where else None
@@ -208,7 +208,7 @@ def evaluate_shard(meta: ShardMetadata, rules: SelectionRules, shard: str, input
     return keep, reasons
 
 
-def resolve_thresholds(rules: SelectionRules, input_folder: DataFolderLike) -> dict[tuple[str, float], float]:
+def resolve_thresholds(rules: SelectionRules, input_folder: DataFolderLike) -> dict[str, float]:
     """Global thresholds for every ``top(column, fraction)``, over the scores of all input shards."""
     expression = rules.expression()
     if expression is None or not expression.top_calls:
@@ -231,7 +231,7 @@ def resolve_thresholds(rules: SelectionRules, input_folder: DataFolderLike) -> d
                     values.append(pq.read_table(handle, columns=[column]).column(column).to_numpy(zero_copy_only=False))
         if not values:
             raise RuleError(f"top({column}, {fraction}): no score folder has a column {column!r}")
-        thresholds[(column, fraction)] = resolve_top_threshold(
+        thresholds[top_key(column, fraction)] = resolve_top_threshold(
             np.concatenate([np.asarray(v, dtype=float) for v in values]), fraction)
     return thresholds
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataset_builders.rules import Expression, ImageRules, RuleError, TextRules, resolve_top_threshold
+from dataset_builders.rules import Expression, ImageRules, RuleError, TextRules, resolve_top_threshold, top_key
 from dataset_builders.selection import later_duplicates
 from dataset_builders.uids import UidList, array_to_uids, derive_uid, is_uid, save_uid_list, uids_to_array
 
@@ -85,7 +85,7 @@ def test_top_fraction_threshold_keeps_the_best_fraction_ignoring_unscored():
     for fraction in (0.01, 0.3, 0.5, 1.0):
         threshold = resolve_top_threshold(values, fraction)
         assert threshold == scored[max(int(len(scored) * fraction), 1) - 1]
-        kept = Expression(f"top(s, {fraction})").evaluate({"s": values}, len(values), {("s", fraction): threshold})
+        kept = Expression(f"top(s, {fraction})").evaluate({"s": values}, len(values), {top_key("s", fraction): threshold})
         assert int(kept.value.sum()) == max(int(len(scored) * fraction), 1)
         assert not kept.known[np.isnan(values)].any()  # unscored samples are unknown, not "low"
     assert math.isinf(resolve_top_threshold(np.array([np.nan]), 0.5))

@@ -1,0 +1,321 @@
+"""select -> reshard -> load_dataset, end to end on synthetic shards, checked against independent computations."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_builders.cards import card_configs, discover_subsets, hub_data_files, write_dataset_card
+from dataset_builders.pipelines import ExecutorConfig, run_reshard, run_select
+from dataset_builders.rules import ImageRules, TextRules
+from dataset_builders.selection import SelectionRules
+from dataset_builders.shards import iter_samples, list_shards
+from dataset_builders.synthetic import (
+    clean_sample,
+    damaged_shard_members,
+    write_clean_shards,
+    write_metadata_parquet,
+    write_shard,
+)
+from dataset_builders.uids import save_uid_list
+
+SHARDS, PER_SHARD = 3, 12
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """3 clean shards (+ img2dataset parquets), a 4th re-using 3 uids of shard 0 (duplicates), hand-made scores
+    and a DFN-style uid list. Returns (root, rows in shard order, scores by uid, dfn uid set)."""
+    root = tmp_path_factory.mktemp("pool")
+    shards = root / "shards"
+    shards.mkdir()
+    rows = write_clean_shards(str(shards), SHARDS, PER_SHARD, seed=11)
+    for row in rows:
+        row["shard"] = f"{row['key'][:5]}.tar"
+    rng = random.Random(12)
+    members, extra = [], []
+    for index, source in enumerate(rows[:3] + [None] * 4):
+        key = f"00003{index:04d}"
+        sample, meta = clean_sample(rng, key)
+        if source is not None:  # same uid as a shard-0 sample: a duplicate across shards
+            meta["uid"] = source["uid"]
+            sample = [(n, (b if not n.endswith(".json") else __import__("json").dumps(meta).encode()))
+                      for n, b in sample]
+        meta["shard"] = "00003.tar"
+        members += sample
+        extra.append(meta)
+    write_shard(str(shards / "00003.tar"), members)
+    write_metadata_parquet(str(shards / "00003.parquet"), extra)
+    rows += extra
+    # scores: clip float for everyone but every 5th sample (unscored), SU int with some nulls
+    scores = {}
+    score_dir = root / "scores"
+    score_dir.mkdir()
+    for shard in list_shards(str(shards)):
+        shard_rows = [r for r in rows if r["shard"] == shard]
+        table = {"uid": [], "key": [], "clip_score": [], "semantic_understanding_score": []}
+        for i, row in enumerate(shard_rows):
+            clip = None if i % 5 == 4 else rng.uniform(0.0, 0.5)
+            su = None if i % 7 == 6 else rng.randrange(60, 100)
+            clip, su = scores.setdefault(row["uid"], (clip, su))  # a duplicated uid is the same sample: same scores
+            for column, value in zip(table, (row["uid"], row["key"], clip, su)):
+                table[column].append(value)
+        pq.write_table(pa.table(table, schema=pa.schema([("uid", pa.string()), ("key", pa.string()),
+                                                         ("clip_score", pa.float32()),
+                                                         ("semantic_understanding_score", pa.int16())])),
+                       score_dir / f"{shard[:-4]}.parquet")
+    dfn = {r["uid"] for r in rows[::4]}
+    save_uid_list(str(root / "dfn.npy"), dfn)
+    return root, rows, scores, dfn
+
+
+def _decisions(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".parquet"):
+            for row in pq.read_table(os.path.join(folder, name)).to_pylist():
+                out[(name[:-8], row["key"])] = (row["keep"], row["reason"])
+    return out
+
+
+def _expected_union(rows, scores, dfn, min_side=0):
+    """SU >= 85 or listed in DFN, image min side, then first-kept-uid-wins, computed by hand."""
+    expected, seen = {}, set()
+    for row in rows:
+        su = scores[row["uid"]][1]
+        if min(row["width"], row["height"]) < min_side:
+            decision = (False, "image_too_small")
+        elif row["uid"] in dfn or (su is not None and su >= 85):
+            decision = (True, None)
+        else:
+            decision = (False, "missing_score" if su is None else "rule")
+        if decision[0] and row["uid"] in seen:
+            decision = (False, "duplicate_uid")
+        if decision[0]:
+            seen.add(row["uid"])
+        expected[(row["shard"][:-4], row["key"])] = decision
+    return expected
+
+
+def test_select_union_of_scores_and_uid_list_matches_hand_computation(pool, tmp_path):
+    root, rows, scores, dfn = pool
+    rules = SelectionRules(where="semantic_understanding_score >= 85 or dfn", scores={"mlmf": str(root / "scores")},
+                           uid_lists={"dfn": str(root / "dfn.npy")}, image=ImageRules(min_side=40))
+    accounting = run_select(str(root / "shards"), str(tmp_path / "sel"), rules)
+    expected = _expected_union(rows, scores, dfn, min_side=40)
+    assert _decisions(tmp_path / "sel") == expected
+    assert accounting.balanced and accounting.read == len(rows)
+    assert accounting.kept == sum(keep for keep, _ in expected.values())
+    assert accounting.dropped.get("duplicate_uid", 0) >= 1
+
+
+def test_top_fraction_and_intersection_of_selections(pool, tmp_path):
+    root, rows, scores, _ = pool
+    shards = str(root / "shards")
+    run_select(shards, str(tmp_path / "clip"), SelectionRules(where="top(clip_score, 0.5)",
+                                                              scores={"c": str(root / "scores")}), dedup_uid=False)
+    run_select(shards, str(tmp_path / "su"), SelectionRules(where="semantic_understanding_score >= 80",
+                                                            scores={"c": str(root / "scores")}), dedup_uid=False)
+    clip_values = np.array([np.nan if scores[r["uid"]][0] is None else scores[r["uid"]][0] for r in rows],
+                           dtype=np.float32).astype(float)
+    scored = np.sort(clip_values[~np.isnan(clip_values)])[::-1]
+    threshold = scored[int(len(scored) * 0.5) - 1]
+    clip = _decisions(tmp_path / "clip")
+    assert {k for k, (keep, _) in clip.items() if keep} == {
+        (r["shard"][:-4], r["key"]) for r, v in zip(rows, clip_values) if v >= threshold}
+    su = _decisions(tmp_path / "su")
+    run_select(shards, str(tmp_path / "both"), SelectionRules(where="a and b", selections={
+        "a": str(tmp_path / "clip"), "b": str(tmp_path / "su")}), dedup_uid=False)
+    both = _decisions(tmp_path / "both")
+    assert {k for k, (keep, _) in both.items() if keep} == {k for k in clip if clip[k][0] and su[k][0]}
+    assert {reason for keep, reason in both.values() if not keep} == {"rule"}
+
+
+def test_select_from_tar_scan_equals_select_from_parquet(pool, tmp_path):
+    root, _, _, _ = pool
+    rules = SelectionRules(where="clip_score >= 0.2", scores={"s": str(root / "scores")},
+                           text=TextRules(min_words=3), image=ImageRules(min_side=30, max_aspect_ratio=2))
+    run_select(str(root / "shards"), str(tmp_path / "p"), rules, metadata_source="parquet")
+    run_select(str(root / "shards"), str(tmp_path / "t"), rules, metadata_source="tar")
+    assert _decisions(tmp_path / "p") == _decisions(tmp_path / "t")
+
+
+def _tree(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if not name.startswith(".")}
+
+
+def test_reshard_sizes_order_and_independence_from_task_count(pool, tmp_path):
+    root, rows, _, _ = pool
+    shards = str(root / "shards")
+    run_select(shards, str(tmp_path / "sel"), SelectionRules(image=ImageRules(min_side=35)))
+    decisions = _decisions(tmp_path / "sel")
+    selected = [r for r in rows if decisions[(r["shard"][:-4], r["key"])][0]]
+    one = run_reshard(shards, str(tmp_path / "sel"), str(tmp_path / "one"), ExecutorConfig(tasks=1), shard_size=5)
+    many = run_reshard(shards, str(tmp_path / "sel"), str(tmp_path / "many"), ExecutorConfig(workers=2), shard_size=5)
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "many")  # byte for byte
+    assert one.read == many.read == one.kept == len(selected) and one.balanced
+    written = [s for shard in list_shards(str(tmp_path / "one")) for s in iter_samples(str(tmp_path / "one"), shard)]
+    sizes = [len(list(iter_samples(str(tmp_path / "one"), s))) for s in list_shards(str(tmp_path / "one"))]
+    assert sizes == [5] * (len(selected) // 5) + ([len(selected) % 5] if len(selected) % 5 else [])
+    assert [(s.meta["source_shard"], s.meta["source_key"], s.uid, s.caption) for s in written] == [
+        (r["shard"], r["key"], r["uid"], r["caption"]) for r in selected]
+    assert [s.key for s in written[:6]] == ["000000", "000001", "000002", "000003", "000004", "000010"]
+
+
+def test_rerun_skips_completed_tasks_and_refuses_changed_inputs(pool, tmp_path):
+    root, _, _, _ = pool
+    shards, sel, out = str(root / "shards"), str(tmp_path / "sel"), str(tmp_path / "out")
+    run_select(shards, sel, SelectionRules())
+    run_reshard(shards, sel, out, shard_size=10)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if not n.startswith(".")}
+    run_reshard(shards, sel, out, shard_size=10)
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before} == before
+    with pytest.raises(ValueError, match="different settings"):
+        run_reshard(shards, sel, out, shard_size=10, verify_images="full")
+    run_select(shards, str(tmp_path / "sel2"), SelectionRules(text=TextRules(min_words=6)))
+    with pytest.raises(ValueError, match="resharded from a different selection"):
+        run_reshard(shards, str(tmp_path / "sel2"), out, shard_size=10)
+
+
+def run_and_reap(command, log_path):
+    """Run ``command`` in its own session and wait for it only (not for pipes: datatrove's manager process would
+    survive the kill and hold them); then kill whatever of that session is left. Returns (exit code, log)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return returncode, open(log_path).read()
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    import dataset_builders.pipelines as pipelines
+    from dataset_builders.steps.reshard import ReshardWriter
+
+    class DiesInShardOne(ReshardWriter):
+        def _copy(self, src, needed, writer, stem, width):
+            if stem.endswith("1") and len(writer) >= 2:
+                os._exit(17)  # like a SIGKILL: no cleanup, no completion marker
+            super()._copy(src, needed, writer, stem, width)
+            if stem.endswith("1"):
+                os._exit(17)
+
+    pipelines.ReshardWriter = DiesInShardOne
+    pipelines.run_reshard(sys.argv[1], sys.argv[2], sys.argv[3], pipelines.ExecutorConfig(workers=1), shard_size=10)
+""")
+
+
+def test_task_killed_midway_reruns_to_the_uninterrupted_output(pool, tmp_path):
+    root, _, _, _ = pool
+    shards, sel = str(root / "shards"), str(tmp_path / "sel")
+    run_select(shards, sel, SelectionRules())
+    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
+    returncode, log = run_and_reap([sys.executable, "-c", KILLER, shards, sel, killed], tmp_path / "killed.log")
+    assert returncode == 17, log[-2000:]
+    visible = sorted(n for n in os.listdir(killed) if not n.startswith("."))
+    assert visible == ["00000.parquet", "00000.tar"]  # shard 1 died half-written: nothing of it is visible
+    assert any(n.startswith(".00001.tar.") for n in os.listdir(killed))
+    assert sorted(os.listdir(os.path.join(killed, ".datatrove/reshard/completions"))) == ["00000"]
+    accounting = run_reshard(shards, sel, killed, shard_size=10)
+    run_reshard(shards, sel, clean, shard_size=10)
+    assert _tree(killed) == _tree(clean)
+    assert not [n for n in os.listdir(killed) if n.endswith(".tmp")]
+    assert accounting.tasks == 4 and accounting.balanced  # the stats of the task completed before the kill count
+
+
+def test_damaged_shard_accounting_across_select_and_reshard(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members, expected = damaged_shard_members(random.Random(3))
+    write_shard(str(shards / "00000.tar"), members)
+    selection = run_select(str(shards), str(tmp_path / "sel"), SelectionRules())
+    resharded = run_reshard(str(shards), str(tmp_path / "sel"), str(tmp_path / "out"), shard_size=100)
+    assert selection.balanced and resharded.balanced
+    assert selection.read == len(expected) + 1  # + the second occurrence of a duplicated key
+    assert resharded.read == selection.kept
+    everywhere = {**selection.dropped, **resharded.dropped}
+    for key, reason in expected.items():
+        if reason != "ok":
+            assert everywhere.get(reason, 0) >= 1, reason
+    assert everywhere["text_empty"] == 1 and everywhere["duplicate_key"] == 1
+    survivors = {s.meta["source_key"] for s in iter_samples(str(tmp_path / "out"), "00000.tar")}
+    assert survivors == {k for k, r in expected.items() if r == "ok" and k != "bad_empty_caption"}
+    assert resharded.events["reencoded"] == 5  # CMYK, palette, LA, 16-bit and WebP became RGB JPEGs
+    assert not any(".." in p or p.startswith("/") for p in os.listdir(tmp_path / "out"))
+    assert not (tmp_path / "bad_escape.jpg").exists() and not (tmp_path.parent / "bad_escape.jpg").exists()
+
+
+def test_corpus_card_loads_with_datasets_map_style_and_streaming(pool, tmp_path):
+    from datasets import get_dataset_config_names, load_dataset
+
+    root, rows, _, _ = pool
+    shards = str(root / "shards")
+    run_select(shards, str(tmp_path / "sel_a"), SelectionRules(image=ImageRules(min_side=50)))
+    run_select(shards, str(tmp_path / "sel_b"), SelectionRules(text=TextRules(min_words=6)))
+    corpus = tmp_path / "corpus"
+    run_reshard(shards, str(tmp_path / "sel_a"), str(corpus / "ccs_webdataset"), shard_size=7)
+    run_reshard(shards, str(tmp_path / "sel_b"), str(corpus / "datacomp_medium_mlm_filter_su_85_union_dfn_webdataset"),
+                shard_size=7)
+    write_dataset_card(str(corpus))
+    assert discover_subsets(str(corpus)) == {
+        "ccs": "ccs_webdataset", "datacomp_mlmf_su85_union_dfn": "datacomp_medium_mlm_filter_su_85_union_dfn_webdataset"}
+    assert get_dataset_config_names(str(corpus)) == ["ccs", "datacomp_mlmf_su85_union_dfn", "pretraining"]
+    ccs = load_dataset(str(corpus), "ccs", split="train")
+    decisions = _decisions(tmp_path / "sel_a")  # min side 50, then uid de-dup
+    expected = [r["caption"] for r in rows if decisions[(r["shard"][:-4], r["key"])][0]]
+    assert 0 < len(expected) < len(rows) and list(ccs["txt"]) == expected
+    first = ccs[0]
+    assert first["jpg"].size == (first["json"]["width"], first["json"]["height"])
+    streamed = list(load_dataset(str(corpus), "ccs", split="train", streaming=True))
+    assert [r["txt"] for r in streamed] == expected and streamed[0]["jpg"].size == first["jpg"].size
+    mixture = load_dataset(str(corpus), "pretraining", split="train")
+    assert mixture.num_rows == ccs.num_rows + load_dataset(str(corpus), "datacomp_mlmf_su85_union_dfn",
+                                                          split="train").num_rows
+
+
+def test_card_configs_and_hub_data_files():
+    configs = card_configs({"ccs": "ccs_webdataset", "laion": "laion_webdataset"})
+    assert [c["config_name"] for c in configs] == ["ccs", "laion", "pretraining"]
+    assert configs[2]["default"] and configs[2]["data_files"][0]["path"] == ["ccs_webdataset/*.tar",
+                                                                              "laion_webdataset/*.tar"]
+    assert hub_data_files("datacomp_dfn") == {
+        "train": ["hf://datasets/weizhiwang/Open-Qwen2VL-Data/datacomp_medium_dfn_webdataset/*.tar"]}
+    with pytest.raises(ValueError, match="unknown subset 'nope'"):
+        hub_data_files("nope")
+
+
+def test_generator_based_builder_download_prepare_and_stream(pool, tmp_path):
+    from dataset_builders.open_qwen2vl_data import OpenQwen2VLData
+
+    root, rows, _, _ = pool
+    corpus = tmp_path / "corpus"
+    (corpus / "ccs_webdataset").mkdir(parents=True)
+    for name in ("00000.tar", "00001.tar"):
+        os.link(root / "shards" / name, corpus / "ccs_webdataset" / name)
+    members, expected = damaged_shard_members(random.Random(5))
+    write_shard(str(corpus / "ccs_webdataset" / "00002.tar"), members)
+    builder = OpenQwen2VLData(config_name="ccs", data_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split="train")
+    good = [k for k, r in expected.items() if r == "ok"]
+    assert ds.num_rows == 2 * PER_SHARD + len(good)
+    assert list(ds["text"][: 2 * PER_SHARD]) == [r["caption"] for r in rows[: 2 * PER_SHARD]]
+    assert list(ds["uid"][: 2 * PER_SHARD]) == [r["uid"] for r in rows[: 2 * PER_SHARD]]
+    assert set(ds["key"][2 * PER_SHARD:]) == set(good) and set(ds["subset"]) == {"ccs"}
+    assert ds[0]["image"].size == (rows[0]["width"], rows[0]["height"])
+    assert all(image.mode == "RGB" for image in ds["image"][2 * PER_SHARD:] if image.mode != "L")
+    stream = builder.as_streaming_dataset(split="train")
+    assert [row["text"] for row in stream] == list(ds["text"])
