@@ -169,6 +169,30 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_samples(corpus, tmp_path):
     assert state["micro_batches"] == 15 + 12
 
 
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_exits(corpus, tmp_path):
+    output = tmp_path / "preempted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
+                                *_args(corpus, output, "--max_steps", 40, "--save_steps", 100)],
+                               env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = output / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped by signal SIGTERM" in stderr
+    from recipes.training.checkpointing import complete_checkpoints, read_trainer_state
+
+    steps = [r["step"] for r in read_jsonl(metrics)]
+    (last,) = complete_checkpoints(output)
+    assert read_trainer_state(last)["global_step"] == steps[-1] < 40
+    assert not (output / "final_model").exists()
+
+
 @pytest.fixture()
 def in_process():
     """Run the recipe in this process; reset accelerate's singleton state afterwards."""

@@ -4,6 +4,9 @@
 resolve the checkpoint to resume -> load and check the corpus -> build model + processor -> check the checkpoint
 fits this model and stage -> freeze per stage -> shard/prepare -> optimizer + schedule -> restore the checkpoint ->
 train, logging every step and checkpointing every ``save_steps`` -> final checkpoint and ``final_model``.
+
+SIGTERM or SIGUSR1 (Slurm preemption or time limit) make every process stop after the current step, write a
+checkpoint and exit with status 143; ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -75,6 +80,8 @@ class _Setup:
         acc = self.accelerator
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         set_seed(args.seed)
+        if not self.is_main:  # one process reports
+            logging.getLogger("recipes").setLevel(logging.WARNING)
 
         # 1. The checkpoint to resume, read first: a bad folder fails before anything heavy.
         self.resume_path = None
@@ -165,6 +172,28 @@ class _Setup:
         self.peak_flops = peak_flops_per_device(args.peak_tflops)
 
 
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) -> checkpoint at the end of the current step and exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.requested, self.signal_name, self._previous = False, None, {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in self.SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        self.requested, self.signal_name = True, signal.Signals(number).name
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 def _epoch_end(batches, state: dict) -> bool:
     return state.get("kind") == "map" and state["micro_batches"] % batches.micro_batches_per_epoch == 0
 
@@ -178,6 +207,49 @@ def _next_step_batches(iterator, batches, accum: int) -> tuple[list[dict], dict]
         if _epoch_end(batches, state):
             break
     return step_batches, state
+
+
+def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: bool) -> dict:
+    """Forward/backward every micro-batch, clip, step; returns the step's numbers summed over processes."""
+    acc, args, model = setup.accelerator, setup.args, setup.model
+    device, isolated = acc.device, setup.data_args.attention == "isolated"
+    local_tokens = sum(supervised_tokens(b["labels"]) for b in step_batches)
+    step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=device), "sum"))
+    loss_sum_total = torch.zeros((), device=device)
+    micro_mean_total = torch.zeros((), device=device)
+    work = StepWork()
+    for index, cpu_batch in enumerate(step_batches):
+        batch = _to_device(cpu_batch, device)
+        last_micro = index == len(step_batches) - 1
+        with no_gradient_sync(model) if not last_micro else contextlib.nullcontext():
+            loss_sum, num_tokens = summed_lm_loss(model, batch)
+            objective = micro_batch_objective(loss_sum, num_tokens, reduction=args.loss_reduction,
+                                              step_tokens=step_tokens, num_micro_batches=len(step_batches),
+                                              world_size=setup.world)
+            acc.backward(objective)
+        loss_sum_total += loss_sum.detach()
+        micro_mean_total += loss_sum.detach() / max(num_tokens, 1) / len(step_batches)
+        work = work + StepWork(
+            llm_positions=int(cpu_batch["num_real_tokens"]),
+            attention_pairs=attention_pairs_for_batch(cpu_batch["input_ids"], cpu_batch.get("position_ids"),
+                                                      setup.pad_token_id, isolated),
+            images=0 if cpu_batch.get("pixel_values") is None else int(cpu_batch["pixel_values"].shape[0]),
+            supervised_positions=num_tokens,
+        )
+    if acc.scaler is not None:
+        acc.unscale_gradients()
+    grad_norm = clip_grad_norm(model.parameters(), args.max_grad_norm)
+    lr = setup.scheduler.get_last_lr()[0]
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    # One collective for everything reported (and for agreeing to stop on a signal).
+    flops = training_flops(setup.model_config, work, args.stage)
+    totals = acc.reduce(torch.tensor([loss_sum_total.item(), micro_mean_total.item(), work.llm_positions, flops,
+                                      float(stop_requested)], dtype=torch.float64, device=device), "sum")
+    loss = totals[0] / max(step_tokens, 1) if args.loss_reduction == "token" else totals[1] / setup.world
+    return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "tokens": int(totals[2]),
+            "supervised_tokens": step_tokens, "flops": float(totals[3]), "stop": float(totals[4]) > 0}
 
 
 def run_pretraining(config: PretrainConfig) -> dict:
@@ -219,80 +291,55 @@ def run_pretraining(config: PretrainConfig) -> dict:
 
     progress = tqdm(total=setup.total_steps, initial=setup.start_step, disable=not setup.is_main, desc="pretrain",
                     dynamic_ncols=True)
-    isolated = data_args.attention == "isolated"
-    device = acc.device
-    iterator = iter(setup.batches)
-    step, data_state, last = setup.start_step, setup.batches.state_dict(), {}
-    model.train()
-    while step < setup.total_steps:
-        started = time.perf_counter()
-        step_batches, data_state = _next_step_batches(iterator, setup.batches, args.gradient_accumulation_steps)
-        local_tokens = sum(supervised_tokens(b["labels"]) for b in step_batches)
-        step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=device), "sum"))
-        loss_sum_total = torch.zeros((), device=device)
-        micro_mean_total = torch.zeros((), device=device)
-        work = StepWork()
-        for index, cpu_batch in enumerate(step_batches):
-            batch = _to_device(cpu_batch, device)
-            last_micro = index == len(step_batches) - 1
-            with no_gradient_sync(model) if not last_micro else contextlib.nullcontext():
-                loss_sum, num_tokens = summed_lm_loss(model, batch)
-                objective = micro_batch_objective(
-                    loss_sum, num_tokens, reduction=args.loss_reduction, step_tokens=step_tokens,
-                    num_micro_batches=len(step_batches), world_size=setup.world,
-                )
-                acc.backward(objective)
-            loss_sum_total += loss_sum.detach()
-            micro_mean_total += loss_sum.detach() / max(num_tokens, 1) / len(step_batches)
-            work = work + StepWork(
-                llm_positions=int(cpu_batch["num_real_tokens"]),
-                attention_pairs=attention_pairs_for_batch(cpu_batch["input_ids"], cpu_batch.get("position_ids"),
-                                                          setup.pad_token_id, isolated),
-                images=0 if cpu_batch.get("pixel_values") is None else int(cpu_batch["pixel_values"].shape[0]),
-                supervised_positions=num_tokens,
-            )
-        if acc.scaler is not None:
-            acc.unscale_gradients()
-        grad_norm = clip_grad_norm(model.parameters(), args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    stop = _StopRequest()
+    try:
+        iterator = iter(setup.batches)
+        step, data_state, last = setup.start_step, setup.batches.state_dict(), {}
+        model.train()
+        while step < setup.total_steps:
+            started = time.perf_counter()
+            step_batches, data_state = _next_step_batches(iterator, setup.batches, args.gradient_accumulation_steps)
+            step += 1
+            numbers = _optimizer_step(setup, step_batches, stop_requested=stop.requested)
+            seconds = time.perf_counter() - started
+            tflops = numbers["flops"] / seconds / 1e12
+            record = {
+                "step": step,
+                "epoch": setup.batches.epoch_of(data_state),
+                "loss": numbers["loss"],
+                "lr": numbers["lr"],
+                "grad_norm": numbers["grad_norm"],
+                "tokens": numbers["tokens"],
+                "supervised_tokens": numbers["supervised_tokens"],
+                "tokens_per_s": numbers["tokens"] / seconds,
+                "tflops_per_s": tflops,
+                "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
+                "seconds": seconds,
+            }
+            metrics.write(record)
+            if data_args.log_sample_uids:
+                from accelerate.utils import gather_object
 
-        flops_local = training_flops(setup.model_config, work, args.stage)
-        totals = acc.reduce(torch.tensor([loss_sum_total.item(), micro_mean_total.item(), work.llm_positions,
-                                          flops_local], dtype=torch.float64, device=device), "sum")
-        loss = (totals[0] / max(step_tokens, 1) if args.loss_reduction == "token" else totals[1] / setup.world)
-        seconds = time.perf_counter() - started
-        tflops = float(totals[3]) / seconds / 1e12
-        record = {
-            "step": step,
-            "epoch": setup.batches.epoch_of(data_state),
-            "loss": float(loss),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": int(totals[2]),
-            "supervised_tokens": step_tokens,
-            "tokens_per_s": float(totals[2]) / seconds,
-            "tflops_per_s": tflops,
-            "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
-            "seconds": seconds,
-        }
-        metrics.write(record)
-        if data_args.log_sample_uids:
-            from accelerate.utils import gather_object
-
-            uids = gather_object([uid for b in step_batches for uid in b["uids"]])
-            samples.write({"step": step, "uids": uids})
-        if step % args.logging_steps == 0 or step == setup.total_steps:
-            acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step",) and v is not None}, step=step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        last = record
-        if args.save_steps and step % args.save_steps == 0 and step < setup.total_steps:
-            checkpoint(step, data_state)
-    progress.close()
+                uids = gather_object([uid for b in step_batches for uid in b["uids"]])
+                samples.write({"step": step, "uids": uids})
+            if step % args.logging_steps == 0 or step == setup.total_steps:
+                acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step",) and v is not None}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            last = record
+            if numbers["stop"] and step < setup.total_steps:  # a process got SIGTERM/SIGUSR1: all stop here
+                checkpoint(step, data_state)
+                progress.close()
+                acc.end_training()
+                logger.warning("stopped by signal %s after step %d; continue with --resume",
+                               stop.signal_name or "(on another process)", step)
+                raise SystemExit(143)
+            if args.save_steps and step % args.save_steps == 0 and step < setup.total_steps:
+                checkpoint(step, data_state)
+        progress.close()
+    finally:
+        stop.restore()  # idempotent: the caller's handlers come back on any exit
 
     if step > setup.start_step and args.save_final_checkpoint:
         checkpoint(step, data_state)
