@@ -11,7 +11,7 @@ EXAMPLES = """examples:
   python -m dataset_builders select --input shards/ --output sel/su85_or_dfn \\
       --scores mlmf=scores/mlm_filter --uids dfn=datacomp_medium_dfn_20m_inds.npy \\
       --where "semantic_understanding_score >= 85 or dfn"
-  # the best 30%% by CLIP score, basic image and text rules
+  # the best 30% by CLIP score, basic image and text rules
   python -m dataset_builders select --input shards/ --output sel/clip30 --scores clip=scores/clip \\
       --where "top(clip_score, 0.3)" --min-side 10 --max-aspect-ratio 4 --min-words 2 --drop-boilerplate
   # intersection of two earlier selections
