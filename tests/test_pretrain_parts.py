@@ -372,3 +372,55 @@ def test_only_complete_checkpoints_are_resumable(tmp_path):
     assert ckpt.remove_unfinished(tmp_path) == [unfinished] and not unfinished.exists()
     with pytest.raises(FileNotFoundError, match="is not a finished checkpoint"):
         ckpt.read_trainer_state(ckpt.checkpoint_path(tmp_path, 12))
+
+
+# ---------------------------------------------------------------- model sources
+
+
+def test_paper_init_from_a_siglip_and_a_qwen2_checkpoint(tmp_path):
+    """Vision tower and LM take the checkpoints' weights exactly; the projector is fresh; exact GELU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipConfig, SiglipModel
+
+    from recipes.training.arguments import ModelArguments
+    from recipes.training.model_setup import build_model
+
+    torch.manual_seed(1)
+    siglip = SiglipModel(SiglipConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 100},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 8, "hidden_act": "gelu_pytorch_tanh"},
+    ))
+    siglip.save_pretrained(tmp_path / "siglip")
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    qwen.save_pretrained(tmp_path / "qwen")
+
+    args = ModelArguments(vision_model_name_or_path=str(tmp_path / "siglip"),
+                          text_model_name_or_path=str(tmp_path / "qwen"), num_image_tokens=16)
+    model = build_model(args)
+    assert model.config.vision_config.hidden_act == "gelu" and model.config.num_image_tokens == 16
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    vision_source = siglip.vision_model.state_dict()
+    for name, value in model.model.vision_tower.state_dict().items():
+        torch.testing.assert_close(value, vision_source[name], rtol=0, atol=0)
+    for name, value in model.model.language_model.state_dict().items():
+        torch.testing.assert_close(value, qwen.model.state_dict()[name], rtol=0, atol=0)
+    projector = model.model.multi_modal_projector.linear_1.weight
+    assert projector.std().item() == pytest.approx(model.config.text_config.initializer_range, rel=0.2)
+    assert model.dtype == torch.float32 and model.config.use_cache is False
+
+
+def test_init_from_a_kit_checkpoint_can_change_the_token_count(tmp_path, tiny_config):
+    from recipes.training.arguments import ModelArguments
+    from recipes.training.model_setup import build_model
+
+    torch.manual_seed(0)
+    source = OpenQwen2VLForConditionalGeneration(tiny_config)
+    source.save_pretrained(tmp_path / "kit")
+    model = build_model(ModelArguments(model_name_or_path=str(tmp_path / "kit"), num_image_tokens=64))
+    assert model.config.num_image_tokens == 64
+    for (name, value), (_, expected) in zip(model.state_dict().items(), source.state_dict().items()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    pixels = torch.randn(1, 3, 64, 64)
+    assert model.model.get_image_features(pixels).shape == (1, 64, tiny_config.text_config.hidden_size)

@@ -38,7 +38,7 @@ from .checkpointing import (
 )
 from .data import CollateKeepingUids, MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
 from .flops import StepWork, attention_pairs_for_batch, peak_flops_per_device, training_flops
-from .fsdp import clip_grad_norm, is_fsdp2, no_gradient_sync, shard_model
+from .fsdp import clip_grad_norm, no_gradient_sync, shard_model
 from .loss import micro_batch_objective, summed_lm_loss, supervised_tokens
 from .model_setup import apply_stage, build_model, build_training_processor, enable_activation_checkpointing
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
