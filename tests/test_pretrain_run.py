@@ -230,3 +230,38 @@ def test_resuming_a_checkpoint_of_another_model_fails_before_training(corpus, tm
 def test_streaming_needs_max_steps(corpus, tmp_path, in_process):
     with pytest.raises(ValueError, match="streaming=True needs max_steps > 0"):
         in_process(_args(corpus, tmp_path / "out", "--streaming", "true"))
+
+
+def test_trackio_tracker_logs_every_step_to_trackio_dir(corpus, tmp_path, in_process, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    output = tmp_path / "tracked"
+    in_process(_args(corpus, output, "--max_steps", 2, "--save_final_model", "false", "--save_final_checkpoint",
+                     "false")[:-2] + ["--report_to", "trackio"])
+    (database,) = (tmp_path / "trackio").glob("*.db")
+    rows = sqlite3.connect(database).execute("select step, metrics from metrics order by step").fetchall()
+    logged = [(step, json.loads(payload)) for step, payload in rows]
+    expected = read_jsonl(output / "metrics.jsonl")
+    assert [step for step, _ in logged] == [1, 2]
+    for (_, values), record in zip(logged, expected):
+        assert values["train/loss"] == pytest.approx(record["loss"]) and values["train/lr"] == record["lr"]
+
+
+def test_streaming_corpus_trains_and_resumes_exactly(corpus, tmp_path, in_process):
+    """streaming=True: the checkpoint's stream position continues with the next unseen packs."""
+    streaming = ("--streaming", "true", "--max_steps", 5, "--save_steps", 2, "--save_total_limit", 5,
+                 "--log_sample_uids", "true",
+                 "--save_final_model", "false")
+    whole = tmp_path / "whole"
+    in_process(_args(corpus, whole, *streaming))
+    resumed = tmp_path / "resumed"
+    in_process(_args(corpus, resumed, *streaming, "--resume_from_checkpoint",
+                     whole / "checkpoints" / "step-00000002"))
+    expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [3, 4, 5]
+    for a, b in zip(expected[2:], got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert read_jsonl(resumed / "samples.jsonl") == read_jsonl(whole / "samples.jsonl")[2:]
+    first_five = [uid for r in read_jsonl(whole / "samples.jsonl") for uid in r["uids"]]
+    assert len(first_five) == len(set(first_five))  # 5 of the 15 packs: nothing twice

@@ -8,4 +8,5 @@
 - ``checkpointing``: sharded (DCP) checkpoints with optimizer, scheduler, RNG and data position; final HF folder
 - ``flops``: model FLOPs and MFU; ``fsdp``: the FSDP2 wrap plan for CPU/torchrun; ``run_logs``: metrics.jsonl
 - ``trainer``: the loop
+- ``toy_corpus``: a small real packed caption corpus from easy-vqa (tests, benchmark, CPU demo runs)
 """
