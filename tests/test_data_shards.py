@@ -219,3 +219,29 @@ def test_normalize_keeps_plain_jpeg_bytes_and_reencodes_the_rest():
         image = Image.open(io.BytesIO(out))
         assert (image.format, image.mode) == ("JPEG", "RGB") or (image.format, image.mode) == ("JPEG", "L"), name
         assert reencoded == (name not in ("one_pixel",)), name
+
+
+def test_fast_jpeg_header_agrees_with_pil():
+    from dataset_builders.images import _plain_jpeg_info
+
+    rng = random.Random(8)
+    base = shape_image(rng, 70, 45)
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough to push the frame header further" * 20
+    variants = {
+        "baseline": encode(base, "JPEG"),
+        "progressive": encode(base, "JPEG", progressive=True),
+        "grey": encode(base.convert("L"), "JPEG"),
+        "exif": encode(base, "JPEG", exif=exif.tobytes()),
+        "subsampled": encode(base, "JPEG", subsampling=2, quality=50),
+        "cmyk": odd_mode_images()["cmyk"],
+        "png": encode(base, "PNG"),
+    }
+    for name, data in variants.items():
+        pil = Image.open(io.BytesIO(data))
+        fast = _plain_jpeg_info(data)
+        if pil.format == "JPEG" and pil.mode in ("RGB", "L"):
+            assert (fast.format, fast.mode, fast.width, fast.height) == ("JPEG", pil.mode, *pil.size), name
+        else:
+            assert fast is None, name  # anything else goes to PIL
+        assert inspect_image(data) == inspect_image(data, full_decode=True), name
