@@ -24,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Mistakes in the command (a missing folder, a bad rule, a changed output) end with one clear line, not a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as error:
-        parser.exit(2, f"{parser.prog} {args.stage}: error: {error}\n")
+    """Run one stage; errors propagate (``python -m dataset_builders`` turns user errors into one line)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

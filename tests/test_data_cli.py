@@ -15,7 +15,8 @@ STAGES = {
     ("score", "clip"): ["--model", "--column", "--batch-size", "--device", "--dtype", "--executor", "--workers"],
     ("score", "mlm-filter"): ["--metrics", "--prompt-version", "--max-new-tokens", "--processor"],
     ("select",): ["--where", "--scores", "--uids", "--selection", "--min-side", "--max-aspect-ratio", "--min-words",
-                  "--max-chars", "--drop-boilerplate", "--no-dedup-uid", "--slurm-partition", "--ray-address"],
+                  "--max-chars", "--drop-boilerplate", "--no-dedup-uid", "--slurm-partition", "--ray-address",
+                  "--cpus-per-task", "--gpus-per-task", "--mem-per-cpu-gb", "--slurm-sbatch-arg"],
     ("reshard",): ["--selection", "--subset", "--shard-size", "--verify-images"],
     ("card",): ["--path-hint"],
     ("stats",): ["--json"],
@@ -54,6 +55,7 @@ def test_bad_named_option_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_command_line_pipeline_end_to_end(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -71,6 +71,7 @@ exec "$@"
 FAKE_SCONTROL = "#!/bin/bash\necho localhost\n"
 
 
+@pytest.mark.slow
 def test_slurm_executor_job_scripts_run_the_same_pipeline(shards, local_result, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -101,6 +101,7 @@ def test_rerun_of_a_finished_score_stage_does_nothing(tiny_clip, shards, tmp_pat
         run_score(shards, str(out), ClipScorer(tiny_clip, column="other"))
 
 
+@pytest.mark.slow
 def test_two_local_workers_give_the_same_scores(tiny_clip, shards, tmp_path):
     run_score(shards, str(tmp_path / "one"), ClipScorer(tiny_clip, batch_size=4))
     run_score(shards, str(tmp_path / "two"), ClipScorer(tiny_clip, batch_size=4), ExecutorConfig(workers=2))

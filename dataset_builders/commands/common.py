@@ -18,12 +18,13 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--logging-dir", default=None,
                        help="datatrove logs, stats and completion markers (default: <output>/.datatrove/<stage>)")
     group.add_argument("--no-skip-completed", action="store_true", help="rerun tasks that already completed")
+    resources = parser.add_argument_group("resources per task (slurm and ray)")
+    resources.add_argument("--cpus-per-task", type=int, default=1)
+    resources.add_argument("--mem-per-cpu-gb", type=float, default=2.0)
+    resources.add_argument("--gpus-per-task", type=int, default=0)
     slurm = parser.add_argument_group("slurm (with --executor slurm)")
     slurm.add_argument("--slurm-partition", default=None)
-    slurm.add_argument("--slurm-time", default="24:00:00")
-    slurm.add_argument("--slurm-cpus-per-task", type=int, default=1)
-    slurm.add_argument("--slurm-mem-per-cpu-gb", type=float, default=2.0)
-    slurm.add_argument("--slurm-gpus-per-task", type=int, default=0)
+    slurm.add_argument("--slurm-time", default="24:00:00", help="time limit per job (default 24:00:00)")
     slurm.add_argument("--slurm-venv", default=None, help="virtualenv to activate in the jobs")
     slurm.add_argument("--slurm-env-command", default=None, help="shell command run before each job")
     slurm.add_argument("--slurm-sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -40,11 +41,10 @@ def executor_config(args: argparse.Namespace) -> ExecutorConfig:
         if not sep:
             raise SystemExit(f"--slurm-sbatch-arg expects KEY=VALUE, got {item!r}")
         sbatch[key] = value
-    gpus = args.slurm_gpus_per_task
     return ExecutorConfig(
         kind=args.executor, tasks=args.tasks, workers=args.workers, logging_dir=args.logging_dir,
         skip_completed=not args.no_skip_completed, partition=args.slurm_partition, time=args.slurm_time,
-        cpus_per_task=args.slurm_cpus_per_task, mem_per_cpu_gb=args.slurm_mem_per_cpu_gb, gpus_per_task=gpus,
+        cpus_per_task=args.cpus_per_task, mem_per_cpu_gb=args.mem_per_cpu_gb, gpus_per_task=args.gpus_per_task,
         venv_path=args.slurm_venv, env_command=args.slurm_env_command, sbatch_args=sbatch,
         ray_address=args.ray_address,
     )
