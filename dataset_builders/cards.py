@@ -40,7 +40,8 @@ KNOWN_SUBSETS = {
 }
 # Configs that concatenate subsets: the paper's pretraining mixture (train.sh: datacomp_hq + ccs + laion).
 MIXTURES = {"pretraining": ("ccs", "datacomp_mlmf_su85_union_dfn", "laion")}
-CARD_TEMPLATE = """# Open-Qwen2VL pretraining corpora
+CARD_TITLE = "# Open-Qwen2VL pretraining corpora"
+CARD_TEMPLATE = """{title}
 
 Image-caption pairs in WebDataset shards (img2dataset layout: `KEY.jpg`, `KEY.txt`, `KEY.json` with `uid`, `url`,
 `caption`, ... and one metadata parquet per shard), made with the Open-Qwen2VL kit's data stages
@@ -114,6 +115,20 @@ def _count(folder, subset_path: str) -> tuple[int, int | None]:
     return len(tars), samples
 
 
+def _dataset_info(configs: list[dict], subsets: dict[str, str], counts: dict) -> list[dict]:
+    """Sample counts per config: datasets checks them after building, and (as they enter its cache key for local
+    folders, which otherwise holds only the folder name and the configs) they keep two corpora of the same name
+    from sharing a stale cache."""
+    infos = []
+    for config in configs:
+        name = config["config_name"]
+        parts = MIXTURES.get(name, (name,))
+        samples = [counts[p][1] for p in parts if p in subsets]
+        if samples and all(n is not None for n in samples):
+            infos.append({"config_name": name, "splits": [{"name": "train", "num_examples": sum(samples)}]})
+    return infos
+
+
 def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, path_hint: str | None = None,
                 accounting: dict | None = None) -> str:
     """README.md text for ``root`` (subsets discovered unless given)."""
@@ -122,10 +137,12 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
     if not subsets:
         raise FileNotFoundError(f"no subset folders with *.tar shards under {folder.path}")
     configs = card_configs(subsets)
-    header = yaml.safe_dump({"configs": configs, "task_categories": ["image-to-text"]}, sort_keys=False)
+    counts = {name: _count(folder, subset_path) for name, subset_path in subsets.items()}
+    header = yaml.safe_dump({"configs": configs, "dataset_info": _dataset_info(configs, subsets, counts),
+                             "task_categories": ["image-to-text"]}, sort_keys=False)
     rows = ["| config | folder | shards | samples | content |", "|---|---|---|---|---|"]
     for name, subset_path in subsets.items():
-        shards, samples = _count(folder, subset_path)
+        shards, samples = counts[name]
         about = KNOWN_SUBSETS[name].description if name in KNOWN_SUBSETS else "made with the kit's data stages"
         rows.append(f"| `{name}` | `{subset_path}/` | {shards} | {samples if samples is not None else '?'} | {about} |")
     for config in configs:
@@ -136,16 +153,54 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
     if accounting:
         extra = "\n## How each subset was made\n\n" + "\n".join(
             f"- `{name}`: {json.dumps(info, sort_keys=True)}" for name, info in sorted(accounting.items())) + "\n"
-    body = CARD_TEMPLATE.format(table="\n".join(rows), path=path_hint or "path/to/this/folder",
+    body = CARD_TEMPLATE.format(title=CARD_TITLE, table="\n".join(rows), path=path_hint or "path/to/this/folder",
                                 example=configs[0]["config_name"], accounting=extra)
     return f"---\n{header}---\n\n{body}"
 
 
+def _merge_existing(text: str, existing: str) -> str:
+    """Keep what other writers put in an existing card (e.g. the ``pack`` stage's ``packed_144`` config and its
+    section): their configs and dataset_info entries, and their top-level ``# `` sections."""
+    from huggingface_hub import DatasetCard
+
+    new, old = DatasetCard(text), DatasetCard(existing)
+    ours = {c["config_name"] for c in new.data.to_dict()["configs"]} | set(KNOWN_SUBSETS) | set(MIXTURES)
+    old_data = old.data.to_dict()
+    foreign = [c for c in old_data.get("configs") or [] if c.get("config_name") not in ours]
+    if not foreign:
+        return text
+    configs = new.data.to_dict()["configs"]
+    if any(c.get("default") for c in foreign):
+        for config in configs:
+            config.pop("default", None)
+    infos = old_data.get("dataset_info") or []
+    infos = [infos] if isinstance(infos, dict) else infos
+    foreign_names = {c["config_name"] for c in foreign}
+    new.data.configs = configs + foreign
+    new.data.dataset_info = (new.data.to_dict().get("dataset_info") or []) + [
+        i for i in infos if i.get("config_name") in foreign_names]
+    sections, current = [], []
+    for line in old.text.splitlines(keepends=True):
+        if line.startswith("# ") and current:
+            sections.append("".join(current))
+            current = []
+        current.append(line)
+    sections.append("".join(current))
+    kept = [section for section in sections if section.strip() and not section.startswith(CARD_TITLE)]
+    new.text = new.text.rstrip() + "\n\n" + "\n".join(section.rstrip() + "\n" for section in kept)
+    return str(new)
+
+
 def write_dataset_card(root: DataFolderLike, subsets: dict[str, str] | None = None, path_hint: str | None = None,
                        accounting: dict | None = None) -> str:
-    """Write ``root/README.md`` (see ``render_card``); returns its text."""
-    text = render_card(root, subsets, path_hint, accounting)
-    with get_datafolder(root).open("README.md", "wt") as handle:
+    """Write ``root/README.md`` (see ``render_card``), keeping configs and sections other stages added; returns
+    its text."""
+    folder = get_datafolder(root)
+    text = render_card(folder, subsets, path_hint, accounting)
+    if folder.exists("README.md"):
+        with folder.open("README.md", "rt") as handle:
+            text = _merge_existing(text, handle.read())
+    with folder.open("README.md", "wt") as handle:
         handle.write(text)
     return text
 

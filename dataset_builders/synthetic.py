@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import tarfile
@@ -98,6 +99,7 @@ def write_metadata_parquet(path: str, rows: list[dict]) -> None:
 def write_clean_shards(folder: str, num_shards: int, per_shard: int, *, seed: int = 0, parquet: bool = True,
                        size: tuple[int, int] | None = None) -> list[dict]:
     """``num_shards`` clean shards ``00000.tar``... (+ img2dataset parquet); returns all metadata rows in order."""
+    os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     rows = []
     for shard in range(num_shards):

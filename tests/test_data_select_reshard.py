@@ -319,3 +319,41 @@ def test_generator_based_builder_download_prepare_and_stream(pool, tmp_path):
     assert all(image.mode == "RGB" for image in ds["image"][2 * PER_SHARD:] if image.mode != "L")
     stream = builder.as_streaming_dataset(split="train")
     assert [row["text"] for row in stream] == list(ds["text"])
+
+
+def test_two_corpora_with_the_same_folder_name_do_not_share_a_stale_cache(pool, tmp_path):
+    """datasets caches a local folder under its name and card; the card's per-config counts keep them apart."""
+    from datasets import load_dataset
+
+    root, _, _, _ = pool
+    shards = str(root / "shards")
+    rows = {}
+    for name, side in (("a", 45), ("b", 70)):
+        run_select(shards, str(tmp_path / f"sel_{name}"), SelectionRules(image=ImageRules(min_side=side)))
+        corpus = tmp_path / name / "corpus"
+        run_reshard(shards, str(tmp_path / f"sel_{name}"), str(corpus / "ccs_webdataset"), shard_size=50)
+        write_dataset_card(str(corpus))
+        rows[name] = sum(k for k, _ in _decisions(tmp_path / f"sel_{name}").values())
+        assert load_dataset(str(corpus), "ccs", split="train").num_rows == rows[name]
+    assert rows["a"] != rows["b"]
+
+
+def test_card_keeps_the_configs_and_sections_other_stages_added(pool, tmp_path):
+    from datasets import get_dataset_config_names
+    from huggingface_hub import DatasetCard
+
+    from dataset_builders.commands.pack import write_card as write_pack_card
+
+    root, _, _, _ = pool
+    corpus = tmp_path / "corpus"
+    run_select(str(root / "shards"), str(tmp_path / "sel"), SelectionRules())
+    run_reshard(str(root / "shards"), str(tmp_path / "sel"), str(corpus / "ccs_webdataset"), shard_size=50)
+    (corpus / "packed_144").mkdir()
+    write_dataset_card(str(corpus))
+    write_pack_card(str(corpus), "packed_144")
+    write_dataset_card(str(corpus))  # regenerating ours must not lose the pack stage's config or section
+    card = DatasetCard((corpus / "README.md").read_text())
+    assert [c["config_name"] for c in card.data.to_dict()["configs"]] == ["ccs", "packed_144"]
+    assert card.text.count("# Open-Qwen2VL pretraining corpora") == 1
+    assert card.text.count("# Packed Open-Qwen2VL") == 1
+    assert get_dataset_config_names(str(corpus)) == ["ccs", "packed_144"]
