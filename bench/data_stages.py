@@ -12,7 +12,6 @@ Each side runs ``REPEATS`` times on fresh output folders; the table reports the 
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import shutil

@@ -149,9 +149,17 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
         if config["config_name"] in MIXTURES:
             parts = ", ".join(f"`{p}`" for p in MIXTURES[config["config_name"]] if p in subsets)
             rows.append(f"| `{config['config_name']}` (default) | | | | concatenation of {parts} |")
+    if accounting is None:  # what reshard recorded for each subset, if it made them
+        accounting = {}
+        for name, subset_path in subsets.items():
+            record = f"{subset_path}/.datatrove/reshard/accounting.json"
+            if folder.exists(record):
+                with folder.open(record, "rt") as handle:
+                    info = json.load(handle)
+                accounting[name] = {k: info[k] for k in ("read", "kept", "dropped_by_reason") if k in info}
     extra = ""
     if accounting:
-        extra = "\n## How each subset was made\n\n" + "\n".join(
+        extra = "\n## Accounting of each subset (`reshard`: read = kept + dropped)\n\n" + "\n".join(
             f"- `{name}`: {json.dumps(info, sort_keys=True)}" for name, info in sorted(accounting.items())) + "\n"
     body = CARD_TEMPLATE.format(title=CARD_TITLE, table="\n".join(rows), path=path_hint or "path/to/this/folder",
                                 example=configs[0]["config_name"], accounting=extra)

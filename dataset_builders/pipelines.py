@@ -110,7 +110,8 @@ def run_executor(executor: PipelineExecutor, config: ExecutorConfig) -> bool:
         _ensure_ray(config)
     executor.run()
     if config.kind == "slurm":
-        logger.info(f"submitted to Slurm; when the jobs end: python -m dataset_builders stats {executor.logging_dir.path}")
+        logger.info("submitted to Slurm; when the jobs end: "
+                    f"python -m dataset_builders stats {executor.logging_dir.path}")
         return False
     incomplete = executor.get_incomplete_ranks(skip_completed=True)
     if incomplete:
@@ -225,7 +226,8 @@ def _rules_dict(rules: SelectionRules) -> dict:
 
 
 def run_reshard(input_folder: str, selection_folder: str, output_folder: str, config: ExecutorConfig | None = None,
-                shard_size: int = 10_000, verify_images: str = "quick", missing_uid: str = "derive") -> Accounting | None:
+                shard_size: int = 10_000, verify_images: str = "quick",
+                missing_uid: str = "derive") -> Accounting | None:
     """Copy the selected samples into shards of ``shard_size``; the plan is fixed on the first run and checked on
     reruns (a changed selection is refused rather than mixed into half-written output)."""
     import io

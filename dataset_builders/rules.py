@@ -143,9 +143,7 @@ class Expression:
             self._check(node.right)
         elif isinstance(node, ast.Name):
             self.names.add(node.id)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            pass
-        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):  # bool is an int too
             pass
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "top"
               and len(node.args) == 2 and not node.keywords and isinstance(node.args[0], ast.Name)

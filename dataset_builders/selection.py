@@ -171,7 +171,8 @@ class SelectionRules:
     def check_names(self) -> None:
         """Fail early on a duplicated name across uid lists, selections and builtins."""
         seen: dict[str, str] = {"width": "builtin", "height": "builtin"}
-        for kind, names in (("uid list", self.uid_lists), ("selection", self.selections), ("score folder", self.scores)):
+        sources = (("uid list", self.uid_lists), ("selection", self.selections), ("score folder", self.scores))
+        for kind, names in sources:
             for name in names:
                 if name in seen:
                     raise RuleError(f"name {name!r} is used twice ({seen[name]} and {kind})")

@@ -6,8 +6,8 @@ img2dataset writes them.
 
 Reading never raises on bad content: ``iter_samples`` yields either a ``Sample`` or a ``Dropped`` with a reason
 (corrupt tar, unsafe member path, duplicate key, missing image or caption, non-UTF-8 caption, bad json, missing uid),
-so every stage can count what it lost; a shard that is corrupt or unreadable also yields one ``ShardProblem``. Members are read into memory, never extracted, so a member named
-``../x`` or ``/etc/x`` cannot write anywhere.
+so every stage can count what it lost; a shard that is corrupt or unreadable also yields one ``ShardProblem``.
+Members are read into memory, never extracted, so a member named ``../x`` or ``/etc/x`` cannot write anywhere.
 
 Writing is atomic: ``ShardWriter`` writes hidden temp files and renames them into place on ``commit``; a killed
 writer leaves only a hidden ``.NAME.*.tmp`` that the next writer of the same shard removes.

@@ -85,7 +85,8 @@ def test_top_fraction_threshold_keeps_the_best_fraction_ignoring_unscored():
     for fraction in (0.01, 0.3, 0.5, 1.0):
         threshold = resolve_top_threshold(values, fraction)
         assert threshold == scored[max(int(len(scored) * fraction), 1) - 1]
-        kept = Expression(f"top(s, {fraction})").evaluate({"s": values}, len(values), {top_key("s", fraction): threshold})
+        thresholds = {top_key("s", fraction): threshold}
+        kept = Expression(f"top(s, {fraction})").evaluate({"s": values}, len(values), thresholds)
         assert int(kept.value.sum()) == max(int(len(scored) * fraction), 1)
         assert not kept.known[np.isnan(values)].any()  # unscored samples are unknown, not "low"
     assert math.isinf(resolve_top_threshold(np.array([np.nan]), 0.5))

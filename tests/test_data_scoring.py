@@ -200,7 +200,8 @@ def test_mlm_filter_prompt_and_scripted_answers_land_in_their_columns(tiny_kit_c
     first = _samples(shards)[0]
     prompt = seen_prompts[0]
     assert prompt.endswith("<|im_start|>assistant\n ")  # the original decodes after one space
-    assert f"<|im_start|>user\n<image>\n{build_instruction(first.caption, 'semantic_understanding')}<|im_end|>" in prompt
+    instruction = build_instruction(first.caption, "semantic_understanding")
+    assert f"<|im_start|>user\n<image>\n{instruction}<|im_end|>" in prompt
 
 
 def test_mlm_filter_rejects_unknown_metrics():

@@ -271,7 +271,9 @@ def test_corpus_card_loads_with_datasets_map_style_and_streaming(pool, tmp_path)
                 shard_size=7)
     write_dataset_card(str(corpus))
     assert discover_subsets(str(corpus)) == {
-        "ccs": "ccs_webdataset", "datacomp_mlmf_su85_union_dfn": "datacomp_medium_mlm_filter_su_85_union_dfn_webdataset"}
+        "ccs": "ccs_webdataset",
+        "datacomp_mlmf_su85_union_dfn": "datacomp_medium_mlm_filter_su_85_union_dfn_webdataset",
+    }
     assert get_dataset_config_names(str(corpus)) == ["ccs", "datacomp_mlmf_su85_union_dfn", "pretraining"]
     ccs = load_dataset(str(corpus), "ccs", split="train")
     decisions = _decisions(tmp_path / "sel_a")  # min side 50, then uid de-dup

@@ -39,5 +39,7 @@ class CountingStep(PipelineStep):
         self.stat_update(DROPPED + reason, value=value)
         if self._logged[reason] < LOGGED_DROPS_PER_REASON:
             self._logged[reason] += 1
-            suffix = " (further drops for this reason are only counted)" if self._logged[reason] == LOGGED_DROPS_PER_REASON else ""
-            logger.warning(f"{self.name}: dropped {where or 'sample'} ({reason}){': ' + detail if detail else ''}{suffix}")
+            last = self._logged[reason] == LOGGED_DROPS_PER_REASON
+            suffix = " (further drops for this reason are only counted)" if last else ""
+            why = f": {detail}" if detail else ""
+            logger.warning(f"{self.name}: dropped {where or 'sample'} ({reason}){why}{suffix}")

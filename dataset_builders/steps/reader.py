@@ -48,7 +48,8 @@ class WebDatasetReader(BaseDiskReader):
         for item in iter_samples(self.data_folder, filepath, missing_uid=self.missing_uid):
             if isinstance(item, ShardProblem):
                 self.stat_update(EVENT + "corrupt_shards")
-                logger.error(f"shard {item.shard} is truncated or corrupt, samples after the damage are lost: {item.detail}")
+                logger.error(f"shard {item.shard} is truncated or corrupt, samples after the damage are lost: "
+                             f"{item.detail}")
                 continue
             self.stat_update(READ)
             if isinstance(item, Dropped):
