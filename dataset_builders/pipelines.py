@@ -24,7 +24,7 @@ from .selection import SelectionRules, resolve_thresholds
 from .shards import list_shards, open_folder
 from .steps.decode import DecodeImages
 from .steps.reader import WebDatasetReader
-from .steps.reshard import ReshardWriter, plan_reshard
+from .steps.reshard import ReshardWriter, plan_reshard, write_plan
 from .steps.score_writer import ScoreWriter
 from .steps.scoring import BatchScorer
 from .steps.select import SelectionFinalizer, ShardSelector, selection_accounting
@@ -242,12 +242,11 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
         with log_folder.open("plan.parquet", "rb") as handle:
             previous = pq.read_table(io.BytesIO(handle.read()))
         if not previous.equals(plan):
-            raise ValueError(f"{output_folder} was resharded from a different selection; use another output folder")
+            raise ValueError(f"{output_folder} was resharded from a different selection or shard size; "
+                             "use another output folder")
     else:
-        buffer = io.BytesIO()
-        pq.write_table(plan, buffer)
         with log_folder.open("plan.parquet", "wb") as handle:
-            handle.write(buffer.getvalue())
+            handle.write(write_plan(plan, shard_size))
     num_shards = -(-plan.num_rows // shard_size)
     if num_shards == 0:
         logger.warning("the selection keeps no sample: nothing to reshard")

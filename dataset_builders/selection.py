@@ -237,14 +237,15 @@ def resolve_thresholds(rules: SelectionRules, input_folder: DataFolderLike) -> d
     return thresholds
 
 
-def later_duplicates(uids: list[list[str]], keep: list[np.ndarray]) -> list[np.ndarray]:
+def later_duplicates(uids: list, keep: list[np.ndarray]) -> list[np.ndarray]:
     """For shards in order, mark kept rows whose uid was already kept earlier (in this or a previous shard).
 
-    Works on 128-bit integers (16 bytes a row), so a DataComp-medium pool fits in memory.
+    ``uids``: per shard, hex strings or their ``uids_to_array`` form. Works on 128-bit integers (16 bytes a row),
+    so a DataComp-medium pool fits in memory.
     """
     arrays, sizes = [], []
     for shard_uids in uids:
-        array, _ = uids_to_array(shard_uids)
+        array = shard_uids if isinstance(shard_uids, np.ndarray) else uids_to_array(list(shard_uids))[0]
         arrays.append(array)
         sizes.append(len(array))
     if not arrays:

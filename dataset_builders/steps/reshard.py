@@ -47,6 +47,13 @@ def plan_reshard(input_folder: DataFolderLike, selection_folder: DataFolderLike,
                     schema=PLAN_SCHEMA)
 
 
+def write_plan(plan: pa.Table, shard_size: int) -> bytes:
+    """The plan as parquet bytes with one row group per output shard."""
+    buffer = io.BytesIO()
+    pq.write_table(plan, buffer, row_group_size=shard_size)
+    return buffer.getvalue()
+
+
 def output_stem(index: int, num_shards: int) -> str:
     return f"{index:0{max(5, len(str(max(num_shards - 1, 0))))}d}"
 
@@ -75,21 +82,19 @@ class ReshardWriter(CountingStep):
         self.max_pixels = max_pixels
         self.missing_uid = missing_uid
 
-    def _load_plan(self) -> pa.Table:
-        with fsspec.open(self.plan_path, "rb") as handle:
-            return pq.read_table(io.BytesIO(handle.read()))
-
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        plan = self._load_plan()
-        num_shards = int(pc.max(plan.column("out_shard")).as_py()) + 1 if plan.num_rows else 0
-        out_column = plan.column("out_shard").to_numpy()
-        mine = range(rank, num_shards, world_size)
-        for index in tqdm(mine, desc=f"reshard (task {rank})", unit="shard", disable=len(mine) < 2):
-            rows = plan.filter(pa.array(out_column == index))
-            with self.track_time("shard"):
-                self._write_shard(index, num_shards, rows)
+        with fsspec.open(self.plan_path, "rb") as handle:
+            plan = pq.ParquetFile(handle)  # one row group per output shard: a task reads only its own
+            num_shards = plan.metadata.num_row_groups if plan.metadata.num_rows else 0
+            mine = range(rank, num_shards, world_size)
+            for index in tqdm(mine, desc=f"reshard (task {rank})", unit="shard", disable=len(mine) < 2):
+                rows = plan.read_row_group(index)
+                if set(rows.column("out_shard").to_pylist()) != {index}:
+                    raise ValueError(f"{self.plan_path}: row group {index} is not output shard {index}")
+                with self.track_time("shard"):
+                    self._write_shard(index, num_shards, rows)
 
     def _write_shard(self, index: int, num_shards: int, rows: pa.Table) -> None:
         stem = output_stem(index, num_shards)

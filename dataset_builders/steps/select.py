@@ -24,7 +24,7 @@ from ..selection import (
     mark_duplicates,
 )
 from ..shards import atomic_write, list_shards, shard_stem, write_parquet_atomic
-from ..uids import UidList
+from ..uids import UidList, uids_to_array
 from .base import CountingStep
 
 
@@ -125,7 +125,7 @@ class SelectionFinalizer(CountingStep):
             for shard in tqdm(shards, desc="uid de-duplication", unit="shard", disable=len(shards) < 2):
                 with folder.open(shard_stem(shard) + ".parquet", "rb") as handle:
                     table = pq.read_table(handle, columns=["uid", "keep"])
-                uids.append(table.column("uid").to_pylist())
+                uids.append(uids_to_array(table.column("uid").to_pylist())[0])  # 16 bytes a row, not a str
                 keeps.append(np.asarray(table.column("keep").to_pylist(), dtype=bool))
             for shard, duplicate in zip(shards, later_duplicates(uids, keeps)):
                 if duplicate.any():
