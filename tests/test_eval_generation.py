@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from recipes.evaluation import Predictor
-from recipes.evaluation.generation import ORIGINAL_STOP_TOKEN_IDS
+from recipes.evaluation.original_settings import ORIGINAL_STOP_TOKEN_IDS
 
 # Different lengths and image counts, so batches really are left-padded (one prompt is text-only).
 PROMPTS = [

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from .original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS
 
 
-
 def _batches(order: list[int], size: int):
     for start in range(0, len(order), size):
         yield order[start : start + size]

@@ -23,9 +23,10 @@ from collections import defaultdict
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from .generation import ORIGINAL_STOP_TOKEN_IDS, Predictor
+from .generation import Predictor
 from .lmms_eval_compat import ensure_filelock_api
 from .model_loading import load_model_and_processor
+from .original_settings import ORIGINAL_STOP_TOKEN_IDS
 from .prompts import ANSWER_CUE, IMAGE, PromptFormatter
 
 logger = logging.getLogger(__name__)
