@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
          "--shard-size", "1000"]))
     runner.add("pack captions into sequences (offline packer)", lambda: run_command(
         [PYTHON, "-m", "dataset_builders", "pack", "--input", str(subset_dir), "--output", str(paths["packed"]),
-         "--num-image-tokens", str(settings["pretrain_image_tokens"]), "--capacity", str(settings["capacity"])]))
+         "--num-image-tokens", str(settings["pretrain_image_tokens"]), "--capacity", str(settings["capacity"]),
+         "--tasks", "1"]))
     runner.add("pretrain at low resolution (accelerate launch recipes/pretrain.py)", lambda: run_command(
         accelerate_launch("recipes/pretrain.py", [
             "--config", "recipes/configs/pretrain_tiny.yaml", "--dataset_name_or_path", str(paths["packed"]),
