@@ -8,9 +8,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup test test-fast demo bench clean
 
-$(VENV)/.installed: requirements.txt constraints.txt setup.cfg
+$(VENV)/.installed: requirements.txt requirements-lmms.txt constraints.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-lmms.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -23,7 +23,8 @@ DATA=${DATA:?set DATA to the packed corpus (folder or hub dataset id)}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/pretrain_open_qwen2vl_2b}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_PORT=${MASTER_PORT:-29500}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# awk reads all of its input: `head -n 1` can kill scontrol with SIGPIPE, which pipefail turns into exit 141
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
