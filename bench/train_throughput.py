@@ -125,56 +125,83 @@ def cpu_benchmark(work: Path) -> str:
     return table + "\n\n" + summary
 
 
-def gpu_benchmark(work: Path, steps: int = 30) -> str:
-    """The 2B architecture on one GPU through accelerate FSDP2 (subprocess: `accelerate launch`)."""
+GPU_RUNS = (
+    # (name, dataset config kind, per-device batch, gradient accumulation, attention, activation checkpointing)
+    ("packed, faithful, 2 packs x 4 accumulation", "packed", 2, 4, "faithful", False),
+    ("packed, isolated, 2 packs x 4 accumulation", "packed", 2, 4, "isolated", False),
+    ("packed, faithful, 1 pack x 8 accumulation", "packed", 1, 8, "faithful", False),
+    ("padded singles, batch 8 x 4 accumulation", "single", 8, 4, "faithful", False),
+)
+
+
+def gpu_benchmark(work: Path, steps: int = 12) -> str:
+    """The 2B architecture on one GPU through accelerate FSDP2 (subprocesses: `accelerate launch`)."""
     import torch
 
     from modeling_open_qwen2vl import OpenQwen2VLConfig, build_processor
+    from recipes.training.flops import peak_flops_per_device
     from recipes.training.run_logs import read_jsonl
     from recipes.training.toy_corpus import write_toy_corpus
 
+    peak = peak_flops_per_device()
     processor = build_processor(OpenQwen2VLConfig.open_qwen2vl_2b())
     corpus = str(work / "corpus_2b")
-    config = write_toy_corpus(corpus, processor, num_documents=2400, capacity=4096, max_facts=12)
-    output = work / "gpu_2b"
+    configs = {"packed": write_toy_corpus(corpus, processor, num_documents=2400, capacity=4096, max_facts=12),
+               "single": write_toy_corpus(corpus, processor, num_documents=2400, capacity=4096, max_facts=12,
+                                          single=True)}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2_1gpu.yaml"),
-               "--fsdp_activation_checkpointing", "false", str(ROOT / "recipes" / "pretrain.py"),
-               "--config", str(ROOT / "recipes" / "configs" / "pretrain_2b_random_init.yaml"),
-               "--dataset_name_or_path", corpus, "--dataset_config_name", config, "--output_dir", str(output),
-               "--max_steps", str(steps)]
-    subprocess.run(command, check=True, cwd=ROOT)
-    records = read_jsonl(output / "metrics.jsonl")[WARMUP_STEPS + 3:]
-    seconds = sum(r["seconds"] for r in records)
-    tflops = sum(r["tflops_per_s"] * r["seconds"] for r in records) / seconds
-    mfu = [r["mfu"] for r in records if r["mfu"] is not None]
-    mean_mfu = sum(mfu) / len(mfu) if mfu else math.nan
-    table = markdown_table(
-        ["card", "real positions/s", "model TFLOP/s", "MFU", "target"],
-        [[torch.cuda.get_device_name(0), f"{sum(r['tokens'] for r in records) / seconds:.0f}", f"{tflops:.1f}",
-          f"{mean_mfu:.1%}", ">= 45%"]],
-    )
-    return ("2B architecture, random init, FSDP2 (accelerate, 1 process), bf16, 4096-position packs, 144 image "
-            "tokens, stage pretrain, no activation checkpointing.\n\n" + table)
+    rows, base = [], None
+    for name, kind, batch, accumulation, attention, checkpointing in GPU_RUNS:
+        output = work / ("gpu_" + name.replace(", ", "_").replace(" ", "_"))
+        command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2_1gpu.yaml"),
+                   "--fsdp_activation_checkpointing", str(checkpointing).lower(), str(ROOT / "recipes" / "pretrain.py"),
+                   "--config", str(ROOT / "recipes" / "configs" / "pretrain_2b_random_init.yaml"),
+                   "--dataset_name_or_path", corpus, "--dataset_config_name", configs[kind],
+                   "--output_dir", str(output), "--max_steps", str(steps),
+                   "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+                   "--attention", attention]
+        print("running:", " ".join(command), flush=True)
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            rows.append([name, "failed", "", "", "", "", ""])
+            break
+        records = read_jsonl(output / "metrics.jsonl")[WARMUP_STEPS + 3:]
+        seconds = sum(r["seconds"] for r in records)
+        tokens_per_s = sum(r["tokens"] for r in records) / seconds
+        tflops = sum(r["tflops_per_s"] * r["seconds"] for r in records) / seconds
+        mfu = tflops * 1e12 / peak if peak else math.nan
+        base = base or tokens_per_s
+        memory = max(r.get("max_memory_gib", math.nan) for r in records)
+        rows.append([name, f"{tokens_per_s:.0f}", f"{seconds / len(records):.3f}", f"{tflops:.1f}", f"{mfu:.1%}",
+                     f"{memory:.1f}", f"{base / tokens_per_s:.2f}x"])
+        print(rows[-1], flush=True)
+    table = markdown_table(["run (2B, FSDP2, bf16, 1 process)", "real positions/s", "s/step", "model TFLOP/s", "MFU",
+                            "peak GiB", "first run / this"], rows)
+    return (f"Card: {torch.cuda.get_device_name(0)}. 2B architecture, random init, FSDP2 through accelerate (1 process), "
+            f"bf16 mixed precision, 4096-position packs of easy-vqa documents with 144 image tokens each, stage "
+            f"pretrain, {steps} steps, the first {WARMUP_STEPS + 3} not counted. MFU = model FLOPs "
+            "(`recipes/training/flops.py`) / (seconds x data-sheet dense bf16 peak). Target for the packed faithful "
+            "run: MFU >= 45%.\n\n" + table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="also run the 2B MFU benchmark (needs CUDA)")
+    parser.add_argument("--gpu-only", action="store_true", help="run only the 2B GPU benchmark")
+    parser.add_argument("--gpu-steps", type=int, default=12)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        body = "### CPU: packing and attention modes\n\n" + cpu_benchmark(Path(tmp))
-        if args.gpu:
+        if args.gpu or args.gpu_only:
             import torch
 
             if not torch.cuda.is_available():
                 raise SystemExit("--gpu needs a CUDA device")
-            body += "\n### GPU: MFU of the 2B architecture\n\n" + gpu_benchmark(Path(tmp))
-        else:
-            body += ("\n### GPU: MFU of the 2B architecture\n\nNot measured in this run (no GPU); "
-                     "`bench/train_throughput.py --gpu` measures it.\n")
-    print(body)
-    write_result("train_throughput", "Pretraining throughput (packing, attention modes, MFU)", body)
+            body = gpu_benchmark(Path(tmp), args.gpu_steps)
+            print(body)
+            write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body)
+        if not args.gpu_only:
+            body = cpu_benchmark(Path(tmp))
+            print(body)
+            write_result("train_throughput", "Pretraining throughput (packing, attention modes)", body)
 
 
 if __name__ == "__main__":

@@ -131,17 +131,18 @@ class _Setup:
         if args.activation_checkpointing and not self.fsdp:
             enable_activation_checkpointing(model)
         betas = (args.adam_beta1, args.adam_beta2)
+        fused = args.adam_fused if args.adam_fused is not None else acc.device.type == "cuda"
         if self.fsdp:
-            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon, fused)
             model, optimizer = acc.prepare(model, optimizer)
         elif args.cpu_fsdp and self.world > 1:
             model = shard_model(model)
-            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon, fused)
         else:
             if args.cpu_fsdp:
                 logger.warning("cpu_fsdp: a single process has nothing to shard; training unsharded")
             model = model.to(acc.device)
-            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon, fused)
             model, optimizer = acc.prepare(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # DCP needs the torch optimizer
@@ -316,6 +317,8 @@ def run_pretraining(config: PretrainConfig) -> dict:
                 "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
                 "seconds": seconds,
             }
+            if torch.cuda.is_available():
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.write(record)
             if data_args.log_sample_uids:
                 from accelerate.utils import gather_object
