@@ -134,6 +134,21 @@ def test_labels_give_the_causal_lm_loss(tiny_model):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_boolean_logits_to_keep_selects_row_position_pairs(tiny_model):
+    ids = _ids_with_images([(30, [2]), (30, [10])], 16)
+    pixels = torch.randn(2, 3, 64, 64)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    keep[0, [0, 20, 29]] = True
+    keep[1, [5, 28]] = True
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, pixel_values=pixels).logits
+        kept = tiny_model(input_ids=ids, pixel_values=pixels, logits_to_keep=keep).logits
+    expected = torch.stack([full[0, 0], full[0, 20], full[0, 29], full[1, 5], full[1, 28]])
+    torch.testing.assert_close(kept, expected)
+    with pytest.raises(ValueError, match=r"must have the input's shape \(2, 30\), got \(2, 29\)"):
+        tiny_model(input_ids=ids, pixel_values=pixels, logits_to_keep=keep[:, 1:])
+
+
 def test_position_ids_pass_through(tiny_model):
     ids = _ids_with_images([(24, [0])], 16)
     pixels = torch.randn(1, 3, 64, 64)

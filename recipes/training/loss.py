@@ -1,8 +1,10 @@
 """Causal-LM loss for packed batches, and how it is weighted across micro-batches and processes.
 
-Logits are computed only at positions whose next token is supervised (``logits_to_keep`` with the model's own
-forward): in caption packs ~80% of positions are image placeholders or padding, whose logits the loss would discard
-anyway, and the vocabulary projection is the largest single matmul.
+Logits are computed only at the (row, position) pairs whose next token is supervised (a boolean ``[batch, seq]``
+``logits_to_keep`` through the model's own forward, so FSDP's hooks still run): image placeholders and padding carry
+no loss, and the vocabulary projection is the largest single matmul. A mask per row, not the union of positions over
+rows, matters with several rows per micro-batch: a position supervised in one row is an image token or padding in
+another.
 
 Weighting of one optimizer step made of ``k`` micro-batches on ``w`` processes:
 - ``token``: every supervised token weighs the same. Each micro-batch contributes ``sum(CE) * w / T`` where ``T`` is
@@ -35,20 +37,13 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     ``batch`` holds ``labels`` and the model inputs; other keys (e.g. ``num_real_tokens``) are ignored.
     """
     labels = batch["labels"]
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX
-    # Position t predicts token t + 1: keep the positions whose next token is supervised in any row.
-    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    # Position t predicts token t + 1: keep the (row, position) pairs whose next token is supervised.
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = supervised
     inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits
-    kept_targets = targets[:, keep]
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        kept_targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [kept, vocab], row-major order
+    loss_sum = F.cross_entropy(logits.float(), labels[:, 1:][supervised], reduction="sum")
     return loss_sum, int(supervised.sum())
 
 
