@@ -1,10 +1,10 @@
 """Causal-LM loss for packed batches, and how it is weighted across micro-batches and processes.
 
-Logits are computed only at the (row, position) pairs whose next token is supervised (a boolean ``[batch, seq]``
+The loss is taken only at the (row, position) pairs whose next token is supervised (a boolean ``[batch, seq]``
 ``logits_to_keep`` through the model's own forward, so FSDP's hooks still run): image placeholders and padding carry
 no loss, and the vocabulary projection is the largest single matmul. A mask per row, not the union of positions over
-rows, matters with several rows per micro-batch: a position supervised in one row is an image token or padding in
-another.
+rows, matters with several rows per micro-batch. The projection and the cross-entropy are fused and chunked
+(``fused_cross_entropy``), so the ``[tokens, vocab]`` logits never exist in full.
 
 Weighting of one optimizer step made of ``k`` micro-batches on ``w`` processes:
 - ``token``: every supervised token weighs the same. Each micro-batch contributes ``sum(CE) * w / T`` where ``T`` is
@@ -17,7 +17,8 @@ Weighting of one optimizer step made of ``k`` micro-batches on ``w`` processes:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .fused_cross_entropy import linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
 # What the model's forward takes from a PackedCollator batch (the flash-attention varlen keys exist only when the
@@ -34,7 +35,10 @@ def supervised_tokens(labels: torch.Tensor) -> int:
 def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's supervised tokens, and their count.
 
-    ``batch`` holds ``labels`` and the model inputs; other keys (e.g. ``num_real_tokens``) are ignored.
+    ``batch`` holds ``labels`` and the model inputs; other keys (e.g. ``num_real_tokens``) are ignored. The LM head
+    and the loss are fused (``fused_cross_entropy``): a pre-hook on the model's output embedding takes the hidden
+    states of the kept positions and the head's weight as the model's own forward sees them (gathered under FSDP),
+    and hands the head an empty input, so no ``[tokens, vocab]`` logits are ever materialised.
     """
     labels = batch["labels"]
     supervised = labels[:, 1:] != IGNORE_INDEX
@@ -42,8 +46,21 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = supervised
     inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [kept, vocab], row-major order
-    loss_sum = F.cross_entropy(logits.float(), labels[:, 1:][supervised], reduction="sum")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the fused LM-head loss assumes an output embedding without bias")
+    captured = {}
+
+    def take_hidden_states(module, args):
+        captured["hidden"], captured["weight"] = args[0], module.weight
+        return (args[0][:0],)
+
+    handle = head.register_forward_pre_hook(take_hidden_states)
+    try:
+        model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    loss_sum = linear_cross_entropy_sum(captured["hidden"], captured["weight"], labels[:, 1:][supervised])
     return loss_sum, int(supervised.sum())
 
 

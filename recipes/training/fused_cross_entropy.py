@@ -1,0 +1,77 @@
+"""Summed cross-entropy of ``hidden @ weight.T`` computed in chunks, without keeping ``[tokens, vocab]`` logits.
+
+The forward pass walks the tokens in chunks: logits of one chunk (products in the weight's dtype, softmax in fp32),
+their log-sum-exp and the loss, and at the same time the gradients with respect to the hidden states and the weight
+(``softmax - one_hot`` times the other operand). Backward only scales the stored gradients. Same three matrix
+products as the plain path (no recomputation); the memory of the logits, their log-softmax and its gradient -- three
+``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to one chunk. The idea is
+Liger-Kernel's fused linear cross-entropy, written here in plain torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bytes of fp32 logits per chunk: small on CPU (the allocator reuses blocks below its mmap threshold, larger blocks
+# are page-faulted anew each time), large on GPUs (fewer, bigger kernels).
+CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1024 * 2**20}
+
+
+def chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab_size))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        # Products in the weight's dtype (bf16 tensor cores on GPUs), softmax and loss in fp32, as the plain path
+        # (bf16 LM head, then ``logits.float()``) computes them.
+        dtype = weight.dtype
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            t = targets[start:start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(t.shape[0], device=t.device)
+            total += (lse - logits[rows, t]).sum()
+            if not (needs_hidden or needs_weight):
+                continue
+            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+            grad_logits[rows, t] -= 1.0
+            grad_logits = grad_logits.to(dtype)
+            if needs_hidden:
+                grad_hidden[start:start + chunk] = (grad_logits @ weight).to(hidden.dtype)
+            if needs_weight and dtype == torch.float32:  # accumulate in place (addmm_ escapes FLOP counters)
+                torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
+            elif needs_weight:
+                grad_weight += (grad_logits.T @ h).float()  # fp32 accumulation across chunks
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")``, chunked (``hidden``: ``[N, H]``,
+    ``weight``: ``[V, H]``, ``targets``: ``[N]`` with no ignored entries)."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, H] with targets [N]; got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
+    chunk = chunk or chunk_tokens(weight.shape[0], hidden.device)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk)
+
+
+__all__ = ["chunk_tokens", "linear_cross_entropy_sum"]
