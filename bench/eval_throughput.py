@@ -37,6 +37,7 @@ from recipes.evaluation.benchmarks.easy_vqa import ANSWER_KINDS, package_split  
 from recipes.evaluation.original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS  # noqa: E402
 from recipes.evaluation.prompts import PromptFormatter, option_lines  # noqa: E402
 from recipes.evaluation.generation import Predictor  # noqa: E402
+from tests.fixtures.eval import lively_tiny_model  # noqa: E402  (the eval tests' tiny model)
 
 NUM_SAMPLES = 48
 TARGET_SPEEDUP = 4.0
@@ -56,17 +57,6 @@ def workload(count: int):
         prompts.append(formatter(text))
         images.append([row["image"].convert("RGB")])
     return prompts, images
-
-
-def tiny_model(scale: float = 25.0):
-    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
-    torch.manual_seed(0)
-    model = OpenQwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for parameter in model.model.language_model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(scale)
-    return model
 
 
 def interleaved_rates(predictors, prompts, images, max_new_tokens: int):
@@ -99,7 +89,7 @@ def main() -> int:
     parser.add_argument("--gpu", action="store_true", help="the 2B architecture on CUDA instead of the tiny model")
     gpu = parser.parse_args().gpu
     prompts, images = workload(NUM_SAMPLES)
-    model = gpu_2b_model() if gpu else tiny_model()
+    model = gpu_2b_model() if gpu else lively_tiny_model()
     processor = build_processor(model.config)
     predictors = {size: Predictor(model, processor, batch_size=size, show_progress=False) for size in (1, 8)}
     for predictor in predictors.values():

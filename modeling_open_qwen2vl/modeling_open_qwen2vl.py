@@ -209,12 +209,13 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2:
+        boolean_mask = isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool
+        if boolean_mask and logits_to_keep.dim() == 2:
             # A [batch, seq] mask keeps exactly the marked (row, position) pairs: logits [kept, vocab] in row-major
             # order. Training computes the LM head only where a loss is taken, not at the union over rows.
             if logits_to_keep.shape != hidden_states.shape[:2]:
-                raise ValueError(f"a boolean logits_to_keep must have the input's shape {tuple(hidden_states.shape[:2])}"
-                                 f", got {tuple(logits_to_keep.shape)}")
+                raise ValueError("a boolean logits_to_keep must have the input's shape "
+                                 f"{tuple(hidden_states.shape[:2])}, got {tuple(logits_to_keep.shape)}")
             logits = self.lm_head(hidden_states[logits_to_keep])
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

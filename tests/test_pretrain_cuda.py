@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _launch(corpus: tuple[str, str], output_dir: Path, *extra: str) -> None:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2_1gpu.yaml"),
-               str(ROOT / "recipes" / "pretrain.py"), "--config", str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml"),
+               str(ROOT / "recipes" / "pretrain.py"),
+               "--config", str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml"),
                "--dataset_name_or_path", corpus[0], "--dataset_config_name", corpus[1], "--output_dir",
                str(output_dir), "--report_to", "none", "--mixed_precision", "bf16", "--max_steps", "8",
                "--save_steps", "4", "--gradient_accumulation_steps", "2", *extra]

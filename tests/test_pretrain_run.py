@@ -39,6 +39,19 @@ def _pretrain(args, launcher=(sys.executable,), **kwargs) -> subprocess.Complete
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 
+def _start_and_wait_for_steps(args, output_dir: Path, steps: int, **popen_kwargs) -> subprocess.Popen:
+    """Start the recipe in the background; return once ``steps`` lines are in its metrics.jsonl (or it ended)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pretrain.py"), *args], env=ENV, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, **popen_kwargs)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.02)
+    return process
+
+
 def _check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -130,15 +143,9 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_samples(corpus, tmp_path):
     _check(_pretrain(_args(corpus, reference, *common)))
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
-                                *_args(corpus, interrupted, *common)], env=ENV, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = _start_and_wait_for_steps(_args(corpus, interrupted, *common), interrupted, 7,
+                                        stderr=subprocess.DEVNULL)
     metrics = interrupted / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -172,15 +179,9 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_samples(corpus, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits(corpus, tmp_path):
     output = tmp_path / "preempted"
-    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
-                                *_args(corpus, output, "--max_steps", 40, "--save_steps", 100)],
-                               env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = _start_and_wait_for_steps(_args(corpus, output, "--max_steps", 40, "--save_steps", 100), output, 3,
+                                        stderr=subprocess.PIPE, text=True)
     metrics = output / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr[-3000:]
