@@ -111,6 +111,30 @@ def test_summed_loss_equals_cross_entropy_over_all_logits(fresh_model, processor
     torch.testing.assert_close(loss_sum / count, own, rtol=1e-5, atol=1e-5)
 
 
+def test_right_padding_mask_changes_nothing_under_causal_attention(fresh_model, processor, easy_vqa_images):
+    """The trainer drops the faithful mode's 2-D mask (so sdpa can take its causal kernels): same loss and
+    gradients on rows of different lengths, i.e. with real right padding."""
+    from dataset_builders.packed_collator import PackedCollator
+
+    rows = [{"images": easy_vqa_images[:2], "texts": ["a red circle", "a blue square and some more words here"]},
+            {"images": easy_vqa_images[2:3], "texts": ["a green triangle"]}]
+    batch = PackedCollator(processor, attention="faithful", max_length=512)(rows)
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"].shape[1]  # the second row is padded
+
+    def loss_and_grads(inputs):
+        fresh_model.zero_grad(set_to_none=True)
+        loss_sum, count = summed_lm_loss(fresh_model, inputs)
+        loss_sum.backward()
+        return loss_sum.detach(), count, [p.grad.clone() for p in fresh_model.parameters() if p.grad is not None]
+
+    masked, unmasked = loss_and_grads(batch), loss_and_grads(dict(batch, attention_mask=None))
+    assert masked[1] == unmasked[1]
+    torch.testing.assert_close(unmasked[0], masked[0], rtol=1e-6, atol=1e-4)
+    assert len(masked[2]) == len(unmasked[2]) > 0
+    for a, b in zip(masked[2], unmasked[2]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_token_weighting_gives_the_gradient_of_the_whole_step(fresh_model, processor, easy_vqa_images):
     short = _batch(processor, easy_vqa_images[:1], ["a red circle"])
     long = _batch(processor, easy_vqa_images[1:], ["a blue square", "a green triangle drawn on white",

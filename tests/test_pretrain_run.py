@@ -249,6 +249,26 @@ def test_trackio_tracker_logs_every_step_to_trackio_dir(corpus, tmp_path, in_pro
         assert values["train/loss"] == pytest.approx(record["loss"]) and values["train/lr"] == record["lr"]
 
 
+def test_compiled_layers_train_like_eager_and_share_checkpoints(corpus, tmp_path, in_process, caplog, tiny_config):
+    """--compile_layers: the same per-step losses as eager, and its checkpoint resumes an eager run."""
+    common = ("--max_steps", 3, "--save_steps", 2, "--save_final_model", "false", "--log_sample_uids", "true")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    in_process(_args(corpus, eager, *common))
+    with caplog.at_level("INFO", logger="recipes.pretrain"):
+        in_process(_args(corpus, compiled, *common, "--compile_layers", "true"))
+    layers = tiny_config.vision_config.num_hidden_layers + tiny_config.text_config.num_hidden_layers
+    assert f"compile_layers: {layers} layers compiled in place" in caplog.text
+    expected, got = read_jsonl(eager / "metrics.jsonl"), read_jsonl(compiled / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    resumed = tmp_path / "resumed"
+    in_process(_args(corpus, resumed, *common, "--resume_from_checkpoint", compiled / "checkpoints" / "step-00000002"))
+    (last,) = read_jsonl(resumed / "metrics.jsonl")
+    assert last["step"] == 3 and last["loss"] == pytest.approx(got[2]["loss"], rel=1e-4)
+
+
 def test_streaming_corpus_trains_and_resumes_exactly(corpus, tmp_path, in_process):
     """streaming=True: the checkpoint's stream position continues with the next unseen packs."""
     streaming = ("--streaming", "true", "--max_steps", 5, "--save_steps", 2, "--save_total_limit", 5,

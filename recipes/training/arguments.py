@@ -195,6 +195,12 @@ class PretrainArguments:
         default=False,
         metadata={"help": "Recompute decoder/encoder layers in backward (without FSDP; FSDP yamls set their own)."},
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile every SigLIP encoder layer and Qwen2 decoder layer in place (regional "
+                  "compilation: fuses the norms, rotary embedding, activations and casts between the matmuls). "
+                  "The first step pays the compilation; checkpoints are unchanged."},
+    )
     cpu_fsdp: bool = field(
         default=False,
         metadata={"help": "Under torchrun on CPU (gloo): shard with torch FSDP2 using the kit's wrap plan. Accelerate "

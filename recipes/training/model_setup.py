@@ -144,5 +144,19 @@ def enable_activation_checkpointing(model: OpenQwen2VLForConditionalGeneration) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-__all__ = ["STAGE_TRAINABLE", "apply_stage", "build_model", "build_training_processor",
+def compile_layers(model: nn.Module, layer_class_names: tuple[str, ...]) -> int:
+    """``torch.compile`` each layer of the given classes in place; returns how many.
+
+    In place (``module.compile()``) rather than ``torch.compile(module)``: parameter names stay the same (checkpoints
+    load either way) and the hooks ``fully_shard`` installs later still run, as in accelerate's
+    ``compile_regions_fsdp2``. Only the repeated layers: the output embedding stays eager, because the pretraining
+    loss takes its input through a forward pre-hook added per micro-batch (compiled, that would recompile each time).
+    """
+    layers = [m for m in model.modules() if type(m).__name__ in layer_class_names]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+__all__ = ["STAGE_TRAINABLE", "apply_stage", "build_model", "build_training_processor", "compile_layers",
            "enable_activation_checkpointing"]

@@ -38,9 +38,15 @@ from .checkpointing import (
 )
 from .data import CollateKeepingUids, MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
 from .flops import StepWork, attention_pairs_for_batch, peak_flops_per_device, training_flops
-from .fsdp import clip_grad_norm, no_gradient_sync, shard_model
+from .fsdp import WRAP_CLASS_NAMES, clip_grad_norm, no_gradient_sync, shard_model
 from .loss import micro_batch_objective, summed_lm_loss, supervised_tokens
-from .model_setup import apply_stage, build_model, build_training_processor, enable_activation_checkpointing
+from .model_setup import (
+    apply_stage,
+    build_model,
+    build_training_processor,
+    compile_layers,
+    enable_activation_checkpointing,
+)
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
 from .run_logs import METRICS_FILE, SAMPLES_FILE, JsonLinesLog
 
@@ -130,6 +136,9 @@ class _Setup:
         self.fsdp = acc.distributed_type == DistributedType.FSDP
         if args.activation_checkpointing and not self.fsdp:
             enable_activation_checkpointing(model)
+        if args.compile_layers:
+            logger.info("compile_layers: %d layers compiled in place (the first step compiles them)",
+                        compile_layers(model, WRAP_CLASS_NAMES))
         betas = (args.adam_beta1, args.adam_beta2)
         fused = args.adam_fused if args.adam_fused is not None else acc.device.type == "cuda"
         if self.fsdp:
@@ -221,6 +230,11 @@ def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: boo
     work = StepWork()
     for index, cpu_batch in enumerate(step_batches):
         batch = _to_device(cpu_batch, device)
+        if not isolated:
+            # Rows are right-padded and attention is causal, so no real position ever sees the padding: the loss
+            # is the same without the 2-D mask, and without it transformers gives sdpa ``is_causal`` (flash
+            # kernels on GPUs) instead of a materialised 4-D mask.
+            batch["attention_mask"] = None
         last_micro = index == len(step_batches) - 1
         with no_gradient_sync(model) if not last_micro else contextlib.nullcontext():
             loss_sum, num_tokens = summed_lm_loss(model, batch)
