@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.training.fused_cross_entropy import chunk_tokens, linear_cross_entropy_sum
+from recipes.training.fused_cross_entropy import CHUNK_BYTES, chunk_tokens, linear_cross_entropy_sum
 
 
 def _plain(hidden, weight, targets):
@@ -58,5 +58,8 @@ def test_bf16_weight_gradient_is_accumulated_in_fp32_across_chunks():
 def test_shapes_are_checked_and_chunks_follow_the_device():
     with pytest.raises(ValueError, match=r"hidden must be \[N, H\] with targets \[N\]; got \(2, 3, 4\)"):
         linear_cross_entropy_sum(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
-    assert chunk_tokens(151936, torch.device("cpu")) == 27  # 16 MiB of fp32 logits
-    assert chunk_tokens(151936, torch.device("cuda")) == 1766
+    for device in ("cpu", "cuda"):  # the most tokens whose fp32 logits fit the device's chunk budget
+        tokens = chunk_tokens(151936, torch.device(device))
+        assert tokens * 4 * 151936 <= CHUNK_BYTES[device] < (tokens + 1) * 4 * 151936
+    assert chunk_tokens(10**12, torch.device("cpu")) == 1
+

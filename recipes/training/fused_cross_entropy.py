@@ -1,20 +1,20 @@
 """Summed cross-entropy of ``hidden @ weight.T`` computed in chunks, without keeping ``[tokens, vocab]`` logits.
 
 The forward pass walks the tokens in chunks: logits of one chunk (products in the weight's dtype, softmax in fp32),
-their log-sum-exp and the loss, and at the same time the gradients with respect to the hidden states and the weight
+their log-softmax and the loss, and at the same time the gradients with respect to the hidden states and the weight
 (``softmax - one_hot`` times the other operand). Backward only scales the stored gradients. Same three matrix
 products as the plain path (no recomputation); the memory of the logits, their log-softmax and its gradient -- three
-``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to one chunk. The idea is
-Liger-Kernel's fused linear cross-entropy, written here in plain torch.
+``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to two chunk-sized buffers,
+allocated once per call. The idea is Liger-Kernel's fused linear cross-entropy, written here in plain torch.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Bytes of fp32 logits per chunk: small on CPU (the allocator reuses blocks below its mmap threshold, larger blocks
-# are page-faulted anew each time), large on GPUs (fewer, bigger kernels).
-CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1024 * 2**20}
+# Bytes of one fp32 ``[chunk, vocab]`` buffer (two are allocated once per call and reused by every chunk, so the
+# allocator's page faults are paid once): bigger chunks mean fewer passes over the weight.
+CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
 def chunk_tokens(vocab_size: int, device: torch.device) -> int:
@@ -31,20 +31,30 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = min(chunk, hidden.shape[0])
+        logits_buffer = torch.empty((chunk, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        log_probs_buffer = torch.empty_like(logits_buffer)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(dtype)
             t = targets[start:start + chunk]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(t.shape[0], device=t.device)
-            total += (lse - logits[rows, t]).sum()
+            n = t.shape[0]
+            if dtype == torch.float32:
+                logits = torch.mm(h, weight.T, out=logits_buffer[:n])
+            else:
+                logits = logits_buffer[:n].copy_(h @ weight.T)
+            # One fused log-softmax pass gives both the loss and (exponentiated) the softmax.
+            log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[:n])
+            rows = torch.arange(n, device=t.device)
+            total -= log_probs[rows, t].sum()
             if not (needs_hidden or needs_weight):
                 continue
-            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+            grad_logits = torch.exp(log_probs, out=logits)  # softmax, in place of the logits
             grad_logits[rows, t] -= 1.0
             grad_logits = grad_logits.to(dtype)
-            if needs_hidden:
-                grad_hidden[start:start + chunk] = (grad_logits @ weight).to(hidden.dtype)
+            if needs_hidden and dtype == hidden.dtype:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:start + n])
+            elif needs_hidden:
+                grad_hidden[start:start + n] = (grad_logits @ weight).to(hidden.dtype)
             if needs_weight and dtype == torch.float32:  # accumulate in place (addmm_ escapes FLOP counters)
                 torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
             elif needs_weight:
