@@ -135,6 +135,36 @@ def test_right_padding_mask_changes_nothing_under_causal_attention(fresh_model, 
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_under_autocast_the_fused_head_multiplies_in_autocast_dtype(fresh_model, processor, easy_vqa_images):
+    """accelerate's mixed precision without FSDP runs the forward under autocast: the fused loss must then compute
+    the products in bf16 like the plain LM head does (fp32 products would be both different and slow on GPUs)."""
+    batch = _batch(processor, easy_vqa_images, ["a red circle", "a blue square with a longer caption"])
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "position_ids")}
+    targets = batch["labels"][:, 1:].reshape(-1)
+
+    def plain_head():
+        fresh_model.zero_grad(set_to_none=True)
+        logits = fresh_model(**inputs).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100,
+                               reduction="sum")
+        loss.backward()
+        return loss.detach(), fresh_model.lm_head.weight.grad.clone()
+
+    def fused_head():
+        fresh_model.zero_grad(set_to_none=True)
+        loss, _ = summed_lm_loss(fresh_model, batch)
+        loss.backward()
+        return loss.detach(), fresh_model.lm_head.weight.grad.clone()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, fused = plain_head(), fused_head()
+    full_precision = plain_head()
+    assert fused[1].dtype == torch.float32  # the master weight's gradient keeps its dtype
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-3, atol=1e-4)
+    assert (fused[1] - full_precision[1]).abs().max() > 1e-2  # bf16 products are visibly not fp32 ones
+
+
 def test_token_weighting_gives_the_gradient_of_the_whole_step(fresh_model, processor, easy_vqa_images):
     short = _batch(processor, easy_vqa_images[:1], ["a red circle"])
     long = _batch(processor, easy_vqa_images[1:], ["a blue square", "a green triangle drawn on white",

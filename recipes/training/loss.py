@@ -53,6 +53,10 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
 
     def take_hidden_states(module, args):
         captured["hidden"], captured["weight"] = args[0], module.weight
+        # Under autocast (accelerate's mixed precision without FSDP) the head would multiply in autocast's dtype.
+        device_type = args[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            captured["dtype"] = torch.get_autocast_dtype(device_type)
         return (args[0][:0],)
 
     handle = head.register_forward_pre_hook(take_hidden_states)
@@ -60,7 +64,8 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
         model(**inputs, logits_to_keep=keep, use_cache=False)
     finally:
         handle.remove()
-    loss_sum = linear_cross_entropy_sum(captured["hidden"], captured["weight"], labels[:, 1:][supervised])
+    loss_sum = linear_cross_entropy_sum(captured["hidden"], captured["weight"], labels[:, 1:][supervised],
+                                        compute_dtype=captured.get("dtype"))
     return loss_sum, int(supervised.sum())
 
 
