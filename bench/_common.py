@@ -46,11 +46,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, title: str, body: str) -> Path:
-    """Store one benchmark's section and rebuild BENCHMARKS.md; returns the section's path."""
+def write_result(name: str, title: str, body: str, command: str | None = None) -> Path:
+    """Store one benchmark's section and rebuild BENCHMARKS.md; returns the section's path. ``command``: how the
+    section was produced, when not ``bench/<name>.py``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    section = f"## {title}\n\nMachine: {machine_description()}. Run: {stamp}, `bench/{name}.py`.\n\n{body.strip()}\n"
+    section = f"## {title}\n\nMachine: {machine_description()}. Run: {stamp}, `{command or f'bench/{name}.py'}`.\n\n{body.strip()}\n"
     path = RESULTS / f"{name}.md"
     path.write_text(section, encoding="utf-8")
     sections = [p.read_text(encoding="utf-8") for p in sorted(RESULTS.glob("*.md"))]

@@ -117,7 +117,8 @@ def main() -> int:
                 "above); random weights answer at random, so identical predictions are not expected where bf16 "
                 f"rounding differs between batch shapes.\n\n{table}\n")
         print(body)
-        write_result("eval_throughput_gpu", "Evaluation throughput on a GPU (2B architecture)", body)
+        write_result("eval_throughput_gpu", "Evaluation throughput on a GPU (2B architecture)", body,
+                     command="bench/eval_throughput.py --gpu")
         return 0
     body = (
         "Greedy generation through `recipes.evaluation.Predictor` on the tiny model (MMBench-style raw prompts over "

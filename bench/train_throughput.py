@@ -116,11 +116,13 @@ def cpu_benchmark(work: Path) -> str:
         "is only the padding the singles carry)\n"
         f"- isolated / faithful: **{isolated:.3f}** (target: isolated at least 0.90x faithful: "
         f"{'met' if isolated >= 0.90 else 'NOT met'})\n\n"
-        "Why the packing gain is small here: the tiny model's cost is dominated by the 151,936-way LM head (64-wide "
-        "layers, real Qwen vocabulary), and the kit's loss computes logits only at the supervised (row, position) "
-        "pairs, so the LM head costs the same per real token in both layouts and padding costs the padded batches "
-        "little; what packing saves is the per-step work (optimizer, vision and layer calls) and the padding in the "
-        "LM layers. On the real 2B architecture on a GPU the same comparison gives ~4x (`train_throughput_gpu`).\n"
+        "Why the packing gain stays below 3x here: on one CPU thread cost grows linearly with work, so packing can "
+        "only save the padding and the per-step work (optimizer, vision and layer calls) of the padded batches. The "
+        "tiny model's step is mostly its 151,936-way LM head (64-wide layers, real Qwen vocabulary): three products "
+        "of 2 x 64 x 151,936 FLOPs per supervised token, the same in both layouts because the loss takes logits only "
+        "at supervised (row, position) pairs. `bench/profile_pretrain_step.py` on a packed step shows those products "
+        "near the core's fp32 peak. On the real 2B architecture on a GPU the same comparison gives ~4x "
+        "(`train_throughput_gpu`).\n"
     )
     return table + "\n\n" + summary
 
@@ -200,7 +202,8 @@ def main() -> None:
                 raise SystemExit("--gpu needs a CUDA device")
             body = gpu_benchmark(Path(tmp), args.gpu_steps)
             print(body)
-            write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body)
+            write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body,
+                         command="bench/train_throughput.py --gpu-only")
         if not args.gpu_only:
             body = cpu_benchmark(Path(tmp))
             print(body)
