@@ -90,6 +90,31 @@ def test_cosine_schedule_with_three_percent_warmup(fresh_model):
     assert lrs[-1] < 1e-9 * 5e-5 + 1e-9
 
 
+def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop(fresh_model):
+    """The recipe's default on CPU and CUDA is torch's fused AdamW: same updates as the loop, decay groups included."""
+    apply_stage(fresh_model, "pretrain")
+    twin = OpenQwen2VLForConditionalGeneration(fresh_model.config)
+    twin.load_state_dict(fresh_model.state_dict())
+    apply_stage(twin, "pretrain")
+    optimizers = [build_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-8, fused=f) for m, f in ((fresh_model, False),
+                                                                                           (twin, True))]
+    generator = torch.Generator().manual_seed(0)
+    trainable = [[p for p in m.parameters() if p.requires_grad] for m in (fresh_model, twin)]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in trainable[0]]
+        for params, optimizer in zip(trainable, optimizers):  # the same gradients for both models
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    assert optimizers[1].defaults["fused"] is True
+    loop, fused = dict(fresh_model.named_parameters()), dict(twin.named_parameters())
+    moved = 0
+    for name, param in loop.items():
+        torch.testing.assert_close(fused[name], param, rtol=1e-5, atol=1e-6)
+        moved += int(param.requires_grad)
+    assert moved > 0
+
+
 # ---------------------------------------------------------------- loss
 
 

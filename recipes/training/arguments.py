@@ -173,8 +173,8 @@ class PretrainArguments:
     adam_epsilon: float = 1e-8
     adam_fused: bool | None = field(
         default=None,
-        metadata={"help": "torch's fused AdamW kernel (one launch for all parameters); default: on when training on "
-                  "CUDA, off elsewhere (the per-tensor loop)."},
+        metadata={"help": "torch's fused AdamW kernel (one kernel for all parameters); default: on when training on "
+                  "CUDA or CPU, off elsewhere (the per-tensor loop)."},
     )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers.get_scheduler name."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup steps = int(ratio * total steps)."})

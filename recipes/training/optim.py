@@ -40,8 +40,9 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
                     eps: float, fused: bool | None = None) -> torch.optim.AdamW:
     """torch AdamW (the original's optimizer, torch defaults for anything not given).
 
-    ``fused=True`` uses torch's single-kernel implementation (CUDA; same update rule, rounding may differ in the last
-    bits): on one GPU the per-tensor loop spends more time launching kernels than computing.
+    ``fused=True`` uses torch's single-kernel implementation (CUDA, CPU; same update rule, rounding may differ in
+    the last bits): on one GPU the per-tensor loop spends more time launching kernels than computing, and on CPU it
+    makes several passes over memory per parameter.
     """
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps,
                              fused=fused)

@@ -53,6 +53,8 @@ from .run_logs import METRICS_FILE, SAMPLES_FILE, JsonLinesLog
 logger = logging.getLogger("recipes.pretrain")
 
 FINAL_MODEL = "final_model"
+# Where torch's single-kernel AdamW runs by default: ~10x faster than the per-tensor loop on the tiny CPU model.
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 RESOLVED_CONFIG = "pretrain_config.yaml"
 
 
@@ -140,7 +142,7 @@ class _Setup:
             logger.info("compile_layers: %d layers compiled in place (the first step compiles them)",
                         compile_layers(model, WRAP_CLASS_NAMES))
         betas = (args.adam_beta1, args.adam_beta2)
-        fused = args.adam_fused if args.adam_fused is not None else acc.device.type == "cuda"
+        fused = args.adam_fused if args.adam_fused is not None else acc.device.type in FUSED_ADAMW_DEVICES
         if self.fsdp:
             optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas, args.adam_epsilon, fused)
             model, optimizer = acc.prepare(model, optimizer)
