@@ -21,6 +21,8 @@ PLAIN_MODES = ("RGB", "L")
 JPEG_QUALITY = 95
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image must fail, never be silently padded with grey
+# What PIL raises on data it cannot read (SyntaxError: some malformed PNG/GIF headers).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError)
 
 
 class BadImage(ValueError):
@@ -64,7 +66,7 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise BadImage("image_too_large", str(error)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as error:
+    except DECODE_ERRORS as error:
         raise BadImage("image_undecodable", str(error)) from None
     width, height = image.size
     if width <= 0 or height <= 0:

@@ -35,12 +35,14 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modeling_open_qwen2vl.processing_open_qwen2vl import BOS, EOS, IMAGE_MARKER, IMAGE_PAD_TOKEN
 
+from .images import BadImage, decode_rgb
 from .packing import DEFAULT_CAPACITY
 from .streaming_packing import Drop, Measured, StreamingPacker
 
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ATTENTION_MODES = ("faithful", "isolated")
+BAD_IMAGE_POLICIES = ("drop", "raise")
 
 
 class PackedCollator:
@@ -61,12 +64,15 @@ class PackedCollator:
         pad_to_multiple_of: pad the batch length up to a multiple of this (e.g. 8 or 64 for tensor cores).
         return_flash_attn_kwargs: isolated mode only; add the varlen kwargs flash-attention needs for batches of
             more than one row.
+        on_bad_image: ``"drop"`` (default): a document whose image cannot be decoded leaves the row, counted in
+            ``stats["documents_dropped_bad_image"]`` and logged with its uid; ``"raise"``: a ValueError naming it.
 
     Returns (``__call__``): ``input_ids`` [B, L] (right padded with the tokenizer's pad id), ``labels`` [B, L],
     ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` in isolated mode, see the module doc),
     ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
-    ``num_real_tokens`` (int, non-padding positions, for throughput accounting); isolated batches also carry
-    ``use_cache=False``. Pop ``num_real_tokens`` before calling the model.
+    ``num_real_tokens`` (int, non-padding positions, for throughput accounting), ``documents_dropped`` (int, this
+    batch's documents left out: bad images, over ``max_length``); isolated batches also carry ``use_cache=False``.
+    Pop ``num_real_tokens`` and ``documents_dropped`` before calling the model.
     """
 
     def __init__(
@@ -76,9 +82,13 @@ class PackedCollator:
         max_length: int = 4096,
         pad_to_multiple_of: int | None = None,
         return_flash_attn_kwargs: bool = False,
+        on_bad_image: str = "drop",
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         if return_flash_attn_kwargs and attention != "isolated":
             raise ValueError("return_flash_attn_kwargs only applies to attention='isolated'")
         self.processor = processor
@@ -122,15 +132,20 @@ class PackedCollator:
         if not rows:
             raise ValueError("PackedCollator got an empty batch")
         sequences, images = [], []
+        dropped_before = self._dropped()
         for row in rows:
             documents, row_images = self._row_documents(row)
-            sequences.append(documents)
-            images.extend(row_images)
+            if documents:  # a row whose every image was bad leaves the batch (its drops are counted)
+                sequences.append(documents)
+                images.extend(row_images)
+        if not sequences:
+            uids = [uid for row in rows for uid in (row.get("uids") or [])]
+            raise ValueError(f"no document of this batch has a decodable image (uids {uids[:6]})")
         longest = max(sum(len(d) for d in docs) for docs in sequences)
         width = longest
         if self.pad_to_multiple_of:
             width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch_size = len(rows)
+        batch_size = len(sequences)
         input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((batch_size, width), dtype=torch.long)
@@ -162,6 +177,7 @@ class PackedCollator:
             "labels": labels,
             "position_ids": position_ids,
             "num_real_tokens": num_real_tokens,
+            "documents_dropped": self._dropped() - dropped_before,
         }
         if self.attention == "faithful":
             batch["attention_mask"] = attention_mask
@@ -192,6 +208,9 @@ class PackedCollator:
                 raise ValueError(f"{name}: document {i} has an empty caption ({text!r})")
             if images[i] is None:
                 raise ValueError(f"{name}: document {i} has no image")
+        texts, images = self._decodable(texts, images, uids, name)
+        if not texts:
+            return [], []
         documents = self.document_ids(texts)
         kept, total = [], 0
         for doc in documents:
@@ -209,20 +228,41 @@ class PackedCollator:
             if not kept:
                 raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         self.stats["documents"] += len(kept)
-        return kept, [_as_image(image, name, i) for i, image in enumerate(images[: len(kept)])]
+        return kept, images[: len(kept)]
+
+    def _decodable(self, texts: list, images: list, uids: list, name: str) -> tuple[list, list]:
+        """The documents whose image decodes (PIL images pass through); the others are dropped or raise."""
+        kept_texts, kept_images = [], []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            try:
+                kept_images.append(_as_image(image))
+            except (BadImage, OSError) as error:
+                uid = uids[i] if i < len(uids) else None
+                message = f"{name}: document {i} (uid {uid}) has an image that cannot be decoded: {error}"
+                if self.on_bad_image == "raise":
+                    raise ValueError(message) from None
+                self.stats["documents_dropped_bad_image"] += 1
+                logger.warning("%s; dropping that document", message)
+                continue
+            kept_texts.append(text)
+        return kept_texts, kept_images
+
+    def _dropped(self) -> int:
+        return self.stats["documents_dropped_bad_image"] + self.stats["documents_dropped_over_max_length"]
 
 
-def _as_image(image, name: str, index: int):
-    """PIL images pass through; encoded bytes (``{"bytes": ...}`` of an undecoded datasets Image) are decoded."""
+def _as_image(image):
+    """PIL images pass through; encoded bytes (``{"bytes": ...}`` of an undecoded datasets Image, raw bytes, or a
+    path) are decoded to RGB. Raises ``BadImage`` (or ``OSError`` for an unreadable path)."""
     if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray, str)):
-        from PIL import Image
-
-        try:
-            return Image.open(io.BytesIO(image) if not isinstance(image, str) else image).convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{name}: document {index} has an image that cannot be decoded: {error}") from None
+        data = image.get("bytes")
+        image = data if data is not None else image.get("path")
+        if image is None:
+            raise BadImage("image_missing", "neither bytes nor a path")
+    if isinstance(image, str):
+        image = Path(image).read_bytes()
+    if isinstance(image, (bytes, bytearray)):
+        return decode_rgb(bytes(image))
     return image
 
 

@@ -217,7 +217,7 @@ def test_literal_image_marker_in_caption_is_neutralised(processor, easy_vqa_imag
     assert int((batch["input_ids"] == IMAGE_PAD).sum()) == processor.num_image_tokens
 
 
-def test_encoded_images_are_decoded_and_bad_ones_named(processor, rows):
+def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, rows, caplog):
     import io as _io
 
     row = rows[1]
@@ -229,5 +229,30 @@ def test_encoded_images_are_decoded_and_bad_ones_named(processor, rows):
     collator = PackedCollator(processor)
     expected = collator([row])["pixel_values"]
     assert torch.equal(collator([dict(row, images=encoded)])["pixel_values"], expected)
-    with pytest.raises(ValueError, match=r"uids \['d', 'e'\]\): document 1 has an image that cannot be decoded"):
-        collator([dict(row, images=[encoded[0], {"bytes": b"not an image", "path": None}])])
+
+    # Default: the bad document leaves its row, counted and logged with its uid; the rest trains.
+    bad = dict(row, images=[encoded[0], {"bytes": b"not an image", "path": None}])
+    with caplog.at_level("WARNING", logger="dataset_builders.packed_collator"):
+        batch = collator([rows[0], bad])
+    alone = PackedCollator(processor)([rows[0], dict(row, images=row["images"][:1], texts=row["texts"][:1],
+                                                     uids=["d"])])
+    for key in ("input_ids", "labels", "position_ids", "pixel_values"):
+        assert torch.equal(batch[key], alone[key]), key
+    assert batch["documents_dropped"] == 1 and alone["documents_dropped"] == 0
+    assert collator.stats["documents_dropped_bad_image"] == 1
+    assert "document 1 (uid e) has an image that cannot be decoded" in caplog.text
+
+    # A row with no decodable image leaves the batch; a batch with none is an error naming its uids.
+    hopeless = dict(row, images=[{"bytes": b"", "path": None}, {"bytes": b"\xff\xd8 junk", "path": None}])
+    assert collator([rows[0], hopeless])["input_ids"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"no document of this batch has a decodable image \(uids \['d', 'e'\]\)"):
+        collator([hopeless])
+
+    strict = PackedCollator(processor, on_bad_image="raise")
+    with pytest.raises(ValueError, match=r"uids \['d', 'e'\]\): document 1 \(uid e\) has an image that cannot be "
+                                         r"decoded: image_undecodable"):
+        strict([bad])
+    with pytest.raises(ValueError, match="on_bad_image must be one of"):
+        PackedCollator(processor, on_bad_image="skip")
+
+

@@ -1,6 +1,7 @@
 """End-to-end pretraining on CPU with the tiny config: loss, outputs, exact resume after SIGKILL, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -228,6 +229,20 @@ def test_resuming_a_checkpoint_of_another_model_fails_before_training(corpus, tm
         in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint", tmp_path))
 
 
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_a_truncated_shard_is_named_before_training(corpus, tmp_path, in_process, streaming):
+    import shutil
+
+    folder = tmp_path / "truncated_corpus"
+    shutil.copytree(corpus[0], folder)
+    shard = sorted((folder / "data" / corpus[1]).glob("*.parquet"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # as an interrupted copy leaves it
+    with pytest.raises(ValueError, match=f"data shard {shard} is not a readable parquet file"):
+        in_process(_args((str(folder), corpus[1]), tmp_path / "out", "--streaming", streaming, "--max_steps", 2))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_streaming_needs_max_steps(corpus, tmp_path, in_process):
     with pytest.raises(ValueError, match="streaming=True needs max_steps > 0"):
         in_process(_args(corpus, tmp_path / "out", "--streaming", "true"))
@@ -247,6 +262,38 @@ def test_trackio_tracker_logs_every_step_to_trackio_dir(corpus, tmp_path, in_pro
     assert [step for step, _ in logged] == [1, 2]
     for (_, values), record in zip(logged, expected):
         assert values["train/loss"] == pytest.approx(record["loss"]) and values["train/lr"] == record["lr"]
+
+
+@pytest.fixture(scope="module")
+def corpus_with_a_corrupt_image(tmp_path_factory, processor):
+    """The toy corpus with the second image of the first pack replaced by bytes that are no image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recipes.training.toy_corpus import write_toy_corpus
+
+    folder = tmp_path_factory.mktemp("corrupt_corpus")
+    name = write_toy_corpus(folder, processor, num_documents=64, capacity=256)
+    shard = sorted((folder / "data" / name).glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[0]["images"][1] = {"bytes": b"\xff\xd8\xff not a jpeg", "path": None}
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    return (str(folder), name), rows[0]["uids"][1]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_corrupt_image_costs_its_document_not_the_run(corpus_with_a_corrupt_image, tmp_path, in_process, caplog,
+                                                        streaming):
+    (corpus, bad_uid) = corpus_with_a_corrupt_image
+    output = tmp_path / "run"
+    extra = ("--streaming", "true", "--max_steps", 6) if streaming else ()
+    with caplog.at_level("WARNING"):
+        in_process(_args(corpus, output, "--save_final_model", "false", "--save_steps", 0, *extra))
+    records = read_jsonl(output / "metrics.jsonl")
+    assert sum(r["documents_dropped"] for r in records) == 1
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert f"(uid {bad_uid}) has an image that cannot be decoded" in caplog.text
 
 
 def test_compiled_layers_train_like_eager_and_share_checkpoints(corpus, tmp_path, in_process, caplog, tiny_config):

@@ -54,9 +54,10 @@ def load_packed_corpus(path: str, config_name: str | None, split: str, streaming
 
     check_dataset_source(path)
     try:
+        # Footers first: a truncated local shard fails here, named, before datasets builds anything.
+        expected = _parquet_rows(path, config_name, split)
         dataset = datasets.load_dataset(path, config_name, split=split, streaming=streaming)
-        expected = None if streaming else _parquet_rows(path, config_name, split)
-        if expected is not None and len(dataset) != expected:
+        if not streaming and expected is not None and len(dataset) != expected:
             # datasets keys the Arrow cache of a local folder on its name and card, not on its files: another
             # folder with the same name and card (or rewritten shards) is served from a stale cache.
             logger.warning("cached copy of %s has %d rows, its parquet shards %d: rebuilding the cache",
@@ -74,12 +75,15 @@ def load_packed_corpus(path: str, config_name: str | None, split: str, streaming
                              f"{columns}. Expected packed rows: images, texts, lengths, uids")
     if not streaming and len(dataset) == 0:
         raise ValueError(f"packed corpus {path} (config {config_name}, split {split}) has no rows")
+    if streaming:  # the collator decodes the images, so a corrupt one costs its document, not the stream
+        dataset = dataset.decode(False)
     return dataset
 
 
 def _parquet_rows(path: str, config_name: str | None, split: str) -> int | None:
     """Rows in a local corpus' parquet shards for ``split`` (from the footers), or None if not local parquet."""
     import datasets
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not Path(path).is_dir():
@@ -87,7 +91,14 @@ def _parquet_rows(path: str, config_name: str | None, split: str) -> int | None:
     files = datasets.load_dataset_builder(path, config_name).config.data_files.get(split, [])
     if not files or not all(str(f).endswith(".parquet") for f in files):
         return None
-    return sum(pq.read_metadata(str(f)).num_rows for f in files)
+    rows = 0
+    for file in files:
+        try:
+            rows += pq.read_metadata(str(file)).num_rows
+        except (OSError, pa.ArrowInvalid) as error:  # e.g. a shard cut short by an interrupted copy
+            raise ValueError(f"data shard {file} is not a readable parquet file (truncated or corrupt?): "
+                             f"{error}") from None
+    return rows
 
 
 class CollateKeepingUids:
@@ -143,6 +154,33 @@ class GlobalMicroBatchSampler(Sampler[list[int]]):
         return self.per_epoch
 
 
+class DecodeTolerantRows(torch.utils.data.Dataset):
+    """A map-style corpus whose rows come back undecoded when one of their images cannot be decoded.
+
+    ``datasets`` decodes every image of a row on access, so one corrupt image would fail the whole row (and the
+    run). Such a row is read again as stored (images as ``{"bytes", "path"}``) and the collator drops just the
+    documents whose image is bad, counted and logged with their uids.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._undecoded = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        from dataset_builders.images import DECODE_ERRORS
+
+        try:
+            return self.dataset[index]
+        except DECODE_ERRORS as error:
+            logger.warning("pack %d: an image fails to decode (%s); reading the pack undecoded", index, error)
+            if self._undecoded is None:
+                self._undecoded = self.dataset.with_format("arrow")  # no feature decoding
+            return self._undecoded[index].to_pylist()[0]
+
+
 class MapStyleMicroBatches:
     """Micro-batches of a map-style corpus; position = global micro-batches consumed."""
 
@@ -182,7 +220,7 @@ class MapStyleMicroBatches:
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         sampler = GlobalMicroBatchSampler(len(self.dataset), self.per_device, self.rank, self.world, self.seed,
                                           self.shuffle, start=self.position)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+        loader = DataLoader(DecodeTolerantRows(self.dataset), batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         for batch in loader:
             self.position += 1
@@ -273,5 +311,5 @@ class StreamingMicroBatches:
             thread.join(timeout=5)
 
 
-__all__ = ["CollateKeepingUids", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
+__all__ = ["CollateKeepingUids", "DecodeTolerantRows", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
            "check_dataset_source", "load_packed_corpus"]

@@ -262,11 +262,13 @@ def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: boo
     setup.optimizer.zero_grad(set_to_none=True)
     # One collective for everything reported (and for agreeing to stop on a signal).
     flops = training_flops(setup.model_config, work, args.stage)
+    dropped = sum(int(b.get("documents_dropped", 0)) for b in step_batches)
     totals = acc.reduce(torch.tensor([loss_sum_total.item(), micro_mean_total.item(), work.llm_positions, flops,
-                                      float(stop_requested)], dtype=torch.float64, device=device), "sum")
+                                      float(stop_requested), dropped], dtype=torch.float64, device=device), "sum")
     loss = totals[0] / max(step_tokens, 1) if args.loss_reduction == "token" else totals[1] / setup.world
     return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "tokens": int(totals[2]),
-            "supervised_tokens": step_tokens, "flops": float(totals[3]), "stop": float(totals[4]) > 0}
+            "supervised_tokens": step_tokens, "flops": float(totals[3]), "stop": float(totals[4]) > 0,
+            "documents_dropped": int(totals[5])}
 
 
 def run_pretraining(config: PretrainConfig) -> dict:
@@ -328,6 +330,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
                 "grad_norm": numbers["grad_norm"],
                 "tokens": numbers["tokens"],
                 "supervised_tokens": numbers["supervised_tokens"],
+                "documents_dropped": numbers["documents_dropped"],  # bad images, over max_length (collator)
                 "tokens_per_s": numbers["tokens"] / seconds,
                 "tflops_per_s": tflops,
                 "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
