@@ -31,7 +31,6 @@ real token.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import Counter
 from collections.abc import Iterable

@@ -277,7 +277,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     setup = _Setup(config)
     acc, args, data_args = setup.accelerator, setup.args, setup.data_args
-    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    model, scheduler = setup.model, setup.scheduler
     output_dir = setup.output_dir
 
     metrics = JsonLinesLog(output_dir / METRICS_FILE, enabled=setup.is_main)
