@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ATTENTION_MODES = ("faithful", "isolated")
-BAD_IMAGE_POLICIES = ("drop", "raise")
+BAD_DOCUMENT_POLICIES = ("drop", "raise")
 
 
 class PackedCollator:
@@ -63,14 +63,17 @@ class PackedCollator:
         pad_to_multiple_of: pad the batch length up to a multiple of this (e.g. 8 or 64 for tensor cores).
         return_flash_attn_kwargs: isolated mode only; add the varlen kwargs flash-attention needs for batches of
             more than one row.
-        on_bad_image: ``"drop"`` (default): a document whose image cannot be decoded leaves the row, counted in
-            ``stats["documents_dropped_bad_image"]`` and logged with its uid; ``"raise"``: a ValueError naming it.
+        on_bad_document: what a bad document does -- no image, an image that cannot be decoded, an empty caption, a
+            caption that tokenizes to image placeholders, or a first document longer than ``max_length``.
+            ``"drop"`` (default): it leaves its row, counted in ``stats["documents_dropped_<reason>"]`` and logged
+            with its uid; ``"raise"``: a ValueError naming it. A malformed row (image and text counts differ, no
+            documents) always raises: that is a wrong corpus, not a bad sample.
 
     Returns (``__call__``): ``input_ids`` [B, L] (right padded with the tokenizer's pad id), ``labels`` [B, L],
     ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` in isolated mode, see the module doc),
     ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
     ``num_real_tokens`` (int, non-padding positions, for throughput accounting), ``documents_dropped`` (int, this
-    batch's documents left out: bad images, over ``max_length``); isolated batches also carry ``use_cache=False``.
+    batch's documents left out: bad documents, over ``max_length``); isolated batches also carry ``use_cache=False``.
     Pop ``num_real_tokens`` and ``documents_dropped`` before calling the model.
     """
 
@@ -81,13 +84,13 @@ class PackedCollator:
         max_length: int = 4096,
         pad_to_multiple_of: int | None = None,
         return_flash_attn_kwargs: bool = False,
-        on_bad_image: str = "drop",
+        on_bad_document: str = "drop",
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
+        if on_bad_document not in BAD_DOCUMENT_POLICIES:
+            raise ValueError(f"on_bad_document must be one of {BAD_DOCUMENT_POLICIES}, got {on_bad_document!r}")
+        self.on_bad_document = on_bad_document
         if return_flash_attn_kwargs and attention != "isolated":
             raise ValueError("return_flash_attn_kwargs only applies to attention='isolated'")
         self.processor = processor
@@ -112,20 +115,26 @@ class PackedCollator:
         neutralised; a caption that tokenizes to image placeholders itself (e.g. contains ``<|image_pad|>``) is
         rejected, since its image count would no longer match.
         """
+        documents = self._document_ids_or_none(texts)
+        for text, ids in zip(texts, documents):
+            if ids is None:
+                raise ValueError(self._placeholder_message(text))
+        return documents
+
+    def _document_ids_or_none(self, texts: list[str]) -> list[list[int] | None]:
+        """``document_ids`` with ``None`` for a caption that tokenizes to image placeholders."""
+        if not texts:
+            return []
         tails = [
             "\n" + text.replace(IMAGE_MARKER, "<image-placeholder>") + EOS for text in texts
         ]
         encoded = self.processor.tokenizer(tails, add_special_tokens=False)["input_ids"]
         head = self.bos_ids + [self.image_token_id] * self.num_image_tokens
-        documents = []
-        for text, tail in zip(texts, encoded):
-            if self.image_token_id in tail:
-                raise ValueError(
-                    f"caption {text[:60]!r} contains the image placeholder token "
-                    f"{self.processor.tokenizer.convert_ids_to_tokens(self.image_token_id)}"
-                )
-            documents.append(head + tail)
-        return documents
+        return [None if self.image_token_id in tail else head + tail for tail in encoded]
+
+    def _placeholder_message(self, text: str) -> str:
+        token = self.processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        return f"caption {text[:60]!r} contains the image placeholder token {token}"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not rows:
@@ -202,21 +211,39 @@ class PackedCollator:
             )
         if not texts:
             raise ValueError(f"{name} has no documents")
-        for i, text in enumerate(texts):
+        good_texts, good_images = [], []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            uid = uids[i] if i < len(uids) else None
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{name}: document {i} has an empty caption ({text!r})")
-            if images[i] is None:
-                raise ValueError(f"{name}: document {i} has no image")
-        texts, images = self._decodable(texts, images, uids, name)
-        if not texts:
-            return [], []
-        documents = self.document_ids(texts)
+                self._bad_document(name, i, uid, "empty_caption", f"has an empty caption ({text!r})")
+                continue
+            if image is None:
+                self._bad_document(name, i, uid, "missing_image", "has no image")
+                continue
+            try:
+                image = _as_image(image)
+            except (BadImage, OSError) as error:
+                self._bad_document(name, i, uid, "bad_image", f"has an image that cannot be decoded: {error}")
+                continue
+            good_texts.append((i, uid, text))
+            good_images.append(image)
+        documents, kept_images = [], []
+        for (i, uid, text), image, ids in zip(good_texts, good_images,
+                                              self._document_ids_or_none([t for _, _, t in good_texts])):
+            if ids is None:
+                self._bad_document(name, i, uid, "image_token_in_caption",
+                                   f"is rejected: {self._placeholder_message(text)}")
+                continue
+            documents.append(ids)
+            kept_images.append(image)
         kept, total = [], 0
         for doc in documents:
             if total + len(doc) > self.max_length:
                 break
             kept.append(doc)
             total += len(doc)
+        if documents and not kept and self.on_bad_document == "raise":
+            raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         if len(kept) < len(documents):
             dropped = len(documents) - len(kept)
             self.stats["documents_dropped_over_max_length"] += dropped
@@ -224,30 +251,19 @@ class PackedCollator:
                 "%s re-tokenizes to %d positions, over max_length=%d: dropping its last %d document(s)",
                 name, sum(len(d) for d in documents), self.max_length, dropped,
             )
-            if not kept:
-                raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         self.stats["documents"] += len(kept)
-        return kept, images[: len(kept)]
+        return kept, kept_images[: len(kept)]
 
-    def _decodable(self, texts: list, images: list, uids: list, name: str) -> tuple[list, list]:
-        """The documents whose image decodes (PIL images pass through); the others are dropped or raise."""
-        kept_texts, kept_images = [], []
-        for i, (text, image) in enumerate(zip(texts, images)):
-            try:
-                kept_images.append(_as_image(image))
-            except (BadImage, OSError) as error:
-                uid = uids[i] if i < len(uids) else None
-                message = f"{name}: document {i} (uid {uid}) has an image that cannot be decoded: {error}"
-                if self.on_bad_image == "raise":
-                    raise ValueError(message) from None
-                self.stats["documents_dropped_bad_image"] += 1
-                logger.warning("%s; dropping that document", message)
-                continue
-            kept_texts.append(text)
-        return kept_texts, kept_images
+    def _bad_document(self, name: str, index: int, uid: str | None, reason: str, problem: str) -> None:
+        """Raise (``on_bad_document="raise"``) or count and log the drop of one document."""
+        message = f"{name}: document {index} (uid {uid}) {problem}"
+        if self.on_bad_document == "raise":
+            raise ValueError(message)
+        self.stats[f"documents_dropped_{reason}"] += 1
+        logger.warning("%s; dropping that document", message)
 
     def _dropped(self) -> int:
-        return self.stats["documents_dropped_bad_image"] + self.stats["documents_dropped_over_max_length"]
+        return sum(count for key, count in self.stats.items() if key.startswith("documents_dropped_"))
 
 
 def _as_image(image):

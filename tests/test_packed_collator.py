@@ -193,7 +193,12 @@ def test_overlong_row_drops_trailing_documents_and_counts_them(processor, rows, 
     assert collator.stats["documents_dropped_over_max_length"] == 1
     assert "dropping its last 1 document" in caplog.text
     with pytest.raises(ValueError, match="first document alone is longer than max_length"):
-        PackedCollator(processor, max_length=lengths[0] - 1)(rows[:1])
+        PackedCollator(processor, max_length=lengths[0] - 1, on_bad_document="raise")(rows[:1])
+    # By default such a row is dropped whole (counted): here the batch keeps only the second row.
+    dropping = PackedCollator(processor, max_length=lengths[0] - 1)
+    batch = dropping([rows[0], dict(rows[1], images=rows[1]["images"][:1], texts=["a dot"], uids=["d"])])
+    assert batch["input_ids"].shape[0] == 1 and batch["documents_dropped"] == 3
+    assert dropping.stats["documents_dropped_over_max_length"] == 3
 
 
 def test_bad_rows_raise_clear_errors(processor, rows):
@@ -201,10 +206,21 @@ def test_bad_rows_raise_clear_errors(processor, rows):
     row = rows[0]
     with pytest.raises(ValueError, match=r"uids \['a', 'b', 'c'\].*2 image\(s\) for 3 text\(s\)"):
         collator([dict(row, images=row["images"][:2])])
-    with pytest.raises(ValueError, match="document 1 has an empty caption"):
-        collator([dict(row, texts=["ok", "  ", "fine"])])
-    with pytest.raises(ValueError, match="contains the image placeholder token <\\|image_pad\\|>"):
-        collator([dict(row, texts=["ok", "a <|image_pad|> sneaks in", "fine"])])
+    strict = PackedCollator(processor, on_bad_document="raise")
+    with pytest.raises(ValueError, match=r"document 1 \(uid b\) has an empty caption"):
+        strict([dict(row, texts=["ok", "  ", "fine"])])
+    with pytest.raises(ValueError, match=r"document 1 \(uid b\) is rejected: caption .* contains the image "
+                                         r"placeholder token <\|image_pad\|>"):
+        strict([dict(row, texts=["ok", "a <|image_pad|> sneaks in", "fine"])])
+    with pytest.raises(ValueError, match=r"document 2 \(uid c\) has no image"):
+        strict([dict(row, images=row["images"][:2] + [None])])
+    # By default each of those documents is dropped, counted by reason; the row keeps its good documents.
+    batch = collator([dict(row, texts=["ok", "  ", "a <|image_pad|> sneaks in"])])
+    assert batch["documents_dropped"] == 2
+    assert collator.stats["documents_dropped_empty_caption"] == 1
+    assert collator.stats["documents_dropped_image_token_in_caption"] == 1
+    expected = collator([dict(row, texts=["ok"], images=row["images"][:1], uids=["a"])])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
     with pytest.raises(ValueError, match="attention must be one of"):
         PackedCollator(processor, attention="bidirectional")
     with pytest.raises(ValueError, match="empty batch"):
@@ -248,11 +264,11 @@ def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, row
     with pytest.raises(ValueError, match=r"no document of this batch has a decodable image \(uids \['d', 'e'\]\)"):
         collator([hopeless])
 
-    strict = PackedCollator(processor, on_bad_image="raise")
+    strict = PackedCollator(processor, on_bad_document="raise")
     with pytest.raises(ValueError, match=r"uids \['d', 'e'\]\): document 1 \(uid e\) has an image that cannot be "
                                          r"decoded: image_undecodable"):
         strict([bad])
-    with pytest.raises(ValueError, match="on_bad_image must be one of"):
-        PackedCollator(processor, on_bad_image="skip")
+    with pytest.raises(ValueError, match="on_bad_document must be one of"):
+        PackedCollator(processor, on_bad_document="skip")
 
 

@@ -294,6 +294,9 @@ def test_a_corrupt_image_costs_its_document_not_the_run(corpus_with_a_corrupt_im
     assert sum(r["documents_dropped"] for r in records) == 1
     assert all(math.isfinite(r["loss"]) for r in records)
     assert f"(uid {bad_uid}) has an image that cannot be decoded" in caplog.text
+    if not streaming:  # on request the same document stops the run, named
+        with pytest.raises(ValueError, match=rf"\(uid {bad_uid}\) has an image that cannot be decoded"):
+            in_process(_args(corpus, tmp_path / "strict", "--on_bad_document", "raise", "--save_final_model", "false"))
 
 
 def test_compiled_layers_train_like_eager_and_share_checkpoints(corpus, tmp_path, in_process, caplog, tiny_config):

@@ -21,6 +21,7 @@ from typing import Literal
 
 STAGES = ("projector", "pretrain", "full")
 ATTENTION_MODES = ("faithful", "isolated")
+BAD_DOCUMENT_POLICIES = ("drop", "raise")
 LOSS_REDUCTIONS = ("token", "micro_batch_mean")
 MODEL_PRESETS = ("tiny", "open_qwen2vl_2b")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -141,11 +142,18 @@ class DataArguments:
     log_sample_uids: bool = field(
         default=False, metadata={"help": "Write the uids of every step's documents to samples.jsonl."}
     )
+    on_bad_document: Literal["drop", "raise"] = field(
+        default="drop",
+        metadata={"help": "A document with no or an undecodable image, an empty caption, or longer than max_length: "
+                  "drop (logged with its uid, counted in metrics.jsonl's documents_dropped) or raise (stop the run "
+                  "with an error naming it)."},
+    )
 
     def __post_init__(self):
         if not self.dataset_name_or_path:
             raise ValueError("dataset_name_or_path is required (a packed corpus folder or hub dataset id)")
         _check_choice("attention", self.attention, ATTENTION_MODES)
+        _check_choice("on_bad_document", self.on_bad_document, BAD_DOCUMENT_POLICIES)
         _check_positive("max_length", self.max_length)
         _check_positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _check_positive("dataloader_num_workers", self.dataloader_num_workers, allow_zero=True)

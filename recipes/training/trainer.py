@@ -122,7 +122,8 @@ class _Setup:
         # Flash-attention kernels need explicit document boundaries for isolated packs of more than one row.
         varlen = data_args.attention == "isolated" and model_args.attn_implementation.startswith("flash")
         self.collator = PackedCollator(self.processor, attention=data_args.attention,
-                                       max_length=data_args.max_length, return_flash_attn_kwargs=varlen)
+                                       max_length=data_args.max_length, return_flash_attn_kwargs=varlen,
+                                       on_bad_document=data_args.on_bad_document)
         collate = CollateKeepingUids(self.collator)
         if data_args.streaming:
             self.batches = StreamingMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
