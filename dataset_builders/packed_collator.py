@@ -73,8 +73,8 @@ class PackedCollator:
     ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` in isolated mode, see the module doc),
     ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
     ``num_real_tokens`` (int, non-padding positions, for throughput accounting), ``documents_dropped`` (int, this
-    batch's documents left out: bad documents, over ``max_length``); isolated batches also carry ``use_cache=False``.
-    Pop ``num_real_tokens`` and ``documents_dropped`` before calling the model.
+    batch's documents left out: bad documents, over ``max_length``), ``uids`` (of the documents kept, in order);
+    isolated batches also carry ``use_cache=False``. Pass only the model's inputs to the model.
     """
 
     def __init__(
@@ -139,13 +139,14 @@ class PackedCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not rows:
             raise ValueError("PackedCollator got an empty batch")
-        sequences, images = [], []
+        sequences, images, uids = [], [], []
         dropped_before = self._dropped()
         for row in rows:
-            documents, row_images = self._row_documents(row)
-            if documents:  # a row whose every image was bad leaves the batch (its drops are counted)
+            documents, row_images, row_uids = self._row_documents(row)
+            if documents:  # a row whose every document was bad leaves the batch (its drops are counted)
                 sequences.append(documents)
                 images.extend(row_images)
+                uids.extend(uid for uid in row_uids if uid is not None)
         if not sequences:
             uids = [uid for row in rows for uid in (row.get("uids") or [])]
             raise ValueError(f"no document of this batch has a decodable image (uids {uids[:6]})")
@@ -186,6 +187,7 @@ class PackedCollator:
             "position_ids": position_ids,
             "num_real_tokens": num_real_tokens,
             "documents_dropped": self._dropped() - dropped_before,
+            "uids": uids,
         }
         if self.attention == "faithful":
             batch["attention_mask"] = attention_mask
@@ -200,7 +202,8 @@ class PackedCollator:
             batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return batch
 
-    def _row_documents(self, row: dict[str, Any]) -> tuple[list[list[int]], list]:
+    def _row_documents(self, row: dict[str, Any]) -> tuple[list[list[int]], list, list]:
+        """The row's kept documents: token ids, images and uids (``None`` where the row has no uids)."""
         texts, images = list(row.get("texts") or []), list(row.get("images") or [])
         uids = list(row.get("uids") or [])
         name = f"packed row (uids {uids[:3]}{'...' if len(uids) > 3 else ''})"
@@ -227,7 +230,7 @@ class PackedCollator:
                 continue
             good_texts.append((i, uid, text))
             good_images.append(image)
-        documents, kept_images = [], []
+        documents, kept_images, kept_uids = [], [], []
         for (i, uid, text), image, ids in zip(good_texts, good_images,
                                               self._document_ids_or_none([t for _, _, t in good_texts])):
             if ids is None:
@@ -236,6 +239,7 @@ class PackedCollator:
                 continue
             documents.append(ids)
             kept_images.append(image)
+            kept_uids.append(uid)
         kept, total = [], 0
         for doc in documents:
             if total + len(doc) > self.max_length:
@@ -252,7 +256,7 @@ class PackedCollator:
                 name, sum(len(d) for d in documents), self.max_length, dropped,
             )
         self.stats["documents"] += len(kept)
-        return kept, kept_images[: len(kept)]
+        return kept, kept_images[: len(kept)], kept_uids[: len(kept)]
 
     def _bad_document(self, name: str, index: int, uid: str | None, reason: str, problem: str) -> None:
         """Raise (``on_bad_document="raise"``) or count and log the drop of one document."""

@@ -255,6 +255,7 @@ def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, row
     for key in ("input_ids", "labels", "position_ids", "pixel_values"):
         assert torch.equal(batch[key], alone[key]), key
     assert batch["documents_dropped"] == 1 and alone["documents_dropped"] == 0
+    assert batch["uids"] == alone["uids"] == ["a", "b", "c", "d"]
     assert collator.stats["documents_dropped_bad_image"] == 1
     assert "document 1 (uid e) has an image that cannot be decoded" in caplog.text
 

@@ -289,9 +289,12 @@ def test_a_corrupt_image_costs_its_document_not_the_run(corpus_with_a_corrupt_im
     output = tmp_path / "run"
     extra = ("--streaming", "true", "--max_steps", 6) if streaming else ()
     with caplog.at_level("WARNING"):
-        in_process(_args(corpus, output, "--save_final_model", "false", "--save_steps", 0, *extra))
+        in_process(_args(corpus, output, "--save_final_model", "false", "--save_steps", 0, "--log_sample_uids", "true",
+                         *extra))
     records = read_jsonl(output / "metrics.jsonl")
     assert sum(r["documents_dropped"] for r in records) == 1
+    trained = [uid for record in read_jsonl(output / "samples.jsonl") for uid in record["uids"]]
+    assert bad_uid not in trained and len(trained) == len(set(trained)) > 0  # samples.jsonl: what trained
     assert all(math.isfinite(r["loss"]) for r in records)
     assert f"(uid {bad_uid}) has an image that cannot be decoded" in caplog.text
     if not streaming:  # on request the same document stops the run, named

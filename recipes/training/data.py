@@ -18,7 +18,7 @@ import copy
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,18 +99,6 @@ def _parquet_rows(path: str, config_name: str | None, split: str) -> int | None:
             raise ValueError(f"data shard {file} is not a readable parquet file (truncated or corrupt?): "
                              f"{error}") from None
     return rows
-
-
-class CollateKeepingUids:
-    """Wraps the packed collator and adds ``uids`` (flat, in order) so runs can account for every document."""
-
-    def __init__(self, collator: Callable[[list[dict]], dict]):
-        self.collator = collator
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = dict(self.collator(rows))
-        batch["uids"] = [uid for row in rows for uid in (row.get("uids") or [])]
-        return batch
 
 
 class GlobalMicroBatchSampler(Sampler[list[int]]):
@@ -311,5 +299,5 @@ class StreamingMicroBatches:
             thread.join(timeout=5)
 
 
-__all__ = ["CollateKeepingUids", "DecodeTolerantRows", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
+__all__ = ["DecodeTolerantRows", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
            "check_dataset_source", "load_packed_corpus"]

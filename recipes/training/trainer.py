@@ -36,7 +36,7 @@ from .checkpointing import (
     save_checkpoint,
     save_final_model,
 )
-from .data import CollateKeepingUids, MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
+from .data import MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
 from .flops import StepWork, attention_pairs_for_batch, peak_flops_per_device, training_flops
 from .fsdp import WRAP_CLASS_NAMES, clip_grad_norm, no_gradient_sync, shard_model
 from .loss import micro_batch_objective, summed_lm_loss, supervised_tokens
@@ -124,7 +124,7 @@ class _Setup:
         self.collator = PackedCollator(self.processor, attention=data_args.attention,
                                        max_length=data_args.max_length, return_flash_attn_kwargs=varlen,
                                        on_bad_document=data_args.on_bad_document)
-        collate = CollateKeepingUids(self.collator)
+        collate = self.collator  # its batches carry the uids of the documents they train on
         if data_args.streaming:
             self.batches = StreamingMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
                                                  self.rank, self.world)
