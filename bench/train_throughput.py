@@ -144,7 +144,7 @@ GPU_RUNS = (
 )
 
 
-def gpu_benchmark(work: Path, steps: int = 12) -> str:
+def gpu_benchmark(work: Path, steps: int = 12, rows: list[int] | None = None) -> str:
     """The 2B architecture on one GPU through accelerate FSDP2 (subprocesses: `accelerate launch`)."""
     import torch
 
@@ -161,7 +161,8 @@ def gpu_benchmark(work: Path, steps: int = 12) -> str:
                                           single=True)}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     rows, base = [], None
-    for name, kind, batch, accumulation, attention, extra in GPU_RUNS:
+    selected = [GPU_RUNS[i] for i in rows] if rows else list(GPU_RUNS)
+    for name, kind, batch, accumulation, attention, extra in selected:
         output = work / ("gpu_" + name.replace(", ", "_").replace(" ", "_"))
         command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2_1gpu.yaml"),
                    "--fsdp_activation_checkpointing", "false", str(ROOT / "recipes" / "pretrain.py"),
@@ -198,6 +199,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also run the 2B MFU benchmark (needs CUDA)")
     parser.add_argument("--gpu-only", action="store_true", help="run only the 2B GPU benchmark")
     parser.add_argument("--gpu-steps", type=int, default=12)
+    parser.add_argument("--gpu-rows", default=None,
+                        help="comma-separated indices into GPU_RUNS (default: all), to split the GPU runs over calls")
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, one CPU run each "
                         "(counts above the machine's cores are skipped)")
     args = parser.parse_args()
@@ -207,7 +210,8 @@ def main() -> None:
 
             if not torch.cuda.is_available():
                 raise SystemExit("--gpu needs a CUDA device")
-            body = gpu_benchmark(Path(tmp), args.gpu_steps)
+            rows = [int(i) for i in args.gpu_rows.split(",")] if args.gpu_rows else None
+            body = gpu_benchmark(Path(tmp), args.gpu_steps, rows)
             print(body)
             write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body,
                          command="bench/train_throughput.py --gpu-only")
