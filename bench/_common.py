@@ -51,7 +51,8 @@ def write_result(name: str, title: str, body: str, command: str | None = None) -
     section was produced, when not ``bench/<name>.py``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    section = f"## {title}\n\nMachine: {machine_description()}. Run: {stamp}, `{command or f'bench/{name}.py'}`.\n\n{body.strip()}\n"
+    command = command or f"bench/{name}.py"
+    section = f"## {title}\n\nMachine: {machine_description()}. Run: {stamp}, `{command}`.\n\n{body.strip()}\n"
     path = RESULTS / f"{name}.md"
     path.write_text(section, encoding="utf-8")
     sections = [p.read_text(encoding="utf-8") for p in sorted(RESULTS.glob("*.md"))]

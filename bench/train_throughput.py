@@ -144,8 +144,9 @@ GPU_RUNS = (
 )
 
 
-def gpu_benchmark(work: Path, steps: int = 12, rows: list[int] | None = None) -> str:
-    """The 2B architecture on one GPU through accelerate FSDP2 (subprocesses: `accelerate launch`)."""
+def gpu_benchmark(work: Path, steps: int = 12, run_indices: list[int] | None = None) -> str:
+    """The 2B architecture on one GPU through accelerate FSDP2 (subprocesses: `accelerate launch`); ``run_indices``
+    selects rows of ``GPU_RUNS`` (default: all)."""
     import torch
 
     from modeling_open_qwen2vl import OpenQwen2VLConfig, build_processor
@@ -161,7 +162,7 @@ def gpu_benchmark(work: Path, steps: int = 12, rows: list[int] | None = None) ->
                                           single=True)}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     rows, base = [], None
-    selected = [GPU_RUNS[i] for i in rows] if rows else list(GPU_RUNS)
+    selected = [GPU_RUNS[i] for i in run_indices] if run_indices else list(GPU_RUNS)
     for name, kind, batch, accumulation, attention, extra in selected:
         output = work / ("gpu_" + name.replace(", ", "_").replace(" ", "_"))
         command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2_1gpu.yaml"),
@@ -210,8 +211,8 @@ def main() -> None:
 
             if not torch.cuda.is_available():
                 raise SystemExit("--gpu needs a CUDA device")
-            rows = [int(i) for i in args.gpu_rows.split(",")] if args.gpu_rows else None
-            body = gpu_benchmark(Path(tmp), args.gpu_steps, rows)
+            run_indices = [int(i) for i in args.gpu_rows.split(",")] if args.gpu_rows else None
+            body = gpu_benchmark(Path(tmp), args.gpu_steps, run_indices)
             print(body)
             write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body,
                          command="bench/train_throughput.py --gpu-only")
