@@ -63,3 +63,11 @@ def test_shapes_are_checked_and_chunks_follow_the_device():
         assert tokens * 4 * 151936 <= CHUNK_BYTES[device] < (tokens + 1) * 4 * 151936
     assert chunk_tokens(10**12, torch.device("cpu")) == 1
 
+
+def test_no_supervised_tokens_give_a_zero_loss_and_zero_gradients():
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    loss = linear_cross_entropy_sum(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.count_nonzero(weight.grad) == 0

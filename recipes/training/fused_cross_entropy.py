@@ -30,7 +30,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk = min(chunk, hidden.shape[0])
+        chunk = max(1, min(chunk, hidden.shape[0]))  # buffers no larger than the input; a step > 0 even for none
         logits_buffer = torch.empty((chunk, weight.shape[0]), dtype=torch.float32, device=hidden.device)
         log_probs_buffer = torch.empty_like(logits_buffer)
         for start in range(0, hidden.shape[0], chunk):
