@@ -63,6 +63,9 @@ class PackedCollator:
         pad_to_multiple_of: pad the batch length up to a multiple of this (e.g. 8 or 64 for tensor cores).
         return_flash_attn_kwargs: isolated mode only; add the varlen kwargs flash-attention needs for batches of
             more than one row.
+        padding_mask: faithful mode only; ``False`` leaves ``attention_mask`` out (``None``). Rows are right-padded
+            and attention is causal, so no real position ever sees the padding: the loss is the same, and without a
+            mask transformers gives sdpa ``is_causal`` (flash kernels on GPUs) instead of a materialised 4-D mask.
         on_bad_document: what a bad document does -- no image, an image that cannot be decoded, an empty caption, a
             caption that tokenizes to image placeholders, or a first document longer than ``max_length``.
             ``"drop"`` (default): it leaves its row, counted in ``stats["documents_dropped_<reason>"]`` and logged
@@ -70,7 +73,8 @@ class PackedCollator:
             documents) always raises: that is a wrong corpus, not a bad sample.
 
     Returns (``__call__``): ``input_ids`` [B, L] (right padded with the tokenizer's pad id), ``labels`` [B, L],
-    ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` in isolated mode, see the module doc),
+    ``attention_mask`` ([B, L] of 0/1 in faithful mode, ``None`` with ``padding_mask=False`` or in isolated mode,
+    see the module doc),
     ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
     ``num_real_tokens`` (int, non-padding positions, for throughput accounting), ``documents_dropped`` (int, this
     batch's documents left out: bad documents, over ``max_length``), ``uids`` (of the documents kept, in order);
@@ -85,14 +89,16 @@ class PackedCollator:
         pad_to_multiple_of: int | None = None,
         return_flash_attn_kwargs: bool = False,
         on_bad_document: str = "drop",
+        padding_mask: bool = True,
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if on_bad_document not in BAD_DOCUMENT_POLICIES:
             raise ValueError(f"on_bad_document must be one of {BAD_DOCUMENT_POLICIES}, got {on_bad_document!r}")
-        self.on_bad_document = on_bad_document
         if return_flash_attn_kwargs and attention != "isolated":
             raise ValueError("return_flash_attn_kwargs only applies to attention='isolated'")
+        self.on_bad_document = on_bad_document
+        self.padding_mask = padding_mask
         self.processor = processor
         self.attention = attention
         self.max_length = max_length
@@ -149,7 +155,8 @@ class PackedCollator:
                 uids.extend(uid for uid in row_uids if uid is not None)
         if not sequences:
             uids = [uid for row in rows for uid in (row.get("uids") or [])]
-            raise ValueError(f"no document of this batch has a decodable image (uids {uids[:6]})")
+            raise ValueError(f"no document of this batch is usable, all were dropped (uids {uids[:6]}; the "
+                             "warnings above say why)")
         longest = max(sum(len(d) for d in docs) for docs in sequences)
         width = longest
         if self.pad_to_multiple_of:
@@ -190,7 +197,7 @@ class PackedCollator:
             "uids": uids,
         }
         if self.attention == "faithful":
-            batch["attention_mask"] = attention_mask
+            batch["attention_mask"] = attention_mask if self.padding_mask else None
         else:
             batch["attention_mask"] = None
             batch["use_cache"] = False
@@ -214,7 +221,7 @@ class PackedCollator:
             )
         if not texts:
             raise ValueError(f"{name} has no documents")
-        good_texts, good_images = [], []
+        usable = []  # (index, uid, caption, decoded image)
         for i, (text, image) in enumerate(zip(texts, images)):
             uid = uids[i] if i < len(uids) else None
             if not isinstance(text, str) or not text.strip():
@@ -228,11 +235,9 @@ class PackedCollator:
             except (BadImage, OSError) as error:
                 self._bad_document(name, i, uid, "bad_image", f"has an image that cannot be decoded: {error}")
                 continue
-            good_texts.append((i, uid, text))
-            good_images.append(image)
+            usable.append((i, uid, text, image))
         documents, kept_images, kept_uids = [], [], []
-        for (i, uid, text), image, ids in zip(good_texts, good_images,
-                                              self._document_ids_or_none([t for _, _, t in good_texts])):
+        for (i, uid, text, image), ids in zip(usable, self._document_ids_or_none([u[2] for u in usable])):
             if ids is None:
                 self._bad_document(name, i, uid, "image_token_in_caption",
                                    f"is rejected: {self._placeholder_message(text)}")

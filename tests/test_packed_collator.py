@@ -262,7 +262,7 @@ def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, row
     # A row with no decodable image leaves the batch; a batch with none is an error naming its uids.
     hopeless = dict(row, images=[{"bytes": b"", "path": None}, {"bytes": b"\xff\xd8 junk", "path": None}])
     assert collator([rows[0], hopeless])["input_ids"].shape[0] == 1
-    with pytest.raises(ValueError, match=r"no document of this batch has a decodable image \(uids \['d', 'e'\]\)"):
+    with pytest.raises(ValueError, match=r"no document of this batch is usable, all were dropped \(uids \['d', 'e'\];"):
         collator([hopeless])
 
     strict = PackedCollator(processor, on_bad_document="raise")

@@ -137,14 +137,18 @@ def test_summed_loss_equals_cross_entropy_over_all_logits(fresh_model, processor
 
 
 def test_right_padding_mask_changes_nothing_under_causal_attention(fresh_model, processor, easy_vqa_images):
-    """The trainer drops the faithful mode's 2-D mask (so sdpa can take its causal kernels): same loss and
-    gradients on rows of different lengths, i.e. with real right padding."""
+    """The trainer's collator leaves out the faithful mode's 2-D mask (so sdpa can take its causal kernels): same
+    loss and gradients on rows of different lengths, i.e. with real right padding."""
     from dataset_builders.packed_collator import PackedCollator
 
     rows = [{"images": easy_vqa_images[:2], "texts": ["a red circle", "a blue square and some more words here"]},
             {"images": easy_vqa_images[2:3], "texts": ["a green triangle"]}]
     batch = PackedCollator(processor, attention="faithful", max_length=512)(rows)
     assert batch["attention_mask"][1].sum() < batch["attention_mask"].shape[1]  # the second row is padded
+    unmasked_batch = PackedCollator(processor, attention="faithful", max_length=512, padding_mask=False)(rows)
+    assert unmasked_batch["attention_mask"] is None
+    for key in ("input_ids", "labels", "position_ids", "pixel_values"):
+        assert torch.equal(unmasked_batch[key], batch[key]), key
 
     def loss_and_grads(inputs):
         fresh_model.zero_grad(set_to_none=True)
@@ -152,7 +156,7 @@ def test_right_padding_mask_changes_nothing_under_causal_attention(fresh_model, 
         loss_sum.backward()
         return loss_sum.detach(), count, [p.grad.clone() for p in fresh_model.parameters() if p.grad is not None]
 
-    masked, unmasked = loss_and_grads(batch), loss_and_grads(dict(batch, attention_mask=None))
+    masked, unmasked = loss_and_grads(batch), loss_and_grads(unmasked_batch)
     assert masked[1] == unmasked[1]
     torch.testing.assert_close(unmasked[0], masked[0], rtol=1e-6, atol=1e-4)
     assert len(masked[2]) == len(unmasked[2]) > 0

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from dataset_builders.images import DECODE_ERRORS
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("images", "texts")
@@ -158,8 +160,6 @@ class DecodeTolerantRows(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        from dataset_builders.images import DECODE_ERRORS
-
         try:
             return self.dataset[index]
         except DECODE_ERRORS as error:

@@ -121,9 +121,10 @@ class _Setup:
 
         # Flash-attention kernels need explicit document boundaries for isolated packs of more than one row.
         varlen = data_args.attention == "isolated" and model_args.attn_implementation.startswith("flash")
+        # No padding mask: the model is causal and rows are right-padded (see PackedCollator's padding_mask).
         self.collator = PackedCollator(self.processor, attention=data_args.attention,
                                        max_length=data_args.max_length, return_flash_attn_kwargs=varlen,
-                                       on_bad_document=data_args.on_bad_document)
+                                       on_bad_document=data_args.on_bad_document, padding_mask=False)
         collate = self.collator  # its batches carry the uids of the documents they train on
         if data_args.streaming:
             self.batches = StreamingMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
@@ -233,11 +234,6 @@ def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: boo
     work = StepWork()
     for index, cpu_batch in enumerate(step_batches):
         batch = _to_device(cpu_batch, device)
-        if not isolated:
-            # Rows are right-padded and attention is causal, so no real position ever sees the padding: the loss
-            # is the same without the 2-D mask, and without it transformers gives sdpa ``is_causal`` (flash
-            # kernels on GPUs) instead of a materialised 4-D mask.
-            batch["attention_mask"] = None
         last_micro = index == len(step_batches) - 1
         with no_gradient_sync(model) if not last_micro else contextlib.nullcontext():
             loss_sum, num_tokens = summed_lm_loss(model, batch)
@@ -331,7 +327,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
                 "grad_norm": numbers["grad_norm"],
                 "tokens": numbers["tokens"],
                 "supervised_tokens": numbers["supervised_tokens"],
-                "documents_dropped": numbers["documents_dropped"],  # bad images, over max_length (collator)
+                "documents_dropped": numbers["documents_dropped"],  # bad documents (see PackedCollator)
                 "tokens_per_s": numbers["tokens"] / seconds,
                 "tflops_per_s": tflops,
                 "mfu": tflops * 1e12 / (setup.world * setup.peak_flops) if setup.peak_flops else None,
