@@ -32,11 +32,15 @@ def _launch(corpus: tuple[str, str], output_dir: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_fsdp2_bf16_run_resumes_from_a_sharded_checkpoint_to_the_same_losses(processor, tmp_path):
+@pytest.fixture(scope="module")
+def corpus(processor, tmp_path_factory) -> tuple[str, str]:
     from recipes.training.toy_corpus import write_toy_corpus
 
-    folder = tmp_path / "corpus"
-    corpus = (str(folder), write_toy_corpus(folder, processor, num_documents=160, capacity=256))
+    folder = tmp_path_factory.mktemp("corpus")
+    return str(folder), write_toy_corpus(folder, processor, num_documents=160, capacity=256)
+
+
+def test_fsdp2_bf16_run_resumes_from_a_sharded_checkpoint_to_the_same_losses(corpus, tmp_path):
     reference = tmp_path / "reference"
     _launch(corpus, reference)
     records = read_jsonl(reference / "metrics.jsonl")
@@ -57,13 +61,9 @@ def test_fsdp2_bf16_run_resumes_from_a_sharded_checkpoint_to_the_same_losses(pro
         assert b["lr"] == pytest.approx(a["lr"])
 
 
-def test_compiled_layers_under_fsdp2_train_like_eager(processor, tmp_path):
+def test_compiled_layers_under_fsdp2_train_like_eager(corpus, tmp_path):
     """--compile_layers with accelerate's FSDP2 (hooks installed after the in-place compile) and its activation
     checkpointing: the same losses as the eager run within bf16 tolerance."""
-    from recipes.training.toy_corpus import write_toy_corpus
-
-    folder = tmp_path / "corpus"
-    corpus = (str(folder), write_toy_corpus(folder, processor, num_documents=160, capacity=256))
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     _launch(corpus, eager)
     _launch(corpus, compiled, "--compile_layers", "true")
