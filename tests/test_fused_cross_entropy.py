@@ -71,3 +71,40 @@ def test_no_supervised_tokens_give_a_zero_loss_and_zero_gradients():
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
     assert torch.count_nonzero(weight.grad) == 0
+
+
+def test_bf16_products_of_fp32_weights_match_the_plain_autocast_path_over_several_chunks():
+    """accelerate's CPU/GPU mixed precision: fp32 master weights, products in bf16, softmax and loss in fp32."""
+    torch.manual_seed(3)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(500, 16, requires_grad=True)
+    targets = torch.randint(0, 500, (40,))
+    fused = linear_cross_entropy_sum(hidden, weight, targets, 6, compute_dtype=torch.bfloat16)
+    fused.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hidden @ weight.T
+    plain = F.cross_entropy(logits.float(), targets, reduction="sum")
+    plain.backward()
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-2, atol=1e-3)  # both rounded to bf16 once
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_a_target_probability_below_fp32_range_still_gives_the_exact_loss():
+    """Logit gaps beyond ~87 underflow an fp32 softmax: the loss there comes from an exact log-softmax, not inf."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[150.0, 0.0], [-150.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    targets = torch.tensor([1, 2, 0])  # row 0: target logit 300 below the best one
+    fused = linear_cross_entropy_sum(hidden, weight, targets, 2)
+    fused.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = _plain(hidden, weight, targets)
+    plain.backward()
+    assert torch.isfinite(fused) and fused.item() > 300
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)

@@ -21,54 +21,76 @@ def chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab_size))
 
 
+# Below the smallest normal fp32 number a probability has lost precision (or is 0).
+_LOG_TINY = float(torch.log(torch.tensor(torch.finfo(torch.float32).tiny)))
+
+
+def _exact_target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits[torch.arange(targets.shape[0], device=targets.device), targets] - torch.logsumexp(logits, dim=-1)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 compute_dtype: torch.dtype) -> torch.Tensor:
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        low_precision = compute_dtype != torch.float32
         w = weight.to(compute_dtype)  # a no-op unless autocast asked for lower-precision products
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk = max(1, min(chunk, hidden.shape[0]))  # buffers no larger than the input; a step > 0 even for none
         logits_buffer = torch.empty((chunk, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        log_probs_buffer = torch.empty_like(logits_buffer)
+        probs_buffer = torch.empty_like(logits_buffer)
+        if low_precision:
+            # Products land in a compute-dtype buffer; the weight-gradient of a chunk is added to the fp32 sum
+            # through an fp32 copy (a plain add_ of mixed dtypes is several times slower on CPU).
+            products_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype)
+            chunk_grad_weight = torch.empty_like(weight, dtype=compute_dtype) if needs_weight else None
+            chunk_grad_weight_fp32 = torch.empty_like(grad_weight) if needs_weight else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
             n = t.shape[0]
-            if compute_dtype == torch.float32:
-                logits = torch.mm(h, w.T, out=logits_buffer[:n])
+            if low_precision:
+                logits = logits_buffer[:n].copy_(torch.mm(h, w.T, out=products_buffer[:n]))
             else:
-                logits = logits_buffer[:n].copy_(h @ w.T)
-            # One fused log-softmax pass gives both the loss and (exponentiated) the softmax.
-            log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[:n])
+                logits = torch.mm(h, w.T, out=logits_buffer[:n])
+            # One softmax pass (fp32) gives the gradient and, at the targets, the loss.
+            probs = torch.softmax(logits, dim=-1, out=probs_buffer[:n])
             rows = torch.arange(n, device=t.device)
-            total -= log_probs[rows, t].sum()
+            target_log_probs = torch.log(probs[rows, t])
+            underflow = target_log_probs < _LOG_TINY
+            if bool(underflow.any()):  # a logit gap beyond ~87: the fp32 softmax underflows there, so those are exact
+                target_log_probs[underflow] = _exact_target_log_probs(logits[underflow], t[underflow])
+            total -= target_log_probs.sum()
             if not (needs_hidden or needs_weight):
                 continue
-            grad_logits = torch.exp(log_probs, out=logits)  # softmax, in place of the logits
+            grad_logits = probs
             grad_logits[rows, t] -= 1.0
-            grad_logits = grad_logits.to(compute_dtype)
+            if low_precision:
+                grad_logits = products_buffer[:n].copy_(grad_logits)
             if needs_hidden and compute_dtype == hidden.dtype:
                 torch.mm(grad_logits, w, out=grad_hidden[start:start + n])
             elif needs_hidden:
-                grad_hidden[start:start + n] = (grad_logits @ w).to(hidden.dtype)
-            if needs_weight and compute_dtype == torch.float32:  # in place (addmm_ escapes FLOP counters)
+                grad_hidden[start:start + n] = grad_logits @ w
+            if needs_weight and not low_precision:  # in place (addmm_ escapes FLOP counters)
                 torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
-            elif needs_weight:
-                grad_weight += (grad_logits.T @ h).float()  # fp32 accumulation across chunks
+            elif needs_weight:  # fp32 accumulation across chunks
+                torch.mm(grad_logits.T, h, out=chunk_grad_weight)
+                grad_weight += chunk_grad_weight_fp32.copy_(chunk_grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        # The stored gradients belong to this call alone: scaled in place (no second weight-sized allocation).
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
