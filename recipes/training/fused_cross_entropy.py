@@ -1,20 +1,38 @@
 """Summed cross-entropy of ``hidden @ weight.T`` computed in chunks, without keeping ``[tokens, vocab]`` logits.
 
 The forward pass walks the tokens in chunks: logits of one chunk (products in the weight's dtype, softmax in fp32),
-their log-softmax and the loss, and at the same time the gradients with respect to the hidden states and the weight
+their softmax and the loss, and at the same time the gradients with respect to the hidden states and the weight
 (``softmax - one_hot`` times the other operand). Backward only scales the stored gradients. Same three matrix
 products as the plain path (no recomputation); the memory of the logits, their log-softmax and its gradient -- three
-``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to two chunk-sized buffers,
-allocated once per call. The idea is Liger-Kernel's fused linear cross-entropy, written here in plain torch.
+``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to two chunk-sized buffers.
+The idea is Liger-Kernel's fused linear cross-entropy, written here in plain torch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-# Bytes of one fp32 ``[chunk, vocab]`` buffer (two are allocated once per call and reused by every chunk, so the
-# allocator's page faults are paid once): bigger chunks mean fewer passes over the weight.
+# Bytes of one fp32 ``[chunk, vocab]`` buffer (two per call, reused by every chunk): bigger chunks mean fewer passes
+# over the weight.
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
+
+# CPU scratch buffers kept between calls. glibc maps every allocation above 32 MiB afresh, and first-touching those
+# pages costs about as much as the work done in them (0.35 ms per MiB measured on a 2-core VM: ~100 ms per call for
+# the tiny model's 151,936-word head); CUDA's caching allocator already reuses memory, so other devices allocate.
+# One loss computation at a time per process, as in a training loop.
+_CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buffer = _CPU_SCRATCH.get((name, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _CPU_SCRATCH[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def chunk_tokens(vocab_size: int, device: torch.device) -> int:
@@ -37,17 +55,19 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         low_precision = compute_dtype != torch.float32
         w = weight.to(compute_dtype)  # a no-op unless autocast asked for lower-precision products
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if needs_weight else None  # the first chunk sets it
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk = max(1, min(chunk, hidden.shape[0]))  # buffers no larger than the input; a step > 0 even for none
-        logits_buffer = torch.empty((chunk, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        probs_buffer = torch.empty_like(logits_buffer)
+        buffer_shape, device = (chunk, weight.shape[0]), hidden.device
+        logits_buffer = _scratch("logits", buffer_shape, torch.float32, device)
+        probs_buffer = _scratch("probs", buffer_shape, torch.float32, device)
         if low_precision:
             # Products land in a compute-dtype buffer; the weight-gradient of a chunk is added to the fp32 sum
-            # through an fp32 copy (a plain add_ of mixed dtypes is several times slower on CPU).
-            products_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype)
-            chunk_grad_weight = torch.empty_like(weight, dtype=compute_dtype) if needs_weight else None
-            chunk_grad_weight_fp32 = torch.empty_like(grad_weight) if needs_weight else None
+            # through an fp32 copy (an add_ of mixed dtypes is several times slower on CPU).
+            products_buffer = _scratch("products", buffer_shape, compute_dtype, device)
+            if needs_weight:
+                chunk_grad_weight = _scratch("chunk_grad_weight", tuple(weight.shape), compute_dtype, device)
+                chunk_grad_weight_fp32 = _scratch("chunk_grad_weight", tuple(weight.shape), torch.float32, device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
@@ -74,11 +94,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 torch.mm(grad_logits, w, out=grad_hidden[start:start + n])
             elif needs_hidden:
                 grad_hidden[start:start + n] = grad_logits @ w
-            if needs_weight and not low_precision:  # in place (addmm_ escapes FLOP counters)
+            if needs_weight and not low_precision and start == 0:
+                torch.mm(grad_logits.T, h, out=grad_weight)
+            elif needs_weight and not low_precision:  # in place (addmm_ escapes FLOP counters)
                 torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
+            elif needs_weight and start == 0:
+                grad_weight.copy_(torch.mm(grad_logits.T, h, out=chunk_grad_weight))
             elif needs_weight:  # fp32 accumulation across chunks
                 torch.mm(grad_logits.T, h, out=chunk_grad_weight)
                 grad_weight += chunk_grad_weight_fp32.copy_(chunk_grad_weight)
+        if needs_weight and hidden.shape[0] == 0:
+            grad_weight.zero_()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
