@@ -5,7 +5,8 @@ with captions of varying length (the caption plus 0-12 of the image's own questi
 into 512-position rows (``packed_16``) or one document per row (``single_16``, padded to the longest row of the
 batch by the same collator). Throughput = real (non-padding) positions per second from ``metrics.jsonl``: the median
 over steps (after two warm-up steps per run) of two rounds that alternate the runs. The model is the tiny preset
-(real Qwen vocabulary), one CPU process, with 1 and then 2 intra-op threads (``--threads``).
+(real Qwen vocabulary), one CPU process, with 1 and then 2 intra-op threads (``--threads``), in fp32 and in bf16
+mixed precision (``--precisions``; bf16 is the paper's precision: accelerate's CPU autocast).
 
 Baselines:
 - "same batch size": padded singles with the same ``per_device_train_batch_size`` as the packed run (what turning
@@ -50,7 +51,8 @@ def _step_rates(output_dir: Path) -> tuple[list[float], list[float]]:
     return [r["tokens"] / r["seconds"] for r in records], [r["seconds"] for r in records]
 
 
-def _run_recipe(corpus: str, config: str, output_dir: Path, steps: int, batch: int, attention: str) -> Path:
+def _run_recipe(corpus: str, config: str, output_dir: Path, steps: int, batch: int, attention: str,
+                precision: str) -> Path:
     from accelerate.state import AcceleratorState
 
     from recipes.training.arguments import parse_pretrain_args
@@ -60,7 +62,7 @@ def _run_recipe(corpus: str, config: str, output_dir: Path, steps: int, batch: i
             "--dataset_config_name", config, "--output_dir", str(output_dir), "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch), "--attention", attention, "--max_length", str(CAPACITY),
             "--report_to", "none", "--save_steps", "0", "--save_final_checkpoint", "false",
-            "--save_final_model", "false"]
+            "--save_final_model", "false", "--mixed_precision", "no" if precision == "fp32" else precision]
     run_pretraining(parse_pretrain_args(argv))
     AcceleratorState._reset_state(True)
     return output_dir
@@ -68,27 +70,36 @@ def _run_recipe(corpus: str, config: str, output_dir: Path, steps: int, batch: i
 
 WHY_BELOW_TARGET = (
     "Why the packing gain stays below 3x on a CPU: cost grows linearly with work (with 1 or 2 threads alike), so "
-    "packing can only save the padding and the per-step work (optimizer, vision and layer calls) of the padded "
-    "batches. The tiny model's step is mostly its 151,936-way LM head (64-wide layers, real Qwen vocabulary): three "
-    "products of 2 x 64 x 151,936 FLOPs per supervised token, the same in both layouts because the loss takes logits "
-    "only at supervised (row, position) pairs. `bench/profile_pretrain_step.py` on a packed step shows those products "
-    "near the core's fp32 peak. On the real 2B architecture on a GPU the same comparison gives ~4x "
-    "(`train_throughput_gpu`).\n"
+    "packing can only save the padding and the per-step work of the padded batches (optimizer, clipping, the "
+    "embedding's and the head's weight gradients over 151,936 x 64 entries, vision and layer calls). The tiny "
+    "model's step is mostly its 151,936-way LM head (64-wide layers, real Qwen vocabulary): three products of "
+    "2 x 64 x 151,936 FLOPs per supervised token, the same in both layouts because the loss takes logits only at "
+    "supervised (row, position) pairs. bf16 makes those products ~4x faster and so gives the per-step work a larger "
+    "share, which packing amortises. Earlier runs of this table (1.9x / 2.1x in fp32) were inflated by a per-call "
+    "cost of the loss that fell mostly on the small padded steps: ~100 ms of page faults from fresh 30-60 MiB "
+    "buffers, now reused on CPU (both layouts got faster; the small steps more). On the real 2B architecture on a "
+    "GPU the same comparison gives ~4x (`train_throughput_gpu`).\n"
 )
 
 
-def cpu_benchmark(work: Path, threads: int = 1) -> str:
-    import datasets
-    import torch
-
+def build_cpu_corpus(work: Path) -> tuple[str, str, str]:
+    """The toy corpus every CPU run reads: (folder, packed config, single-document config)."""
     from modeling_open_qwen2vl import OpenQwen2VLConfig, build_processor
     from recipes.training.toy_corpus import write_toy_corpus
 
-    torch.set_num_threads(threads)
     processor = build_processor(OpenQwen2VLConfig.tiny())
     corpus = str(work / "corpus")
     packed = write_toy_corpus(corpus, processor, num_documents=600, capacity=CAPACITY, max_facts=12)
     single = write_toy_corpus(corpus, processor, num_documents=600, capacity=CAPACITY, max_facts=12, single=True)
+    return corpus, packed, single
+
+
+def cpu_benchmark(work: Path, corpus: tuple[str, str, str], threads: int = 1, precision: str = "fp32") -> str:
+    import datasets
+    import torch
+
+    torch.set_num_threads(threads)
+    corpus, packed, single = corpus
     lengths = [n for row in datasets.load_dataset(corpus, single, split="train")["lengths"] for n in row]
     packs = datasets.load_dataset(corpus, packed, split="train")["lengths"]
     fill = sum(map(sum, packs)) / (len(packs) * CAPACITY)
@@ -106,7 +117,8 @@ def cpu_benchmark(work: Path, threads: int = 1) -> str:
     for round_index in range(ROUNDS):
         for name, config, batch, attention, steps in runs:
             output = work / f"round{round_index}" / name.split(" (")[0].replace(" ", "_").replace(",", "")
-            step_rates, step_seconds = _step_rates(_run_recipe(corpus, config, output, steps, batch, attention))
+            step_rates, step_seconds = _step_rates(_run_recipe(corpus, config, output, steps, batch, attention,
+                                                               precision))
             rates[name] += step_rates
             seconds[name] += step_seconds
             print(f"round {round_index} {name}: {statistics.median(step_rates):.0f} real positions/s", flush=True)
@@ -117,7 +129,7 @@ def cpu_benchmark(work: Path, threads: int = 1) -> str:
     same_budget = base / results[f"padded singles, batch {budget_batch} (same positions budget)"][0]
     isolated = results["packed, isolated"][0] / base
     plural = "s" if threads > 1 else ""
-    table = markdown_table([f"run (tiny model, {threads} CPU thread{plural})", "real positions/s", "s/step",
+    table = markdown_table([f"run (tiny model, {precision}, {threads} CPU thread{plural})", "real positions/s", "s/step",
                             "packed faithful / this"], rows)
     summary = (
         f"Documents: 600 easy-vqa captions, {min(lengths)}-{max(lengths)} positions each (mean "
@@ -204,6 +216,7 @@ def main() -> None:
                         help="comma-separated indices into GPU_RUNS (default: all), to split the GPU runs over calls")
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, one CPU run each "
                         "(counts above the machine's cores are skipped)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32 and/or bf16 (autocast)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu or args.gpu_only:
@@ -218,8 +231,13 @@ def main() -> None:
                          command="bench/train_throughput.py --gpu-only")
         if not args.gpu_only:
             counts = [int(t) for t in args.threads.split(",") if 0 < int(t) <= (os.cpu_count() or 1)]
-            body = "\n\n".join(f"### {t} thread{'s' if t > 1 else ''}\n\n" + cpu_benchmark(Path(tmp) / f"threads{t}", t)
-                                 for t in counts) + "\n" + WHY_BELOW_TARGET
+            precisions = [p for p in args.precisions.split(",") if p]
+            if unknown := set(precisions) - {"fp32", "bf16"}:
+                raise SystemExit(f"--precisions: unknown {sorted(unknown)}; choose from fp32, bf16")
+            corpus = build_cpu_corpus(Path(tmp))
+            body = "\n\n".join(f"### {p}, {t} thread{'s' if t > 1 else ''}\n\n"
+                                 + cpu_benchmark(Path(tmp) / f"{p}_threads{t}", corpus, t, p)
+                                 for p in precisions for t in counts) + "\n" + WHY_BELOW_TARGET
             print(body)
             write_result("train_throughput", "Pretraining throughput (packing, attention modes)", body)
 
