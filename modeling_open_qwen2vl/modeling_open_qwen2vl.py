@@ -89,10 +89,20 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of ``vision_feature_layer`` (no post-layernorm): [N, grid*grid, vision_hidden]."""
-        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        return outputs.hidden_states[self.config.vision_feature_layer]
+        """Patch features of ``vision_feature_layer`` (no post-layernorm): [N, grid*grid, vision_hidden].
+
+        Equal to ``vision_tower(..., output_hidden_states=True).hidden_states[vision_feature_layer]``, but only the
+        layers up to that one run: the released model reads the second-to-last, so the tower's forward would spend
+        a whole encoder layer and the post-layernorm on an output nobody reads.
+        """
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # transformers < 5 nests the blocks
+        layers = tower.encoder.layers
+        depth = self.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[i] follows i layers
+        hidden_states = tower.embeddings(pixel_values.to(dtype=self.vision_tower.dtype))
+        for layer in layers[:depth]:
+            hidden_states = layer(hidden_states, None)
+            hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
+        return hidden_states
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image tokens: [N, num_image_tokens, text_hidden]."""

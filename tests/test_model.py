@@ -35,6 +35,30 @@ def test_vision_features_are_hidden_state_minus_two_without_post_layernorm(tiny_
     assert not torch.allclose(got, last)
 
 
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
+def test_only_the_vision_layers_up_to_the_feature_layer_run(tiny_model, tiny_config, feature_layer):
+    reference = SiglipVisionModel(tiny_config.vision_config).eval()
+    reference.load_state_dict(tiny_model.model.vision_tower.state_dict())
+    layers = tiny_model.model.vision_tower.encoder.layers
+    calls = []
+    hooks = [layer.register_forward_hook(lambda module, args, out, i=i: calls.append(i)) for i, layer in
+             enumerate(layers)]
+    saved = tiny_model.config.vision_feature_layer
+    tiny_model.config.vision_feature_layer = feature_layer
+    pixels = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.no_grad():
+            got = tiny_model.model.get_vision_features(pixels)
+            expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
+    finally:
+        tiny_model.config.vision_feature_layer = saved
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert calls == list(range(feature_layer % (len(layers) + 1)))
+
+
 def _reference_adaptive_pool(features, grid, side):
     """Adaptive average pooling written out: window i spans [floor(i*G/s), ceil((i+1)*G/s))."""
     n, _, c = features.shape

@@ -4,8 +4,8 @@ Counted: every matrix multiplication the model needs (2 FLOPs per multiply-add),
 
 - vision tower, per image: patch-embedding conv ``2 * 3p^2 * Dv`` per patch; per layer and patch
   ``2 * (4 Dv^2 + 2 Dv Fv)`` (q, k, v, o, fc1, fc2) plus attention ``4 * Dv`` per (query, key) pair (P^2 pairs);
-  all ``num_hidden_layers`` layers forward (transformers' SigLIP runs them all even when the feature layer is -2),
-  backward (``full`` stage) only through the layers up to the feature layer;
+  the layers up to the feature layer (the model runs no further: 26 of 27 with -2), forward and in the ``full``
+  stage backward;
 - projector, per image token: ``2 * (Dv Dt + Dt^2)``;
 - language model, per real position: ``2 * (d (h + 2 kv) hd + h hd d + 3 d F)`` per layer, plus attention
   ``4 * h * hd`` per (query, key) pair actually attended: causal pairs ``T(T+1)/2`` per row (``faithful``) or per
@@ -120,13 +120,11 @@ def training_flops(config, work: StepWork, stage: str) -> float:
     embed = 2 * 3 * patch * patch * dv * patches
     layer_linear = 2 * (4 * dv * dv + 2 * dv * fv) * patches
     layer_attention = 4 * dv * patches * patches
-    # All layers run forward; backward reaches only the layers up to the feature layer (hidden state k = output
-    # of layer k), so with -2 the last layer gets no gradient.
+    # Only the layers up to the feature layer run (hidden state k = output of layer k; the model stops there).
     layers = vc.num_hidden_layers
-    feature = config.vision_feature_layer
-    used = feature if feature >= 0 else layers + 1 + feature
+    used = config.vision_feature_layer % (layers + 1)
     backward_layers = used if vision_trains else 0
-    vision_forward = embed + layers * (layer_linear + layer_attention)
+    vision_forward = embed + used * (layer_linear + layer_attention)
     vision_backward = (embed if vision_trains else 0) + backward_layers * 2 * (layer_linear + layer_attention)
     vision = work.images * (vision_forward + vision_backward)
 
