@@ -47,6 +47,25 @@ def _exact_target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torc
     return logits[torch.arange(targets.shape[0], device=targets.device), targets] - torch.logsumexp(logits, dim=-1)
 
 
+def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool,
+                        scratch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """``total = a @ b`` for the first chunk, ``total += a @ b`` after; ``total`` is fp32. Products in a lower
+    precision go through ``scratch`` (a compute-dtype and an fp32 buffer of ``total``'s shape): an add_ of mixed
+    dtypes is several times slower on CPU than a copy and an fp32 add."""
+    if scratch is None:
+        if first:
+            torch.mm(a, b, out=total)
+        else:  # in place (addmm_ escapes FLOP counters)
+            torch.addmm(total, a, b, out=total)
+        return
+    low, full = scratch
+    torch.mm(a, b, out=low)
+    if first:
+        total.copy_(low)
+    else:
+        total += full.copy_(low)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -61,13 +80,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         buffer_shape, device = (chunk, weight.shape[0]), hidden.device
         logits_buffer = _scratch("logits", buffer_shape, torch.float32, device)
         probs_buffer = _scratch("probs", buffer_shape, torch.float32, device)
-        if low_precision:
-            # Products land in a compute-dtype buffer; the weight-gradient of a chunk is added to the fp32 sum
-            # through an fp32 copy (an add_ of mixed dtypes is several times slower on CPU).
+        if low_precision:  # products land in a compute-dtype buffer first
             products_buffer = _scratch("products", buffer_shape, compute_dtype, device)
-            if needs_weight:
-                chunk_grad_weight = _scratch("chunk_grad_weight", tuple(weight.shape), compute_dtype, device)
-                chunk_grad_weight_fp32 = _scratch("chunk_grad_weight", tuple(weight.shape), torch.float32, device)
+        weight_scratch = None
+        if low_precision and needs_weight:
+            weight_scratch = tuple(_scratch("chunk_grad_weight", tuple(weight.shape), dtype, device)
+                                   for dtype in (compute_dtype, torch.float32))
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
@@ -94,15 +112,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 torch.mm(grad_logits, w, out=grad_hidden[start:start + n])
             elif needs_hidden:
                 grad_hidden[start:start + n] = grad_logits @ w
-            if needs_weight and not low_precision and start == 0:
-                torch.mm(grad_logits.T, h, out=grad_weight)
-            elif needs_weight and not low_precision:  # in place (addmm_ escapes FLOP counters)
-                torch.addmm(grad_weight, grad_logits.T, h, out=grad_weight)
-            elif needs_weight and start == 0:
-                grad_weight.copy_(torch.mm(grad_logits.T, h, out=chunk_grad_weight))
-            elif needs_weight:  # fp32 accumulation across chunks
-                torch.mm(grad_logits.T, h, out=chunk_grad_weight)
-                grad_weight += chunk_grad_weight_fp32.copy_(chunk_grad_weight)
+            if needs_weight:
+                _accumulate_product(grad_weight, grad_logits.T, h, start == 0, weight_scratch)
         if needs_weight and hidden.shape[0] == 0:
             grad_weight.zero_()
         ctx.save_for_backward(grad_hidden, grad_weight)
