@@ -108,3 +108,30 @@ def test_a_target_probability_below_fp32_range_still_gives_the_exact_loss():
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(grads[0], hidden.grad)
     torch.testing.assert_close(grads[1], weight.grad)
+
+
+def test_cpu_scratch_buffers_are_reused_and_calls_of_other_shapes_stay_exact():
+    """CPU scratch is kept between calls (fresh pages cost as much as the work); a smaller or differently shaped
+    call after a larger one must not see the larger call's leftovers."""
+    from recipes.training import fused_cross_entropy
+
+    torch.manual_seed(4)
+    shapes = [(30, 8, 400), (30, 8, 400), (7, 4, 50), (30, 8, 400)]
+    pointers = []
+    for tokens, width, vocab in shapes:
+        hidden = torch.randn(tokens, width, requires_grad=True)
+        weight = torch.randn(vocab, width, requires_grad=True)
+        targets = torch.randint(0, vocab, (tokens,))
+        fused = linear_cross_entropy_sum(hidden, weight, targets, 16, compute_dtype=torch.bfloat16)
+        pointers.append({key: buf.data_ptr() for key, buf in fused_cross_entropy._CPU_SCRATCH.items()})
+        fused.backward()
+        grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = hidden @ weight.T
+        F.cross_entropy(logits.float(), targets, reduction="sum").backward()
+        torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-2, atol=1e-3)
+        # per-chunk bf16 products summed in fp32 vs one bf16 product: rounding differs where terms cancel
+        torch.testing.assert_close(grads[1], weight.grad, rtol=2e-2, atol=1e-2)
+    assert pointers[1] == pointers[0]  # the same shapes again: nothing new allocated
+    assert pointers[3] == pointers[2]  # a smaller call in between did not shrink them
