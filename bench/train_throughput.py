@@ -129,8 +129,8 @@ def cpu_benchmark(work: Path, corpus: tuple[str, str, str], threads: int = 1, pr
     same_budget = base / results[f"padded singles, batch {budget_batch} (same positions budget)"][0]
     isolated = results["packed, isolated"][0] / base
     plural = "s" if threads > 1 else ""
-    table = markdown_table([f"run (tiny model, {precision}, {threads} CPU thread{plural})", "real positions/s", "s/step",
-                            "packed faithful / this"], rows)
+    table = markdown_table([f"run (tiny model, {precision}, {threads} CPU thread{plural})", "real positions/s",
+                            "s/step", "packed faithful / this"], rows)
     summary = (
         f"Documents: 600 easy-vqa captions, {min(lengths)}-{max(lengths)} positions each (mean "
         f"{sum(lengths) / len(lengths):.0f}); packs of {CAPACITY} positions filled to {fill:.1%}.\n\n"

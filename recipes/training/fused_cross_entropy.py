@@ -1,10 +1,11 @@
 """Summed cross-entropy of ``hidden @ weight.T`` computed in chunks, without keeping ``[tokens, vocab]`` logits.
 
-The forward pass walks the tokens in chunks: logits of one chunk (products in the weight's dtype, softmax in fp32),
-their softmax and the loss, and at the same time the gradients with respect to the hidden states and the weight
-(``softmax - one_hot`` times the other operand). Backward only scales the stored gradients. Same three matrix
-products as the plain path (no recomputation); the memory of the logits, their log-softmax and its gradient -- three
-``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to two chunk-sized buffers.
+The forward pass walks the tokens in chunks: logits of one chunk (products in the compute dtype: the weight's, or
+autocast's), their fp32 softmax and the loss, and at the same time the gradients with respect to the hidden states
+and the weight (``softmax - one_hot`` times the other operand). Backward only scales the stored gradients. Same three
+matrix products as the plain path (no recomputation); the memory of the logits, their log-softmax and its gradient --
+three ``[tokens, 151,936]`` fp32 tensors, hundreds of MiB to GiB per micro-batch -- shrinks to two chunk-sized fp32
+buffers (and a compute-dtype one for lower-precision products).
 The idea is Liger-Kernel's fused linear cross-entropy, written here in plain torch.
 """
 

@@ -125,12 +125,12 @@ class _Setup:
         self.collator = PackedCollator(self.processor, attention=data_args.attention,
                                        max_length=data_args.max_length, return_flash_attn_kwargs=varlen,
                                        on_bad_document=data_args.on_bad_document, padding_mask=False)
-        collate = self.collator  # its batches carry the uids of the documents they train on
+        # Its batches carry the uids of the documents they train on (samples.jsonl).
         if data_args.streaming:
-            self.batches = StreamingMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
+            self.batches = StreamingMicroBatches(self.dataset, self.collator, data_args.per_device_train_batch_size,
                                                  self.rank, self.world)
         else:
-            self.batches = MapStyleMicroBatches(self.dataset, collate, data_args.per_device_train_batch_size,
+            self.batches = MapStyleMicroBatches(self.dataset, self.collator, data_args.per_device_train_batch_size,
                                                 self.rank, self.world, args.seed, data_args.shuffle,
                                                 data_args.dataloader_num_workers)
 
