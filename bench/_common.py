@@ -33,6 +33,10 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
+    # The vector unit decides CPU figures as much as the model name does (bf16 is native only with AVX512/AMX).
+    from recipes.cpu_runtime import cpu_has_native_bf16
+
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if cpu_has_native_bf16() else 'emulated'})"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
     return f"{cpu}; {device}; Python {sys.version.split()[0]}, torch {torch.__version__}"
 

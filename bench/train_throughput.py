@@ -230,14 +230,24 @@ def main() -> None:
             write_result("train_throughput_gpu", "Pretraining throughput on a GPU (2B architecture, MFU)", body,
                          command="bench/train_throughput.py --gpu-only")
         if not args.gpu_only:
+            import torch
+
+            from recipes.cpu_runtime import cpu_has_native_bf16
+
             counts = [int(t) for t in args.threads.split(",") if 0 < int(t) <= (os.cpu_count() or 1)]
             precisions = [p for p in args.precisions.split(",") if p]
             if unknown := set(precisions) - {"fp32", "bf16"}:
                 raise SystemExit(f"--precisions: unknown {sorted(unknown)}; choose from fp32, bf16")
+            skipped = ""
+            if "bf16" in precisions and not cpu_has_native_bf16():  # hours of emulated products, measuring nothing
+                precisions.remove("bf16")
+                skipped = (f"bf16 runs skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
+                           "bf16, so autocast's products are emulated, several times slower than fp32 (the recipe "
+                           "warns about it).\n\n")
             corpus = build_cpu_corpus(Path(tmp))
-            body = "\n\n".join(f"### {p}, {t} thread{'s' if t > 1 else ''}\n\n"
-                                 + cpu_benchmark(Path(tmp) / f"{p}_threads{t}", corpus, t, p)
-                                 for p in precisions for t in counts) + "\n" + WHY_BELOW_TARGET
+            body = skipped + "\n\n".join(f"### {p}, {t} thread{'s' if t > 1 else ''}\n\n"
+                                           + cpu_benchmark(Path(tmp) / f"{p}_threads{t}", corpus, t, p)
+                                           for p in precisions for t in counts) + "\n" + WHY_BELOW_TARGET
             print(body)
             write_result("train_throughput", "Pretraining throughput (packing, attention modes)", body)
 

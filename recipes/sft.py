@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
+from recipes.cpu_runtime import prepare_cpu_training
 from recipes.sft_data import (
     PackedSFTCollator,
     SFTCollator,
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_cpu_training(training_args.device, "bf16" if training_args.bf16 else None)
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=_resume_path(training_args))
     out = save_outputs(trainer, script_args, model_args)

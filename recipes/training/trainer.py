@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..cpu_runtime import prepare_cpu_training
 from .arguments import PretrainConfig, config_as_dict
 from .checkpointing import (
     architecture,
@@ -86,6 +87,7 @@ class _Setup:
                                                 logging_dir=str(self.output_dir / "logs")),
         )
         acc = self.accelerator
+        prepare_cpu_training(acc.device, acc.mixed_precision)
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         set_seed(args.seed)
         if not self.is_main:  # one process reports
