@@ -339,3 +339,17 @@ def test_streaming_corpus_trains_and_resumes_exactly(corpus, tmp_path, in_proces
     assert read_jsonl(resumed / "samples.jsonl") == read_jsonl(whole / "samples.jsonl")[2:]
     first_five = [uid for r in read_jsonl(whole / "samples.jsonl") for uid in r["uids"]]
     assert len(first_five) == len(set(first_five))  # 5 of the 15 packs: nothing twice
+
+
+def test_cpu_runs_keep_freed_memory_and_name_emulated_bf16(corpus, tmp_path, in_process, caplog, monkeypatch):
+    from recipes import cpu_runtime
+
+    monkeypatch.setattr(cpu_runtime, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
+    with caplog.at_level("INFO", logger="recipes.cpu_runtime"):
+        in_process(_args(corpus, tmp_path / "run", "--max_steps", 1, "--mixed_precision", "bf16",
+                         "--save_final_model", "false", "--save_final_checkpoint", "false"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "recipes.cpu_runtime"]
+    if sys.platform.startswith("linux"):
+        assert any("stay in the heap for reuse" in m for m in messages)
+    assert any("without native bf16" in m and "--mixed_precision no" in m for m in messages)
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
