@@ -74,10 +74,12 @@ WHY_BELOW_TARGET = (
     "embedding's and the head's weight gradients over 151,936 x 64 entries, vision and layer calls). The tiny "
     "model's step is mostly its 151,936-way LM head (64-wide layers, real Qwen vocabulary): three products of "
     "2 x 64 x 151,936 FLOPs per supervised token, the same in both layouts because the loss takes logits only at "
-    "supervised (row, position) pairs. bf16 makes those products ~4x faster and so gives the per-step work a larger "
-    "share, which packing amortises. Earlier runs of this table (1.9x / 2.1x in fp32) were inflated by a per-call "
-    "cost of the loss that fell mostly on the small padded steps: ~100 ms of page faults from fresh 30-60 MiB "
-    "buffers, now reused on CPU (both layouts got faster; the small steps more). On the real 2B architecture on a "
+    "supervised (row, position) pairs. So the ratio follows the CPU's vector unit: with native bf16 (AVX512/AMX; "
+    "the bf16 tables) those products run ~4x faster, the per-step work gets a larger share and packing amortises "
+    "more of it; AVX2-only CPUs multiply slower and emulate bf16, and give the lowest ratios. Earlier runs of this "
+    "table (1.9x / 2.1x in fp32) were inflated by page faults that fell mostly on the small padded steps (~100 ms "
+    "per step from fresh 30-60 MiB loss buffers); the loss now reuses its buffers and the recipe keeps freed memory "
+    "for reuse on CPU (`recipes/cpu_runtime.py`), which made both layouts faster. On the real 2B architecture on a "
     "GPU the same comparison gives ~4x (`train_throughput_gpu`).\n"
 )
 
