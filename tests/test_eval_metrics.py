@@ -171,6 +171,10 @@ def test_vqa_normalisation_of_the_prediction():
     assert contraction["parsed"] == ["don't know"] and contraction["accuracy"] == 1.0
     decimal = compute("vqa_accuracy", "official", ["3.5"], [["3.5"] * 10])
     assert decimal["parsed"] == ["3.5"]
+    # Each mark's rule looks at the answer as given: the '"' turning into a space must not make the later '-' count
+    # as spaced (EvalAI: "t shirt"; testing the edited text would give "tshirt").
+    quoted = compute("vqa_accuracy", "official", ['coca"-cola t-shirt'], [["coca cola t shirt"] * 10])
+    assert quoted["parsed"] == ["coca cola t shirt"] and quoted["accuracy"] == 1.0
 
 
 def test_soft_accuracy_against_a_hand_computation():
