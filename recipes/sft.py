@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch recipes/sft.py): make the kit importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
@@ -63,7 +65,8 @@ class SFTScriptArguments(ScriptArguments):
     sample_dir: str | None = field(default=None, metadata={
         "help": "mammoth_split only: folder of the per-sample JSON files the index points to"})
     eval_dataset_name: str | None = field(default=None, metadata={
-        "help": "optional evaluation data, same layout and image_root as the training data"})
+        "help": "optional evaluation data, same layout and image_root as the training data (a folder or hub id "
+                "gives its dataset_test_split)"})
     chat_format: str = field(default="chatml", metadata={
         "help": "chatml (clean ChatML, new training) or compat (the original's SFT strings, for released checkpoints)"})
     num_image_tokens: int | None = field(default=None, metadata={
@@ -83,12 +86,14 @@ class SFTScriptArguments(ScriptArguments):
 
 
 class SkipReport(TrainerCallback):
-    """Writes ``skipped_samples.json`` (counts and examples) into the output folder at the end of training."""
+    """Writes ``skipped_samples.json`` (counts and examples) into the output folder at the end of training, merging
+    the skips of every rank and DataLoader worker (spooled under ``skipped_samples.parts/``)."""
 
     def __init__(self, skip_log: SkipLog):
         self.skip_log = skip_log
 
     def on_train_end(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every rank has spooled its skips
         if state.is_world_process_zero:
             logger.info(self.skip_log.summary())
             self.skip_log.write(Path(args.output_dir) / "skipped_samples.json")
@@ -108,8 +113,8 @@ class TrainingLog(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def _prepare_data(source, script_args, training_args, encoder, skip_log, packing: bool):
-    raw = load_raw_sft_dataset(source, split=script_args.dataset_train_split, streaming=script_args.dataset_streaming,
+def _prepare_data(source, split, script_args, training_args, encoder, skip_log, packing: bool):
+    raw = load_raw_sft_dataset(source, split=split, streaming=script_args.dataset_streaming,
                                config_name=script_args.dataset_config)
     if script_args.dataset_streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
         raw = raw.shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
@@ -137,6 +142,16 @@ def _maybe_write_easy_vqa(script_args, training_args) -> None:
     script_args.dataset_name = str(path)
     script_args.image_root = str(folder)
     script_args.dataset_format = "messages"
+
+
+def _skip_log(training_args) -> SkipLog:
+    """A skip log whose records reach ``skipped_samples.json`` from worker processes and other ranks too; a fresh run
+    starts from an empty spool, a resumed one keeps the skips met before the interruption."""
+    spool = Path(training_args.output_dir) / "skipped_samples.parts"
+    if not training_args.resume_from_checkpoint and PartialState().is_main_process:
+        shutil.rmtree(spool, ignore_errors=True)
+    PartialState().wait_for_everyone()  # no rank spools a skip before the stale ones are gone
+    return SkipLog(spool_dir=spool)
 
 
 def _resume_path(training_args) -> str | None:
@@ -185,15 +200,16 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
     if script_args.dataset_streaming and training_args.max_steps <= 0:
         raise ValueError("--dataset_streaming needs --max_steps (a stream has no length)")
 
-    skip_log = SkipLog()
+    skip_log = _skip_log(training_args)
     encoder = SFTEncoder(processor, script_args.chat_format, max_length=training_args.max_length,
                          num_image_tokens=model.config.num_image_tokens)
     with training_args.main_process_first(desc="encode SFT data"):
-        train_dataset = _prepare_data(script_args.dataset_name, script_args, training_args, encoder, skip_log, packing)
+        train_dataset = _prepare_data(script_args.dataset_name, script_args.dataset_train_split, script_args,
+                                      training_args, encoder, skip_log, packing)
         eval_dataset = None
-        if script_args.eval_dataset_name:
-            eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args, training_args, encoder, skip_log,
-                                         packing)
+        if script_args.eval_dataset_name:  # a folder or hub id with several splits gives its test split
+            eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args.dataset_test_split, script_args,
+                                         training_args, encoder, skip_log, packing)
     collator_class = PackedSFTCollator if packing else SFTCollator
     collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
                               pad_to_multiple_of=training_args.pad_to_multiple_of,

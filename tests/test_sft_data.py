@@ -225,6 +225,52 @@ def test_unreadable_image_is_named_at_collation_or_skipped(processor, tmp_path):
     assert batch["input_ids"].tolist() == [[1, 2]] and dict(collator.skip_log.counts) == {"unreadable_image": 1}
 
 
+def test_a_batch_of_only_unreadable_images_trains_on_the_previous_good_sample(processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = {"sample_id": "good", "input_ids": [1, 2], "labels": [1, 2], "images": []}
+    bad = [{"sample_id": f"bad{i}", "input_ids": [IMG, 2], "labels": [IGNORE, 2],
+            "images": [{"bytes": None, "path": str(broken)}]} for i in range(2)]
+    collator = SFTCollator(processor, skip_bad_samples=True)
+    with pytest.raises(RuntimeError, match=r"\['bad0', 'bad1'\]\) and no earlier batch"):
+        collator(bad)  # nothing good seen yet: nothing to fall back on
+    collator([good, bad[0]])
+    batch = collator(bad)
+    assert batch["input_ids"].tolist() == [[1, 2]] and batch["labels"].tolist() == [[1, 2]]
+    assert dict(collator.skip_log.counts) == {"unreadable_image": 5}
+
+
+def _collate_in_workers(collator, batches):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(batches, batch_size=None, num_workers=2, collate_fn=collator,
+                        multiprocessing_context="spawn")
+    return list(loader)
+
+
+def test_skips_in_dataloader_workers_reach_the_report_through_the_spool(processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = {"sample_id": "good", "input_ids": [1, 2], "labels": [1, 2], "images": []}
+
+    def bad(name):
+        return {"sample_id": name, "input_ids": [IMG, 2], "labels": [IGNORE, 2],
+                "images": [{"bytes": None, "path": str(broken)}]}
+
+    # Four batches over two worker processes, one bad sample met twice (as in a second epoch).
+    batches = [[good, bad("a")], [good, bad("b")], [good, bad("c")], [good, bad("a")]]
+    plain = SFTCollator(processor, skip_bad_samples=True)
+    assert len(_collate_in_workers(plain, batches)) == 4
+    assert plain.skip_log.total == 0  # the workers counted into their own copies: the main process saw nothing
+    spooled = SFTCollator(processor, skip_bad_samples=True, skip_log=SkipLog(spool_dir=tmp_path / "spool"))
+    _collate_in_workers(spooled, batches)
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 2  # one file per worker process
+    spooled.skip_log.write(tmp_path / "skipped.json")
+    report = json.loads((tmp_path / "skipped.json").read_text())
+    assert report["total"] == 3 and report["counts"] == {"unreadable_image": 3}
+    assert sorted(e["sample_id"] for e in report["examples"]) == ["a", "b", "c"]
+
+
 def _conversation(i):
     return [{"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]
 

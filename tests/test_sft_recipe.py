@@ -209,6 +209,39 @@ def test_bad_samples_stop_the_run_or_are_counted(base_dir, data, tmp_path):
     assert len(trainer.train_dataset) == len(rows) - 2
 
 
+def test_skips_in_dataloader_workers_are_counted_in_the_report(base_dir, data, tmp_path):
+    rows = json.loads(data["llava"].read_text())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"exists, but is no image")  # found only by the collator, inside the worker process
+    rows.append({"id": "broken", "image": str(broken), "conversations": rows[0]["conversations"]})
+    rows.append({"id": "ghost", "image": "images/ghost.png", "conversations": rows[0]["conversations"]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows))
+    stale = tmp_path / "run" / "skipped_samples.parts"
+    stale.mkdir(parents=True)
+    (stale / "old-run.jsonl").write_text(json.dumps({"sample_id": "x", "kind": "stale", "detail": "", "stage": "e"}))
+    _train(_argv(tmp_path / "run", bad, data["folder"], "--skip_bad_samples", "--dataloader_num_workers", "1",
+                 "--max_steps", "6", "--per_device_train_batch_size", "2", model=base_dir))  # 6 x 2 rows: one epoch
+    report = json.loads((tmp_path / "run" / "skipped_samples.json").read_text())
+    assert report["counts"] == {"missing_image": 1, "unreadable_image": 1}
+    assert {e["sample_id"]: e["stage"] for e in report["examples"]} == {"ghost": "encode", "broken": "collate"}
+
+
+def test_eval_data_with_several_splits_gives_its_test_split(base_dir, tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [{"id": f"{split}-{i}", "messages": [{"role": "user", "content": "Q?"},
+                                                   {"role": "assistant", "content": f"{split} answer"}]}
+                for i in range(3)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script_args, training_args, model_args = _parse(_argv(tmp_path / "out", folder, folder, "--eval_dataset_name",
+                                                          folder, model=base_dir))
+    trainer = build_trainer(script_args, training_args, model_args)
+    assert trainer.train_dataset["sample_id"] == ["train-0", "train-1", "train-2"]
+    assert trainer.eval_dataset["sample_id"] == ["test-0", "test-1", "test-2"]
+
+
 @pytest.mark.slow
 def test_tiny_config_runs_from_the_command_line(tmp_path):
     """The shipped tiny YAML (random tiny model, easy-vqa written on the fly) through the script entry point."""

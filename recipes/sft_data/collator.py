@@ -10,6 +10,7 @@ Text-only samples contribute no image; a batch without images has no ``pixel_val
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from PIL import Image
 
 from .encoding import IGNORE_INDEX
 from .errors import BadSampleError, SkipLog
+
+logger = logging.getLogger(__name__)
 
 
 def open_image(ref: dict[str, Any] | str, sample_id: str) -> Image.Image:
@@ -46,6 +49,8 @@ class SFTCollator:
         num_image_tokens: placeholders per image in the model input (default: ``processor.num_image_tokens``).
         pad_to_multiple_of: round the padded length up to a multiple of this.
         skip_bad_samples: drop a sample whose image cannot be decoded (counted in ``skip_log``) instead of raising.
+            A batch in which every sample is bad is replaced by the previous batch's first good sample (logged), so
+            a run over web data does not stop hours in; only the first batch of a worker has nothing to fall back on.
         skip_log: where skipped samples are counted (a fresh one by default).
     """
 
@@ -54,6 +59,7 @@ class SFTCollator:
     pad_to_multiple_of: int | None = None
     skip_bad_samples: bool = False
     skip_log: SkipLog = field(default_factory=SkipLog)
+    _fallback: tuple[dict, list[Image.Image]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.num_image_tokens = int(self.num_image_tokens or self.processor.num_image_tokens)
@@ -78,9 +84,15 @@ class SFTCollator:
                     raise
                 self.skip_log.add(error, stage="collate")
                 failed.append(error.sample_id)
-        if not loaded:
-            raise RuntimeError(f"every sample of this batch had an unreadable image ({failed}); nothing to train on")
-        return loaded
+        if loaded:
+            self._fallback = loaded[0]
+            return loaded
+        if self._fallback is None:
+            raise RuntimeError(f"every sample of this batch had an unreadable image ({failed}) and no earlier batch "
+                               "of this data worker had a good one to train on instead")
+        logger.warning("every sample of this batch had an unreadable image (%s, counted as skipped); training on "
+                       "sample %r of the previous batch again instead", failed, self._fallback[0]["sample_id"])
+        return [self._fallback]
 
     def _pixel_values(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         if not images:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -32,30 +34,60 @@ class BadSampleError(ValueError):
 class SkipLog:
     """Counts skipped samples by kind, logs the first ones in full and writes a JSON summary.
 
+    Skips happen wherever data is read: in the main process, in DataLoader worker processes (the collator, a
+    streaming filter) and on every rank. Worker processes hold copies of this object, so their counts never reach
+    the main process; with ``spool_dir`` set, every skip is also appended to a per-process file there, and
+    :meth:`write` merges those files (counting each distinct skip once: every rank counts the same encode-stage skips
+    of a cached map-style dataset, and a bad sample is met again in every epoch).
+
     Args:
         max_logged: how many skips are logged one by one (the rest are only counted).
         max_kept: how many (sample, reason) pairs are kept for the summary file.
+        spool_dir: folder shared by all processes of the run (e.g. under the output folder), or None.
     """
 
-    def __init__(self, max_logged: int = 20, max_kept: int = 1000):
+    def __init__(self, max_logged: int = 20, max_kept: int = 1000, spool_dir: str | Path | None = None):
         self.counts: Counter = Counter()
         self.examples: list[dict] = []
         self.max_logged = max_logged
         self.max_kept = max_kept
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def add(self, error: BadSampleError, stage: str = "encode") -> None:
+        record = {"sample_id": error.sample_id, "kind": error.kind, "detail": error.detail, "stage": stage}
         self.counts[error.kind] += 1
         if len(self.examples) < self.max_kept:
-            self.examples.append({"sample_id": error.sample_id, "kind": error.kind, "detail": error.detail,
-                                  "stage": stage})
+            self.examples.append(record)
+        if self.spool_dir is not None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            spool = self.spool_dir / f"{socket.gethostname()}-{os.getpid()}.jsonl"
+            with spool.open("a", encoding="utf-8") as handle:  # one short line per skip: a single append
+                handle.write(json.dumps(record) + "\n")
         if self.total <= self.max_logged:
             logger.warning("skipping %s (%s stage; --skip_bad_samples is set)", error, stage)
         elif self.total == self.max_logged + 1:
             logger.warning("more bad samples are being skipped; only counting them from now on")
+
+    def merge_spool(self) -> None:
+        """Replace this process's counts with the distinct skips spooled by all processes (no-op without a spool)."""
+        if self.spool_dir is None or not self.spool_dir.is_dir():
+            return
+        records = {}
+        for spool in sorted(self.spool_dir.glob("*.jsonl")):
+            for line in spool.read_text(encoding="utf-8").splitlines():
+                if line.strip():  # a process killed mid-write leaves at most a torn last line
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        logger.warning("ignoring a torn line in %s", spool)
+                        continue
+                    records.setdefault(tuple(sorted(record.items())), record)
+        self.counts = Counter(record["kind"] for record in records.values())
+        self.examples = list(records.values())[: self.max_kept]
 
     def summary(self) -> str:
         if not self.counts:
@@ -64,6 +96,8 @@ class SkipLog:
         return f"skipped {self.total} bad sample(s) ({parts})"
 
     def write(self, path: str | Path) -> None:
+        """Write the counts and examples as JSON (after merging the spool of all processes, if there is one)."""
+        self.merge_spool()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"total": self.total, "counts": dict(self.counts), "examples": self.examples},
