@@ -516,11 +516,13 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
 
 
 def generation_config_for(config: OpenQwen2VLConfig) -> GenerationConfig:
-    """Greedy decoding that stops at ``<|im_end|>``, as the original's ``generate_batch`` (README: 512 new tokens)."""
+    """Greedy decoding that stops at ``<|im_end|>``, as the original's ``generate_batch`` (README: 512 new tokens);
+    the image placeholder is never generated (it has no image behind it)."""
     text = config.text_config
     eos = text.eos_token_id if text.eos_token_id is not None else EOS_TOKEN_ID
     pad = text.pad_token_id if text.pad_token_id is not None else PAD_TOKEN_ID
-    return GenerationConfig(eos_token_id=eos, pad_token_id=pad, **GENERATION_DEFAULTS)
+    return GenerationConfig(eos_token_id=eos, pad_token_id=pad, suppress_tokens=[config.image_token_id],
+                            **GENERATION_DEFAULTS)
 
 
 def _sha256(path: Path) -> str:
@@ -705,6 +707,17 @@ def load_hf_folder_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _is_released_architecture(config: OpenQwen2VLConfig) -> bool:
+    """Whether the towers have the shapes of the released backbones (what the default run config names)."""
+    released = OpenQwen2VLConfig.open_qwen2vl_2b()
+    fields = {"vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "image_size", "patch_size"),
+              "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "num_key_value_heads", "vocab_size")}
+    return all(getattr(getattr(config, tower), name) == getattr(getattr(released, tower), name)
+               for tower, names in fields.items() for name in names)
+
+
 def export_to_prismatic(
     model_dir: str | Path,
     output: str | Path,
@@ -719,6 +732,12 @@ def export_to_prismatic(
     model's ``num_image_tokens``, or a minimal one naming the released backbones.
     """
     config = OpenQwen2VLConfig.from_pretrained(model_dir)
+    if run_config_template is None and not _is_released_architecture(config):
+        raise CheckpointError(
+            f"{model_dir} is not the released architecture (SigLIP-SO400M/14@384 + Qwen2.5-1.5B), so the default run "
+            "config naming those backbones would make the original load() build the wrong modules; pass the run's "
+            "config.json with --config (run_config_template)"
+        )
     state = load_hf_folder_state_dict(model_dir)
     original = convert_to_prismatic(state, config, include_vision_backbone=include_vision_backbone)
     output = Path(output)

@@ -22,6 +22,9 @@ class OpenQwen2VLProjector(nn.Module):
 
     def __init__(self, config: OpenQwen2VLConfig):
         super().__init__()
+        # num_image_tokens may have changed since the config was built (the 144 -> 729 switch sets the attribute or
+        # passes it to from_pretrained): check it against the patch grid before the pool size is fixed.
+        config._validate_open_qwen2vl()
         self.grid_side = config.patch_grid_side
         self.pool = nn.AdaptiveAvgPool2d(config.pooled_grid_side)
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
@@ -176,6 +179,10 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         self._restrict_no_split_modules()
+        if self.generation_config is not None and self.generation_config.suppress_tokens is None:
+            # A generated placeholder has no image behind it: fed back without a cache it breaks the forward's
+            # placeholder count (TRL's generating trainers suppress it too). Saved with the model.
+            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

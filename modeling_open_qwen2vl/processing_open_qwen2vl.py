@@ -10,7 +10,10 @@ Text formats (the model sees `num_image_tokens` copies of `<|image_pad|>` wherev
 """
 
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 IMAGE_MARKER = "<image>"
 IMAGE_PAD_TOKEN = "<|image_pad|>"
@@ -18,6 +21,10 @@ BOS = "<s>"
 EOS = "<|im_end|>"
 COMPAT_SYSTEM_PREFIX = "<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 COMPAT_USER_TURN_END = "<|im_end|>assistant\n"
+# Keywords passed on to the image processor; keywords accepted with nothing to do: the tokenizer adds no special
+# tokens, and offsets are already in the rendered text's characters (no replacement shifts them).
+_IMAGE_OPTIONS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+_NOTHING_TO_DO = frozenset({"add_special_tokens", "return_text_replacement_offsets"})
 
 # Renders a message's content: a string as is; a list of parts with images as `<image>` and parts joined by "\n"
 # (so [image, text] -> "<image>\nText", the LLaVA data convention).
@@ -129,25 +136,34 @@ class OpenQwen2VLProcessor(ProcessorMixin):
         With ``compat_image_quirk`` this is reproduced for texts in the compat chat format; everything else is
         tokenized plainly (the sentinel split and whole-text tokenization agree because the placeholder is special).
         """
-        placeholder = [self.image_token_id] * self.num_image_tokens
-        head, tail = "", text
+        return self._encode(text, with_offsets=False)[0]
+
+    def _encode(self, text: str, with_offsets: bool) -> tuple[list, list | None]:
+        """``encode_text``'s ids and, with ``with_offsets``, each id's (start, end) characters in ``text`` (an image's
+        placeholders all span its ``<image>`` marker), as a fast tokenizer's ``offset_mapping``."""
+        cut = 0
         if self.compat_image_quirk and text.startswith(COMPAT_SYSTEM_PREFIX) and COMPAT_USER_TURN_END in text:
             cut = text.index(COMPAT_USER_TURN_END) + len(COMPAT_USER_TURN_END)
-            head, tail = text[:cut], text[cut:]
-        ids = []
-        if head:
-            chunks = head.split(IMAGE_MARKER)
-            ids.extend(self.tokenizer.encode(chunks[0], add_special_tokens=False))
-            for chunk in chunks[1:]:
-                ids.extend(placeholder)
-                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False)[1:])
-        chunks = tail.split(IMAGE_MARKER)
-        for i, chunk in enumerate(chunks):
-            if i:
-                ids.extend(placeholder)
-            if chunk:
-                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False))
-        return ids
+        ids, offsets = [], [] if with_offsets else None
+        # (part, whether the quirk drops the first token of each chunk after an image)
+        for start, end, drop_after_image in ((0, cut, True), (cut, len(text), False)):
+            position = start
+            for i, chunk in enumerate(text[start:end].split(IMAGE_MARKER)):
+                if i:
+                    ids.extend([self.image_token_id] * self.num_image_tokens)
+                    if with_offsets:
+                        offsets.extend([(position, position + len(IMAGE_MARKER))] * self.num_image_tokens)
+                    position += len(IMAGE_MARKER)
+                if chunk:
+                    drop = 1 if drop_after_image and i else 0
+                    if with_offsets:
+                        piece = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                        ids.extend(piece["input_ids"][drop:])
+                        offsets.extend((position + a, position + b) for a, b in piece["offset_mapping"][drop:])
+                    else:
+                        ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False)[drop:])
+                position += len(chunk)
+        return ids, offsets
 
     def __call__(
         self,
@@ -160,17 +176,31 @@ class OpenQwen2VLProcessor(ProcessorMixin):
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         return_attention_mask: bool = True,
+        return_offsets_mapping: bool = False,
+        images_kwargs: dict | None = None,
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenize ``text`` (str or list) and preprocess ``images`` (flat in order of appearance, or one list per text).
 
-        Raises ``ValueError`` when the number of ``<image>`` markers and images differ. ``truncation`` never cuts
-        through an image: a text whose placeholders would be cut raises instead.
+        Raises ``ValueError`` when the number of ``<image>`` markers and images differ, or a text holds the literal
+        placeholder token. ``truncation`` (to ``max_length``, else the tokenizer's ``model_max_length``) never cuts
+        through an image: a text whose placeholders would be cut raises instead. Image-processor options go in
+        ``images_kwargs`` or as keywords (``input_data_format="channels_last"``...). ``return_offsets_mapping`` gives
+        each token's character span in its text (what ``apply_chat_template(return_assistant_tokens_mask=True)`` and
+        TRL's ``assistant_only_loss`` need).
         """
+        if videos is not None or audio is not None:
+            raise ValueError("OpenQwen2VLProcessor takes images and text only (no videos or audio)")
+        image_options = {**(images_kwargs or {}), **{k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_OPTIONS}}
+        unused = sorted(k for k in kwargs if k not in _NOTHING_TO_DO)
+        if unused:
+            logger.warning_once(f"OpenQwen2VLProcessor ignores the keyword argument(s) {unused}")
         if text is None:
             if images is None:
                 raise ValueError("OpenQwen2VLProcessor needs `text`, `images` or both")
-            return BatchFeature(self._pixel_values(_flatten_images(images)), tensor_type=return_tensors)
+            return BatchFeature(self._pixel_values(_flatten_images(images), image_options), tensor_type=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         flat_images = _flatten_images(images)
         counts = [t.count(IMAGE_MARKER) for t in texts]
@@ -183,17 +213,23 @@ class OpenQwen2VLProcessor(ProcessorMixin):
             per_text = [len(_flatten_images(x)) for x in images]
             if all(isinstance(x, (list, tuple)) for x in images) and per_text != counts:
                 raise ValueError(f"images per text {per_text} do not match {IMAGE_MARKER} markers per text {counts}")
-        input_ids = []
+        if truncation and truncation != "do_not_truncate" and max_length is None:
+            max_length = self.tokenizer.model_max_length
+        input_ids, offsets = [], []
         for index, sample in enumerate(texts):
-            ids = self.encode_text(sample)
-            if truncation and max_length is not None and len(ids) > max_length:
+            if IMAGE_PAD_TOKEN in sample:  # it would become a placeholder with no image features behind it
+                raise ValueError(f"text {index} contains the literal token {IMAGE_PAD_TOKEN}; mark images with "
+                                 f"{IMAGE_MARKER} (the processor expands each to {self.num_image_tokens} of them)")
+            ids, spans = self._encode(sample, with_offsets=return_offsets_mapping)
+            if truncation and truncation != "do_not_truncate" and len(ids) > max_length:
                 if self.image_token_id in ids[max_length:]:
                     raise ValueError(
                         f"text {index} has {len(ids)} tokens after image expansion; truncating it to "
                         f"max_length={max_length} would cut through an image's {self.num_image_tokens} placeholders"
                     )
-                ids = ids[:max_length]
+                ids, spans = ids[:max_length], spans and spans[:max_length]
             input_ids.append(ids)
+            offsets.append(spans)
         encoded = self.tokenizer.pad(
             {"input_ids": input_ids},
             padding=padding,
@@ -203,12 +239,18 @@ class OpenQwen2VLProcessor(ProcessorMixin):
             return_attention_mask=return_attention_mask,
         )
         data = dict(encoded)
+        if return_offsets_mapping:  # padding positions span no characters
+            left = (padding_side or self.tokenizer.padding_side) == "left"
+            data["offset_mapping"] = [
+                [(0, 0)] * (len(padded) - len(spans)) + spans if left else spans + [(0, 0)] * (len(padded) - len(spans))
+                for padded, spans in zip(data["input_ids"], offsets)
+            ]
         if flat_images:
-            data.update(self._pixel_values(flat_images))
+            data.update(self._pixel_values(flat_images, image_options))
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _pixel_values(self, images: list) -> dict:
-        return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}
+    def _pixel_values(self, images: list, options: dict | None = None) -> dict:
+        return {"pixel_values": self.image_processor(images, return_tensors="pt", **(options or {}))["pixel_values"]}
 
     def format_pretraining_text(self, caption: str) -> str:
         return format_pretraining_text(caption)

@@ -106,6 +106,7 @@ def test_cli_writes_sharded_safetensors_and_the_release_files(cli_run):
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["do_sample"] is False and generation["eos_token_id"] == EOS_ID
     assert generation["pad_token_id"] == PAD_ID and generation["max_new_tokens"] == 512
+    assert generation["suppress_tokens"] == [config["image_token_id"]]  # a placeholder has no image behind it
 
 
 def test_model_card_says_what_was_converted_from_what(cli_run):

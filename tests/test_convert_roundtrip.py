@@ -164,12 +164,23 @@ def test_drop_vision_head_option(tmp_path, reference):
     assert config["vision_config"]["vision_use_head"] is False
     assert not any(".head." in k for k in load_file(tmp_path / "hf" / "model.safetensors"))
     assert "--drop-vision-head" in (tmp_path / "hf" / "README.md").read_text()
-    assert main(["--to-prismatic", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 2
-    assert main(["--to-prismatic", str(tmp_path / "hf"), "--output", str(tmp_path / "back"),
-                 "--no-vision-backbone"]) == 0
+    back = ["--to-prismatic", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]
+    assert main([*back, "--config", str(run / "config.json")]) == 2  # the original needs the head
+    assert main([*back, "--config", str(run / "config.json"), "--no-vision-backbone"]) == 0
     exported = torch.load(tmp_path / "back" / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]
     original = reference.checkpoint(with_vision=False)["model"]
     assert_same_groups(exported, original)
+
+
+def test_export_of_another_architecture_needs_its_run_config(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    _write_run(run, reference.checkpoint())
+    assert main(["--checkpoint", str(run), "--base-config", str(run / "base"), "--output", str(tmp_path / "hf"),
+                 "--no-sha256"]) == 0
+    # The default run config names the released backbones: the original load() would build 2B modules.
+    assert main(["--to-prismatic", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 2
+    assert "is not the released architecture" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
 
 
 def test_export_checks_the_state_dict_against_its_config(reference):

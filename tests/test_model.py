@@ -1,5 +1,6 @@
 """Model behaviour checked against independent computations on tiny random models."""
 
+import json
 import math
 
 import pytest
@@ -202,6 +203,16 @@ def test_144_to_729_is_a_config_change_only(tmp_path):
     assert out.logits.shape[1] == 70
 
 
+def test_num_image_tokens_set_after_the_config_is_built_is_still_checked(tmp_path):
+    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)  # 8x8 patch grid
+    config.num_image_tokens = 5
+    with pytest.raises(ValueError, match="num_image_tokens=5 is not a positive perfect square"):
+        OpenQwen2VLForConditionalGeneration(config)
+    OpenQwen2VLForConditionalGeneration(OpenQwen2VLConfig.tiny(num_image_tokens=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"num_image_tokens=100 \(side 10\) exceeds the vision patch grid 8x8"):
+        OpenQwen2VLForConditionalGeneration.from_pretrained(tmp_path, num_image_tokens=100)
+
+
 def test_sdpa_and_eager_agree(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path)
     ids = _ids_with_images([(30, [4])], 16)
@@ -249,6 +260,29 @@ def test_generate_with_and_without_cache_is_identical(tiny_model):
     with_cache = tiny_model.generate(**kw, use_cache=True)
     without = tiny_model.generate(**kw, use_cache=False)
     assert torch.equal(with_cache, without)
+
+
+def test_the_image_placeholder_is_never_generated(tiny_model, tmp_path):
+    ids = _ids_with_images([(24, [1])], 16)
+    kw = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), attention_mask=torch.ones_like(ids),
+              max_new_tokens=4, do_sample=False)
+
+    def favour_the_placeholder(module, inputs, logits):  # a model whose every argmax is the placeholder
+        logits[..., IMG] += 1e4
+        return logits
+
+    handle = tiny_model.lm_head.register_forward_hook(favour_the_placeholder)
+    try:
+        unsuppressed = tiny_model.generate(**kw, suppress_tokens=None, use_cache=True)[0, 24:]
+        assert unsuppressed.tolist() == [IMG] * 4  # the hook works: without the default, the placeholder comes out
+        with pytest.raises(ValueError, match="Image features and image tokens do not match: tokens 17, features 16"):
+            tiny_model.generate(**kw, suppress_tokens=None, use_cache=False)
+        outputs = [tiny_model.generate(**kw, use_cache=cache)[0, 24:] for cache in (True, False)]
+    finally:
+        handle.remove()
+    assert IMG not in outputs[0].tolist() and torch.equal(outputs[0], outputs[1])
+    tiny_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["suppress_tokens"] == [IMG]
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_model, processor, easy_vqa_images):

@@ -216,3 +216,72 @@ def test_processor_save_and_reload(tmp_path, compat_processor):
     text = "<s><image>\nhello"
     assert loaded(text=text, images=[Image.new("RGB", (8, 8))])["input_ids"] == \
         compat_processor(text=text, images=[Image.new("RGB", (8, 8))])["input_ids"]
+
+
+def _two_turns(image):
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What shape?"}]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "And the colour?"},
+        {"role": "assistant", "content": "Red, mostly."},
+    ]
+
+
+@pytest.mark.parametrize("template", ["chatml", "compat"])
+def test_assistant_masks_cover_exactly_the_answers(processor, easy_vqa_images, template):
+    conversation = _two_turns(easy_vqa_images[0])
+    out = processor.apply_chat_template(conversation, chat_template=template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"][0], out["assistant_masks"][0]
+    # Same ids as without masks (the offsets path tokenizes like encode_text, compat's first-turn quirk included).
+    assert ids == processor.apply_chat_template(conversation, chat_template=template, tokenize=True)[0]
+    answers = "A red circle.<|im_end|>\nRed, mostly.<|im_end|>\n"
+    assert processor.decode([t for t, m in zip(ids, mask) if m]) == answers
+    assert not any(m for t, m in zip(ids, mask) if t == IMG)
+
+
+def test_offsets_follow_left_padding_and_trl_assistant_only_loss_works(processor, easy_vqa_images):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    texts = ["<s><image>\nab", "<s>a much longer text without an image"]
+    out = processor(text=texts, images=easy_vqa_images[:1], padding=True, padding_side="left",
+                    return_offsets_mapping=True)
+    for text, ids, spans in zip(texts, out["input_ids"], out["offset_mapping"]):
+        assert len(spans) == len(ids)
+        real = [(i, s) for i, s in zip(ids, spans) if s != (0, 0)]
+        pad = len(ids) - len(real)
+        assert all(s == (0, 0) for s in spans[:pad])  # the padding is on the left
+        assert all(text[a:b] == "<image>" for i, (a, b) in real if i == IMG)
+        assert "".join(text[a:b] for i, (a, b) in real if i != IMG) == text.replace("<image>", "")
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, assistant_only_loss=True)
+    messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "What shape?"}
+                for m in _two_turns(None)]  # TRL puts the image into the first user turn itself
+    batch = collator([{"images": [easy_vqa_images[0]], "messages": messages}])
+    assert int((batch["input_ids"] == IMG).sum()) == N
+    supervised = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert processor.decode(supervised) == "A red circle.<|im_end|>\nRed, mostly.<|im_end|>\n"
+
+
+def test_image_options_reach_the_image_processor_and_unknown_ones_are_named(processor, caplog):
+    hwc = np.random.default_rng(0).integers(0, 256, size=(3, 40, 3), dtype=np.uint8)  # height 3: ambiguous layout
+    expected = processor.image_processor(hwc, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    got = processor(text="<image>", images=[hwc], input_data_format="channels_last")["pixel_values"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    small = processor(images=[Image.new("RGB", (8, 8))], images_kwargs={"size": {"height": 32, "width": 32}})
+    assert small["pixel_values"].shape == (1, 3, 32, 32)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    processor(text="hi", foo_bar_option=1)
+    assert "ignores the keyword argument(s) ['foo_bar_option']" in caplog.text
+
+
+def test_truncation_without_max_length_uses_the_model_max_length(processor):
+    long = "<s>" + "word " * (processor.tokenizer.model_max_length + 100)
+    assert len(processor(text=long, truncation=True)["input_ids"][0]) == processor.tokenizer.model_max_length
+    assert len(processor(text=long)["input_ids"][0]) > processor.tokenizer.model_max_length
+
+
+def test_literal_placeholder_token_in_the_text_is_refused_naming_the_text(processor, easy_vqa_images):
+    with pytest.raises(ValueError, match=r"text 1 contains the literal token <\|image_pad\|>; mark images with"):
+        processor(text=["<s><image>\nfine", "<s>quoting <|image_pad|> here"], images=easy_vqa_images[:1])
