@@ -77,7 +77,8 @@ class PackedCollator:
     see the module doc),
     ``position_ids`` [B, L], ``pixel_values`` [N_images, 3, H, W] (documents in order, row by row), and
     ``num_real_tokens`` (int, non-padding positions, for throughput accounting), ``documents_dropped`` (int, this
-    batch's documents left out: bad documents, over ``max_length``), ``uids`` (of the documents kept, in order);
+    batch's documents left out: bad documents, over ``max_length``), ``stats`` (this batch's increments of
+    ``self.stats``), ``uids`` (of the documents kept, in order);
     isolated batches also carry ``use_cache=False``. Pass only the model's inputs to the model.
     """
 
@@ -147,6 +148,7 @@ class PackedCollator:
             raise ValueError("PackedCollator got an empty batch")
         sequences, images, uids = [], [], []
         dropped_before = self._dropped()
+        stats_before = Counter(self.stats)
         for row in rows:
             documents, row_images, row_uids = self._row_documents(row)
             if documents:  # a row whose every document was bad leaves the batch (its drops are counted)
@@ -194,6 +196,9 @@ class PackedCollator:
             "position_ids": position_ids,
             "num_real_tokens": num_real_tokens,
             "documents_dropped": self._dropped() - dropped_before,
+            # This batch's share of ``stats``: in DataLoader workers the collator's own counters are copies that
+            # the main process never sees, so the trainer adds these up.
+            "stats": dict(self.stats - stats_before),
             "uids": uids,
         }
         if self.attention == "faithful":

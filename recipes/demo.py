@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "--dataset_config_name", packed_config, "--num_image_tokens", str(settings["pretrain_image_tokens"]),
             "--max_length", str(settings["capacity"]), "--stage", settings["stage"],
             "--num_train_epochs", str(settings["pretrain_epochs"]), "--save_steps", "100000",
-            "--seed", str(settings["seed"]), "--output_dir", str(paths["pretrain"])])))
+            "--seed", str(settings["seed"]), "--output_dir", str(paths["pretrain"]),
+            "--overwrite_output_dir"])))  # --keep re-runs the steps in the kept folder
 
     def write_sft_data() -> None:
         from recipes.sft_data.easy_vqa import write_easy_vqa_sft

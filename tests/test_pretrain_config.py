@@ -1,5 +1,6 @@
 """Pretraining configuration: YAML + command-line overrides, unknown keys and bad values rejected up front."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,35 @@ def test_abbreviated_keys_are_not_guessed(tmp_path):
     config = _write(tmp_path, {"model_preset": "tiny", "dataset_name_or_path": "c"})
     with pytest.raises(ValueError, match=r"'--num_train_epoch'.*did you mean num_train_epochs"):
         parse_pretrain_args(["--config", config, "--num_train_epoch", "2"])
+
+
+def test_a_model_source_on_the_command_line_replaces_the_files(tmp_path):
+    tiny = str(CONFIGS / "pretrain_tiny.yaml")
+    model_args, _, _ = parse_pretrain_args(["--config", tiny, "--dataset_name_or_path", "c",
+                                            "--model_name_or_path", "runs/pretrain/final_model"])
+    assert model_args.model_name_or_path == "runs/pretrain/final_model"
+    assert model_args.model_preset is None and model_args.preset_kwargs == {}
+    paper = str(CONFIGS / "pretrain_open_qwen2vl_2b.yaml")
+    model_args, _, _ = parse_pretrain_args([f"--config={paper}", "--dataset_name_or_path", "c",
+                                            "--model_preset", "tiny"])
+    assert model_args.model_preset == "tiny"
+    assert model_args.vision_model_name_or_path is None and model_args.text_model_name_or_path is None
+    # Two sources on the command line itself are still an error.
+    with pytest.raises(ValueError, match="choose exactly one model source"):
+        parse_pretrain_args(["--config", tiny, "--dataset_name_or_path", "c", "--model_name_or_path", "m",
+                             "--model_preset", "tiny"])
+
+
+@pytest.mark.parametrize("preset, kwargs, unknown", [
+    ("tiny", {"hiden_size": 128}, "['hiden_size']"),  # misspelt
+    ("open_qwen2vl_2b", {"num_hidden_layers": 2}, "['num_hidden_layers']"),  # the 2B preset takes no widths
+])
+def test_preset_kwargs_the_preset_does_not_take_are_named(tmp_path, preset, kwargs, unknown):
+    config = _write(tmp_path, {"model_preset": preset, "model_preset_kwargs": kwargs, "dataset_name_or_path": "c"})
+    with pytest.raises(ValueError, match=rf"model_preset_kwargs: {re.escape(unknown)} not accepted by the "
+                                         rf"'{preset}' preset; valid keys: \["):
+        parse_pretrain_args(["--config", config])
+    elsewhere = _write(tmp_path, {"model_name_or_path": "m", "model_preset_kwargs": {"hidden_size": 8},
+                                  "dataset_name_or_path": "c"})
+    with pytest.raises(ValueError, match="model_preset_kwargs is set but the model does not come from a model_preset"):
+        parse_pretrain_args(["--config", elsewhere])

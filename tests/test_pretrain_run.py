@@ -302,6 +302,55 @@ def test_a_corrupt_image_costs_its_document_not_the_run(corpus_with_a_corrupt_im
             in_process(_args(corpus, tmp_path / "strict", "--on_bad_document", "raise", "--save_final_model", "false"))
 
 
+def _checkpoint_steps(output):
+    from recipes.training.checkpointing import complete_checkpoints
+
+    return [int(path.name.split("-")[1]) for path in complete_checkpoints(output)]
+
+
+def test_an_output_dir_holds_one_run(corpus, tmp_path, in_process, caplog):
+    """A fresh start over an earlier run's checkpoints is refused (pruning and --resume would mix the runs);
+    resuming from an earlier checkpoint drops the later ones; a torn metrics line does not stop a resume."""
+    output = tmp_path / "run"
+    common = ("--save_final_model", "false", "--save_total_limit", 5, "--save_steps", 1)
+    in_process(_args(corpus, output, "--max_steps", 4, *common))
+    assert _checkpoint_steps(output) == [1, 2, 3, 4]
+    first_run = (output / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(newest: step-00000004\); continue it "
+                                         "with --resume, start over with --overwrite_output_dir"):
+        in_process(_args(corpus, output, "--max_steps", 2, *common))
+    assert (output / "metrics.jsonl").read_text() == first_run  # refused before anything was touched
+
+    with open(output / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "loss": 1.2')  # the torn last write of a killed process
+    with caplog.at_level("WARNING"):
+        in_process(_args(corpus, output, "--max_steps", 4, *common, "--resume_from_checkpoint",
+                         output / "checkpoints" / "step-00000002"))
+    assert "line 5 is not valid JSON (an interrupted write?); dropping it" in caplog.text
+    assert "deleted step-00000003: this run continues from the earlier step 2" in caplog.text
+    assert [r["step"] for r in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert _checkpoint_steps(output) == [1, 2, 3, 4]  # 3 and 4 written anew by the continuation
+
+    in_process(_args(corpus, output, "--max_steps", 2, *common[:-2], "--save_total_limit", 1,
+                     "--overwrite_output_dir", "true"))
+    assert _checkpoint_steps(output) == [2]  # the earlier run's 4 checkpoints are gone, this run's newest is kept
+    assert [r["step"] for r in read_jsonl(output / "metrics.jsonl")] == [1, 2]
+
+
+def test_collator_counts_reach_the_summary_from_dataloader_workers(corpus_with_a_corrupt_image, tmp_path,
+                                                                    in_process):
+    (corpus, _) = corpus_with_a_corrupt_image
+    summaries = [in_process(_args(corpus, tmp_path / f"workers{n}", "--save_final_model", "false", "--save_steps", 0,
+                                  "--save_final_checkpoint", "false", "--dataloader_num_workers", n))
+                 for n in (0, 1)]
+    packs = 0
+    for summary in summaries:
+        stats = summary["collator_stats"]
+        assert stats["documents_dropped_bad_image"] == 1
+        packs = packs or stats["documents"]
+        assert stats["documents"] == packs > 0  # every kept document of the epoch, counted in either layout
+
+
 def test_compiled_layers_train_like_eager_and_share_checkpoints(corpus, tmp_path, in_process, caplog, tiny_config):
     """--compile_layers: the same per-step losses as eager, and its checkpoint resumes an eager run."""
     common = ("--max_steps", 3, "--save_steps", 2, "--save_final_model", "false", "--log_sample_uids", "true")

@@ -38,6 +38,26 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+# Config attributes a preset passes through besides its own named arguments (num_image_tokens and
+# vision_feature_layer have arguments of their own).
+_PRESET_CONFIG_KEYS = ("image_token_id", "projector_hidden_act")
+
+
+def _check_preset_kwargs(preset: str, kwargs: dict) -> None:
+    """Unknown keys would become stray config attributes, silently ignored (a misspelt width, or a text-model field
+    the 2B preset does not take): name them with the valid ones."""
+    import inspect
+
+    from modeling_open_qwen2vl import OpenQwen2VLConfig
+
+    named = inspect.signature(getattr(OpenQwen2VLConfig, preset)).parameters
+    valid = sorted({name for name, p in named.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"num_image_tokens"}
+                   | set(_PRESET_CONFIG_KEYS))
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"model_preset_kwargs: {unknown} not accepted by the {preset!r} preset; valid keys: {valid}")
+
+
 @dataclass
 class ModelArguments:
     """Where the model comes from. Exactly one source: a kit checkpoint, two pretrained parts, or a preset."""
@@ -109,6 +129,9 @@ class ModelArguments:
                 raise ValueError(f"model_preset_kwargs is not valid JSON: {error}") from None
             if not isinstance(parsed, dict):
                 raise ValueError("model_preset_kwargs must be a JSON object")
+            if self.model_preset is None:
+                raise ValueError("model_preset_kwargs is set but the model does not come from a model_preset")
+            _check_preset_kwargs(self.model_preset, parsed)
         root = math.isqrt(self.num_image_tokens) if self.num_image_tokens > 0 else 0
         if root * root != self.num_image_tokens:
             raise ValueError(f"num_image_tokens={self.num_image_tokens} must be a positive perfect square")
@@ -217,6 +240,11 @@ class PretrainArguments:
     seed: int = field(default=42, metadata={"help": "Data order and run RNG."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds an earlier run's checkpoints, deleting them "
+                  "(without it, such a start is refused: use --resume to continue that run)."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Continue from this checkpoint."})
     logging_steps: int = field(default=1, metadata={"help": "Log to trackers every N steps (metrics.jsonl: all)."})
@@ -282,29 +310,55 @@ def parse_pretrain_args(argv: list[str] | None = None) -> PretrainConfig:
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        path = argv[index + 1]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
-        import yaml
-
-        with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle) or {}
-        if not isinstance(content, dict):
-            raise ValueError(f"config file {path} must hold a YAML mapping of keys to values")
-        unknown = sorted(set(content) - set(_valid_names(DATACLASSES)) - {"env"})
-        if unknown:
-            raise _unknown_key_error(unknown, DATACLASSES, f"in {path}")
+    path, argv = _pop_config_path(argv)
     parser = TrlParser(DATACLASSES, allow_abbrev=False)  # a misspelt key must not match a longer one
-    model_args, data_args, train_args, remaining = parser.parse_args_and_config(
-        argv, return_remaining_strings=True
+    if path is not None:
+        content = _read_config_file(path)
+        for key, value in (content.pop("env", None) or {}).items():
+            os.environ[key] = str(value)
+        given = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+        if given & set(MODEL_SOURCE_KEYS):
+            # A model source on the command line replaces the file's (exactly one source is allowed): e.g. the
+            # tiny config's preset, continued from a finished run's final_model.
+            replaced = {*MODEL_SOURCE_KEYS, *(("model_preset_kwargs",) if "model_preset" not in given else ())}
+            content = {key: value for key, value in content.items() if key not in replaced}
+        parser.set_defaults_with_config(**content)
+    model_args, data_args, train_args, remaining = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
     )
     if remaining:
         raise _unknown_key_error(remaining, DATACLASSES, "on the command line")
     return model_args, data_args, train_args
+
+
+MODEL_SOURCE_KEYS = ("model_name_or_path", "vision_model_name_or_path", "text_model_name_or_path", "model_preset")
+
+
+def _pop_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The ``--config PATH`` / ``--config=PATH`` value and the other arguments."""
+    for index, token in enumerate(argv):
+        if token == "--config":
+            if index + 1 >= len(argv):
+                raise ValueError("--config needs a YAML file path")
+            return argv[index + 1], argv[:index] + argv[index + 2:]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1], argv[:index] + argv[index + 1:]
+    return None, argv
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"config file {path} must hold a YAML mapping of keys to values")
+    unknown = sorted(set(content) - set(_valid_names(DATACLASSES)) - {"env"})
+    if unknown:
+        raise _unknown_key_error(unknown, DATACLASSES, f"in {path}")
+    return content
 
 
 def config_as_dict(config: PretrainConfig) -> dict:

@@ -96,6 +96,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_checkpoints_after(output_dir: str | Path, step: int) -> list[Path]:
+    """Delete complete checkpoints later than ``step`` (call on the main process only): a run resumed from an
+    earlier checkpoint continues from there, and ``--resume`` must not later pick the abandoned continuation."""
+    removed = []
+    for path in complete_checkpoints(output_dir):
+        if int(_STEP_DIR.match(path.name).group(1)) > step:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def remove_unfinished(output_dir: str | Path) -> list[Path]:
     """Delete ``step-N.tmp`` folders left by a run killed while saving (call on the main process only)."""
     root = Path(output_dir) / CHECKPOINTS
@@ -160,7 +171,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
         tmp.rename(final)
         if save_total_limit:
             for old in complete_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:  # never the one just written, whatever else the folder holds
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -245,5 +257,5 @@ def save_final_model(model, processor, directory: str | Path, is_main: bool) -> 
 
 
 __all__ = ["architecture", "check_resumable", "checkpoint_path", "complete_checkpoints", "latest_checkpoint",
-           "load_checkpoint", "read_trainer_state", "remove_unfinished", "rng_state", "save_checkpoint",
+           "load_checkpoint", "read_trainer_state", "remove_checkpoints_after", "remove_unfinished", "rng_state", "save_checkpoint",
            "save_final_model", "set_rng_state"]

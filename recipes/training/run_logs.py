@@ -11,7 +11,10 @@ so the files hold exactly one line per step of the combined run.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -23,11 +26,20 @@ class JsonLinesLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> int:
-        """Keep lines with ``step <= step``; returns how many were dropped."""
+        """Keep lines with ``step <= step``; returns how many were dropped. A line that does not parse (the torn
+        last write of a killed process, or a full disk) is dropped with a warning instead of failing the resume."""
         if not self.enabled or not self.path.is_file():
             return 0
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not valid JSON (an interrupted write?); dropping it", self.path, number)
+                continue
+            if record is not None and record["step"] <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         return len(lines) - len(kept)
 

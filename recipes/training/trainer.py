@@ -15,10 +15,12 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,11 +30,14 @@ import yaml
 from ..cpu_runtime import prepare_cpu_training
 from .arguments import PretrainConfig, config_as_dict
 from .checkpointing import (
+    CHECKPOINTS,
     architecture,
     check_resumable,
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
+    remove_checkpoints_after,
     remove_unfinished,
     save_checkpoint,
     save_final_model,
@@ -102,6 +107,15 @@ class _Setup:
             if self.resume_path is None:
                 logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.output_dir)
         self.resume_state = read_trainer_state(self.resume_path) if self.resume_path else None
+        self.earlier_checkpoints = complete_checkpoints(self.output_dir) if self.resume_path is None else []
+        if self.earlier_checkpoints and not args.overwrite_output_dir:
+            # Starting over here would mix two runs: pruning would keep the old run's later steps, and a later
+            # --resume would continue the old run.
+            raise ValueError(
+                f"{self.output_dir} holds checkpoints of an earlier run (newest: {self.earlier_checkpoints[-1].name});"
+                " continue it with --resume, start over with --overwrite_output_dir (deletes them), or choose "
+                "another output_dir"
+            )
 
         # 2. Data and model.
         self.dataset = load_packed_corpus(data_args.dataset_name_or_path, data_args.dataset_config_name,
@@ -174,6 +188,11 @@ class _Setup:
 
         # 5. Restore.
         self.start_step = 0
+        if self.earlier_checkpoints and self.is_main:  # --overwrite_output_dir, now that everything is built
+            logger.warning("--overwrite_output_dir: deleting %d checkpoint(s) of an earlier run in %s",
+                           len(self.earlier_checkpoints), self.output_dir)
+            for path in self.earlier_checkpoints:
+                shutil.rmtree(path, ignore_errors=True)
         if self.resume_state is not None:
             if self.is_main:
                 remove_unfinished(self.output_dir)
@@ -181,6 +200,10 @@ class _Setup:
                                                         optimizer=self.raw_optimizer, scheduler=self.scheduler)
             self.batches.load_state_dict(data_state)
             self.start_step = int(trainer_state["global_step"])
+            if self.is_main and self.resume_path.resolve().parent == (self.output_dir / CHECKPOINTS).resolve():
+                for path in remove_checkpoints_after(self.output_dir, self.start_step):
+                    logger.warning("deleted %s: this run continues from the earlier step %d", path.name,
+                                   self.start_step)
             if trainer_state.get("total_steps") != self.total_steps:
                 logger.warning("the checkpoint's run had %s steps in all, this run has %s: the schedule differs",
                                trainer_state.get("total_steps"), self.total_steps)
@@ -313,11 +336,14 @@ def run_pretraining(config: PretrainConfig) -> dict:
     try:
         iterator = iter(setup.batches)
         step, data_state, last = setup.start_step, setup.batches.state_dict(), {}
+        collator_stats = Counter()  # this process's documents kept and dropped, by reason
         model.train()
         while step < setup.total_steps:
             started = time.perf_counter()
             step_batches, data_state = _next_step_batches(iterator, setup.batches, args.gradient_accumulation_steps)
             step += 1
+            for batch in step_batches:  # counted in the batches: a DataLoader worker's collator is a copy
+                collator_stats.update(batch.get("stats", {}))
             numbers = _optimizer_step(setup, step_batches, stop_requested=stop.requested)
             seconds = time.perf_counter() - started
             tflops = numbers["flops"] / seconds / 1e12
@@ -372,7 +398,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
     acc.end_training()
     return {"steps": step, "last": last, "output_dir": str(output_dir),
             "final_model": str(final_dir) if final_dir else None,
-            "collator_stats": dict(setup.collator.stats), "model_args": asdict(setup.model_args)}
+            "collator_stats": dict(collator_stats), "model_args": asdict(setup.model_args)}
 
 
 __all__ = ["FINAL_MODEL", "RESOLVED_CONFIG", "run_pretraining"]
