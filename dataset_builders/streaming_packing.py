@@ -124,8 +124,8 @@ class StreamingPacker:
             self._consumed += len(raw)
             exhausted = len(raw) < wanted
             samples, lengths = self._measure(carry, raw)
-            if not samples:
-                break
+            if not samples:  # every sample of this window was dropped: the source may still hold more
+                continue
             bins = pack_lengths(lengths, self.capacity, self.algorithm)
             carried_bins = set() if exhausted else self._carried_bins(bins, lengths)
             carry = [(samples[i], lengths[i]) for b in sorted(carried_bins) for i in bins[b]]

@@ -53,6 +53,9 @@ def test_bad_named_option_is_a_clear_error(tmp_path):
     proc = _run("select", "--input", str(tmp_path), "--output", str(tmp_path / "o"))
     assert proc.returncode == 2 and "select: error: no *.tar shards in" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _run("select", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "-1")
+    assert proc.returncode == 2 and "argument --tasks: expected an integer >= 1, got -1" in proc.stderr
+    assert not (tmp_path / "o").exists()  # refused before any settings were recorded
 
 
 @pytest.mark.slow

@@ -204,6 +204,20 @@ def test_mlm_filter_prompt_and_scripted_answers_land_in_their_columns(tiny_kit_c
     assert f"<|im_start|>user\n<image>\n{instruction}<|im_end|>" in prompt
 
 
+def test_a_caption_quoting_the_image_marker_is_scored(tiny_kit_checkpoint):
+    from PIL import Image
+
+    scorer = MLMFilterScorer(tiny_kit_checkpoint, metrics=("semantic_understanding",), batch_size=2,
+                             max_new_tokens=2, device="cpu")
+    scorer.setup(0)
+    caption = "a red square <image> tag left in the alt text"
+    prompt = scorer.prompt(caption, "semantic_understanding")
+    assert prompt.count("<image>") == 1 and "a red square <image-placeholder> tag" in prompt
+    image = Image.new("RGB", (32, 32), (200, 10, 10))
+    (row,) = scorer.score_batch([image], [caption])  # one image, one marker: no error for this sample
+    assert set(row) >= {"semantic_understanding_raw", "semantic_understanding_score"}
+
+
 def test_mlm_filter_rejects_unknown_metrics():
     with pytest.raises(ValueError, match=r"unknown MLM-Filter metric\(s\) \['beauty'\]"):
         MLMFilterScorer("unused", metrics=("beauty",))

@@ -170,6 +170,18 @@ def test_reshard_sizes_order_and_independence_from_task_count(pool, tmp_path):
     assert [s.key for s in written[:6]] == ["000000", "000001", "000002", "000003", "000004", "000010"]
 
 
+def test_a_shard_with_nothing_kept_reshards_the_others(tmp_path):
+    shards = tmp_path / "shards"
+    rows = write_clean_shards(str(shards), 2, 4, seed=3)
+    table = pq.read_table(shards / "00001.parquet")  # every caption of shard 1 becomes one word
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption", pa.array(["x"] * 4)),
+                   shards / "00001.parquet")
+    run_select(str(shards), str(tmp_path / "sel"), SelectionRules(text=TextRules(min_words=2)))
+    stats = run_reshard(str(shards), str(tmp_path / "sel"), str(tmp_path / "out"), ExecutorConfig(tasks=1))
+    written = [s.uid for shard in list_shards(str(tmp_path / "out")) for s in iter_samples(str(tmp_path / "out"), shard)]
+    assert written == [r["uid"] for r in rows[:4]] and stats.kept == 4 and stats.balanced
+
+
 def test_rerun_skips_completed_tasks_and_refuses_changed_inputs(pool, tmp_path):
     root, _, _, _ = pool
     shards, sel, out = str(root / "shards"), str(tmp_path / "sel"), str(tmp_path / "out")

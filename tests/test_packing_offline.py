@@ -117,6 +117,18 @@ def test_statistics_match_the_corpus(packed):
     assert "config_name: packed_16" in card and "packed_16/*.parquet" in card
 
 
+def test_statistics_of_a_single_pack_corpus(source, tmp_path):
+    folder, rows = source
+    settings = PackSettings(num_image_tokens=NUM_IMAGE_TOKENS, capacity=16384, buffer_size=200, uid_column="uid",
+                            config_name="one_pack")
+    stats = run_pack(str(folder), str(tmp_path), settings, ExecutorConfig(tasks=1))
+    ds = datasets.load_dataset(str(tmp_path), "one_pack", split="train")
+    assert ds.num_rows == 1 and stats["packs"] == 1  # the compact stats form of one value had no count
+    assert stats["positions"] == sum(ds[0]["lengths"])
+    assert stats["fill"] == pytest.approx(stats["positions"] / 16384)
+    assert stats["positions_per_pack"]["n"] == 1 and stats["positions_per_pack"]["max"] == stats["positions"]
+
+
 def test_ffd_algorithm_gives_the_papers_packs(source, tmp_path, processor):
     folder, rows = source
     settings = PackSettings(num_image_tokens=NUM_IMAGE_TOKENS, capacity=CAPACITY, buffer_size=1000,

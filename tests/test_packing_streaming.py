@@ -35,6 +35,14 @@ def test_every_sample_once_valid_packs_and_counted_drops():
     assert packer.stats["samples_packed"] == 12_000
 
 
+def test_a_window_with_every_sample_dropped_does_not_end_the_stream():
+    items = [{"i": -1 - i, "n": 0} for i in range(4)] + [{"i": i, "n": 100} for i in range(20)]
+    packer = StreamingPacker(items, lambda x: x["n"], buffer_size=4)  # the first window: 4 empty samples
+    packs = list(packer)
+    assert sorted(i for pack in _ids(packs) for i in pack) == list(range(20))
+    assert packer.stats["dropped/empty"] == 4 and packer.stats["samples_packed"] == 20
+
+
 def test_window_packing_with_carry_fills_like_global_packing():
     items = _items(40_000, seed=2)
     total = sum(x["n"] for x in items)

@@ -8,13 +8,24 @@ from ..accounting import Accounting
 from ..pipelines import EXECUTORS, ExecutorConfig
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad count must fail before any settings are recorded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution (datatrove)")
     group.add_argument("--executor", choices=EXECUTORS, default="local",
                        help="local processes (default), a Slurm job array, or a Ray cluster")
-    group.add_argument("--tasks", type=int, default=None,
+    group.add_argument("--tasks", type=positive_int, default=None,
                        help="number of tasks (default: one per shard; a rerun skips completed tasks)")
-    group.add_argument("--workers", type=int, default=1, help="tasks run at the same time (default 1)")
+    group.add_argument("--workers", type=positive_int, default=1, help="tasks run at the same time (default 1)")
     group.add_argument("--logging-dir", default=None,
                        help="datatrove logs, stats and completion markers (default: <output>/.datatrove/<stage>)")
     group.add_argument("--no-skip-completed", action="store_true", help="rerun tasks that already completed")

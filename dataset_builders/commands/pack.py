@@ -191,10 +191,12 @@ def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict)
 
 
 def _summary(metric) -> dict:
-    data = metric.to_dict() if hasattr(metric, "to_dict") else metric
-    if isinstance(data, (int, float)):
-        return {"total": data, "n": None}
-    return {key: data.get(key) for key in ("total", "n", "mean", "min", "max") if key in data}
+    # The attributes of MetricStats, not its compact dict: that leaves out n (and min, max) for a single value,
+    # which read a one-pack corpus as 0 packs; from_dict restores them.
+    from datatrove.utils.stats import MetricStats
+
+    metric = metric if isinstance(metric, MetricStats) else MetricStats.from_dict(metric)
+    return {key: getattr(metric, key) for key in ("total", "n", "mean", "min", "max")}
 
 
 def write_card(output_folder: str, config_name: str) -> None:

@@ -84,6 +84,10 @@ class MLMFilterScorer(BatchScorer):
         )
 
     def prompt(self, caption: str, metric: str) -> str:
+        # A caption quoting the processor's image marker would count as a second image and fail its sample, as
+        # the packer's captions do: neutralise it the same way.
+        for marker in {getattr(self._processor, "image_token", None) or "<image>", "<image>"}:
+            caption = caption.replace(marker, "<image-placeholder>")
         messages = [
             {
                 "role": "user",

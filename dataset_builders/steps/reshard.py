@@ -38,8 +38,10 @@ def plan_reshard(input_folder: DataFolderLike, selection_folder: DataFolderLike,
     for shard in list_shards(input_folder):
         table = read_selection(selection_folder, shard)
         table = table.filter(pc.equal(table.column("keep"), True))
-        parts.append(pa.table({"src_shard": [shard] * table.num_rows, "key": table.column("key"),
-                               "uid": table.column("uid")}))
+        # Typed: a shard with nothing kept would give a null-typed column that concat_tables refuses.
+        parts.append(pa.table({"src_shard": pa.array([shard] * table.num_rows, pa.string()),
+                               "key": table.column("key").cast(pa.string()),
+                               "uid": table.column("uid").cast(pa.string())}))
     plan = pa.concat_tables(parts) if parts else pa.table({"src_shard": [], "key": [], "uid": []})
     out_shard = pa.array(np.arange(plan.num_rows, dtype=np.int64) // shard_size)
     return pa.table({"out_shard": out_shard, "src_shard": plan.column("src_shard").cast(pa.string()),
