@@ -9,7 +9,8 @@ CPU-only machine use ``torchrun --nproc_per_node N recipes/eval.py ...``).
 Offline demo benchmark: ``--benchmarks easy_vqa`` (data from the easy-vqa package). ``--list-benchmarks`` shows
 every benchmark with its Hub dataset. Outputs (see ``recipes/evaluation/report.py``): ``samples/<name>.jsonl``,
 ``summary.json`` and ``results.md`` in ``--output``. ``--download-to <dir>`` saves the evaluation splits once (network
-needed) so that later runs with ``--data-dir <dir>`` need no network.
+needed) so that later runs with ``--data-dir <dir>`` need no network. Predictions are kept in ``<output>/.partial`` as
+they are made: after an interruption, the same command with ``--resume`` predicts only the rows still missing.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the paper's scores to the table (auto: when the model is an Open-Qwen2VL release)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the predictions an interrupted run with the same settings left in <output>/.partial",
+    )
     parser.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
     parser.add_argument(
         "--download-to", type=Path, default=None,
@@ -98,16 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.evaluation.model_loading import load_model_and_processor
     from recipes.evaluation.paper_scores import is_release
     from recipes.evaluation.report import write_reports
+    from recipes.evaluation.resume import close_spool, open_spool
     from recipes.evaluation.runner import EvalOptions, evaluate_model, process_state, stop_token_ids
 
     state = process_state()
     model, processor = load_model_and_processor(args.model, device=state.device, dtype=args.dtype)
+    # What the predictions depend on: a resumed run reuses earlier ones only when all of it is unchanged.
+    prediction_settings = {
+        "model": str(args.model), "data_dir": args.data_dir, "limit": args.limit, "prompt_format": args.prompt,
+        "chat_template": args.chat_template, "max_new_tokens": args.max_new_tokens, "dtype": str(model.dtype),
+        "num_image_tokens": getattr(processor, "num_image_tokens", None),
+    }
+    spool = open_spool(args.output, prediction_settings, args.resume, state)
     options = EvalOptions(
         data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, prompt_format=args.prompt,
         chat_template=args.chat_template, max_new_tokens=args.max_new_tokens, show_progress=not args.no_progress,
+        spool=spool,
     )
     results = evaluate_model(model, processor, names, options, state)
+    # Kept while a benchmark failed: a rerun with --resume then redoes only what is missing.
+    finished = all(result.error is None for result in results)
     if not state.is_main_process:
+        if finished:
+            close_spool(spool, state)
         return 0
     with_paper = args.paper_column == "always" or (
         args.paper_column == "auto" and is_release(args.model, model.config)
@@ -126,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_image_tokens": getattr(processor, "num_image_tokens", None),
     }
     summary = write_reports(args.output, args.model, settings, results, with_paper)
+    if finished:
+        close_spool(spool, state)
     print((args.output / "results.md").read_text())
     for name, bench in summary["benchmarks"].items():
         if bench["dropped"]["total"]:

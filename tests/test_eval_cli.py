@@ -165,3 +165,42 @@ def test_two_processes_split_the_rows_and_agree_with_one(workspace, batched_run)
         assert summary["benchmarks"][name]["accuracy"] == pytest.approx(reference["benchmarks"][name]["accuracy"])
         ids = [r["id"] for r in read_jsonl(out / "samples" / f"{name}.jsonl")]
         assert ids == [r["id"] for r in read_jsonl(batched_run[0] / "samples" / f"{name}.jsonl")]
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_rows(workspace, monkeypatch):
+    """Predictions are spooled chunk by chunk (32 rows here); --resume predicts only what a crash left undone and
+    gives the reports of an uninterrupted run."""
+    from recipes import eval as eval_cli
+    from recipes.evaluation import runner
+
+    args = ["--model", workspace / "model", "--benchmarks", "easy_vqa", "--limit", 40, "--batch-size", 4,
+            "--no-progress"]
+    whole, cut = workspace / "uninterrupted", workspace / "interrupted"
+    assert eval_cli.main(list(map(str, [*args, "--output", whole]))) == 0
+    assert not (whole / ".partial").exists()  # removed once the reports are written
+
+    real_predict, predicted = runner.predict, []
+
+    def crash_on_the_second_chunk(benchmark, predictor, samples, options):
+        if predicted:
+            raise KeyboardInterrupt  # as a preempted job
+        predicted.append(len(samples))
+        return real_predict(benchmark, predictor, samples, options)
+
+    monkeypatch.setattr(runner, "predict", crash_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        eval_cli.main(list(map(str, [*args, "--output", cut])))
+    assert predicted == [32] and not (cut / "summary.json").exists()
+
+    def counting(benchmark, predictor, samples, options):
+        predicted.append(len(samples))
+        return real_predict(benchmark, predictor, samples, options)
+
+    monkeypatch.setattr(runner, "predict", counting)
+    with pytest.raises(ValueError, match=r"made with other settings \(limit: earlier 40, now 39\)"):
+        eval_cli.main(list(map(str, [*args[:5], 39, *args[6:], "--output", cut, "--resume"])))
+    assert eval_cli.main(list(map(str, [*args, "--output", cut, "--resume"]))) == 0
+    assert predicted == [32, 8]  # the second run predicted only the 8 rows the crash left
+    assert read_jsonl(cut / "samples" / "easy_vqa.jsonl") == read_jsonl(whole / "samples" / "easy_vqa.jsonl")
+    summaries = [json.loads((folder / "summary.json").read_text())["benchmarks"]["easy_vqa"] for folder in (whole, cut)]
+    assert summaries[0]["accuracy"] == summaries[1]["accuracy"] and summaries[1]["num_samples"] == 40

@@ -19,6 +19,7 @@ from .loading import select_rows
 from .original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS
 from .prompts import PromptFormatter
 from .registry import CANDIDATES, GENERATE, LETTER_PROBS, Benchmark, Scores, parse_benchmark_list
+from .resume import PredictionSpool
 from .samples import DropLog, EvalSample, SampleError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class EvalOptions:
     chat_template: str | None = None
     max_new_tokens: int = ORIGINAL_MAX_NEW_TOKENS
     show_progress: bool = True
+    spool: PredictionSpool | None = None  # predictions kept as they are made, for --resume
 
 
 @dataclass
@@ -119,12 +121,20 @@ def evaluate_benchmark(
     chunk = max(4 * options.batch_size, 32)
     local: list[tuple[EvalSample, object]] = []
     show = options.show_progress and state.is_main_process
+    done = options.spool.done(benchmark.name) if options.spool else {}  # predicted before an interruption
+    if done:
+        logger.info("%s: %d rows already predicted (--resume)", benchmark.name, len(done))
     with tqdm(total=len(shard), desc=benchmark.name, unit="row", disable=not show) as bar:
         for begin in range(0, len(shard), chunk):
             indices = shard[begin : begin + chunk]
             samples = [build_sample(benchmark, dataset, i, formatter, drops) for i in indices]
             samples = [s for s in samples if s is not None]
-            outputs = predict(benchmark, predictor, samples, options) if samples else []
+            fresh = [s for s in samples if s.meta["row_index"] not in done]
+            predicted = predict(benchmark, predictor, fresh, options) if fresh else []
+            new = {s.meta["row_index"]: output for s, output in zip(fresh, predicted, strict=True)}
+            if options.spool:
+                options.spool.append(benchmark.name, list(new.items()))
+            outputs = [new[i] if i in new else done[i] for i in (s.meta["row_index"] for s in samples)]
             for sample, output in zip(samples, outputs):
                 sample.meta["num_images"] = len(sample.images)
                 sample.images = []  # release decoded images; the reports do not need them
