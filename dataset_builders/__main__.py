@@ -4,9 +4,9 @@ import sys
 
 from .cli import main
 
-# Mistakes in the command (a missing folder, a bad rule, an output made with other settings) end with one clear
-# line and exit status 2, not a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError)
+# Mistakes in the command (a missing folder or model path, a bad rule, an output made with other settings) end with
+# one clear line and exit status 2, not a traceback. OSError: what transformers raises for a model it cannot find.
+USER_ERRORS = (OSError, ValueError)
 
 if __name__ == "__main__":
     try:

@@ -7,6 +7,7 @@ so the same card works for a local folder and for a Hub dataset repository holdi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -115,17 +116,52 @@ def _count(folder, subset_path: str) -> tuple[int, int | None]:
     return len(tars), samples
 
 
-def _dataset_info(configs: list[dict], subsets: dict[str, str], counts: dict) -> list[dict]:
-    """Sample counts per config: datasets checks them after building, and (as they enter its cache key for local
-    folders, which otherwise holds only the folder name and the configs) they keep two corpora of the same name
-    from sharing a stale cache."""
+# What identifies a file's content in an fsspec listing: size plus the modification time and inode (local), ETag
+# (object stores) or git blob id (Hub), whichever the filesystem gives.
+_FILE_IDENTITY = ("size", "mtime", "ino", "ETag", "etag", "blob_id", "LastModified", "last_modified")
+
+
+def config_patterns(config: dict) -> list[str]:
+    """The data file patterns of a card's ``configs:`` entry."""
+    patterns = []
+    for entry in config.get("data_files") or []:
+        paths = entry.get("path") if isinstance(entry, dict) else entry
+        patterns += [paths] if isinstance(paths, str) else list(paths or [])
+    return patterns
+
+
+def content_fingerprint(root: DataFolderLike, patterns: list[str]) -> str:
+    """md5 over the name, size and modification time (or ETag, blob id) of every file matching ``patterns`` under
+    ``root``: rewriting any file changes it, even when the sample count stays the same."""
+    folder = get_datafolder(root)
+    digest = hashlib.md5()
+    for pattern in patterns:
+        for name, info in sorted(folder.glob(pattern, detail=True).items()):
+            identity = [str(info.get(key)) for key in _FILE_IDENTITY if info.get(key) is not None]
+            digest.update("\x1f".join([name, *identity]).encode("utf-8", "backslashreplace") + b"\x1e")
+    return digest.hexdigest()
+
+
+def fingerprint_info(name: str, fingerprint: str, num_examples: int | None = None) -> dict:
+    """A card ``dataset_info`` entry. datasets caches a local folder under its name and a hash of the card's
+    ``dataset_info`` and configs only (not file paths or times), so the content fingerprint (in ``description``,
+    the one free-text field) is what keeps a rewritten corpus, or another corpus of the same folder name, from
+    loading stale rows; ``num_examples`` is also checked by datasets after building."""
+    info: dict = {"config_name": name, "description": f"content fingerprint {fingerprint}"}
+    if num_examples is not None:
+        info["splits"] = [{"name": "train", "num_examples": num_examples}]
+    return info
+
+
+def _dataset_info(configs: list[dict], subsets: dict[str, str], counts: dict, root: DataFolderLike) -> list[dict]:
+    """Per config: a content fingerprint of its shards and, when every shard has its parquet, the sample count."""
     infos = []
     for config in configs:
         name = config["config_name"]
         parts = MIXTURES.get(name, (name,))
         samples = [counts[p][1] for p in parts if p in subsets]
-        if samples and all(n is not None for n in samples):
-            infos.append({"config_name": name, "splits": [{"name": "train", "num_examples": sum(samples)}]})
+        total = sum(samples) if samples and all(n is not None for n in samples) else None
+        infos.append(fingerprint_info(name, content_fingerprint(root, config_patterns(config)), total))
     return infos
 
 
@@ -138,7 +174,7 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
         raise FileNotFoundError(f"no subset folders with *.tar shards under {folder.path}")
     configs = card_configs(subsets)
     counts = {name: _count(folder, subset_path) for name, subset_path in subsets.items()}
-    header = yaml.safe_dump({"configs": configs, "dataset_info": _dataset_info(configs, subsets, counts),
+    header = yaml.safe_dump({"configs": configs, "dataset_info": _dataset_info(configs, subsets, counts, folder),
                              "task_categories": ["image-to-text"]}, sort_keys=False)
     rows = ["| config | folder | shards | samples | content |", "|---|---|---|---|---|"]
     for name, subset_path in subsets.items():

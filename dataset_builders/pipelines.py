@@ -6,7 +6,7 @@ input shard for score and select, one per output shard for reshard, so a rerun s
 killed midway is redone from its start (outputs are written atomically under deterministic names, so the redo
 gives the same files). Each stage keeps its datatrove logs, stats and completion markers in
 ``<output>/.datatrove/<stage>``, plus ``accounting.json`` (read = kept + dropped by reason) and the settings the
-output was made with: rerunning into the same folder with different settings is refused.
+output was made with: once a task has completed, rerunning into the same folder with different settings is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datatrove.io import get_datafolder
 from datatrove.utils.logging import logger
 
 from .accounting import Accounting, collect, write_accounting
-from .selection import SelectionRules, resolve_thresholds
+from .selection import SelectionRules, require_finalized, resolve_thresholds
 from .shards import list_shards, open_folder
 from .steps.decode import DecodeImages
 from .steps.reader import WebDatasetReader
@@ -124,17 +124,26 @@ def _stage_dir(output: str, stage: str, config: ExecutorConfig) -> str:
     return config.logging_dir or f"{output.rstrip('/')}/.datatrove/{stage}"
 
 
+def completed_tasks(logging_dir: str) -> int:
+    """Tasks datatrove marked completed in ``logging_dir`` (the ones a rerun skips)."""
+    folder = get_datafolder(logging_dir)
+    return len(folder.list_files("completions")) if folder.isdir("completions") else 0
+
+
 def _check_settings(logging_dir: str, settings: dict) -> None:
-    """Refuse to resume a stage whose outputs were made with other settings (completed tasks would be skipped)."""
+    """Refuse to resume a stage whose completed tasks were made with other settings (a rerun would skip them). A run
+    none of whose tasks completed (e.g. it failed on a mistyped --model) binds nothing: its settings are replaced."""
     folder = get_datafolder(logging_dir)
     text = json.dumps(settings, sort_keys=True, default=str)
     if folder.exists(STAGE_SETTINGS):
         with folder.open(STAGE_SETTINGS, "rt") as handle:
             previous = handle.read()
-        if json.loads(previous) != json.loads(text):
+        if json.loads(previous) == json.loads(text):
+            return
+        if completed_tasks(logging_dir):
             raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}); use another "
                              f"output folder, or delete that one to start over")
-        return
+        logger.info(f"{folder.path}: no task of the earlier run completed; its settings are replaced")
     with folder.open(STAGE_SETTINGS, "wt") as handle:
         handle.write(text)
 
@@ -146,6 +155,13 @@ def _finish(logging_dir: str, finished: bool) -> Accounting | None:
     write_accounting(logging_dir, "accounting.json", accounting)
     logger.info(accounting.summary())
     return accounting
+
+
+def _shards_in(folder: str) -> list[str]:
+    try:
+        return list_shards(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _shard_count(folder: str) -> int:
@@ -190,7 +206,11 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
     config = config or ExecutorConfig()
     rules.check_names()
     expression = rules.expression()  # parse errors surface before anything runs
-    tasks = config.tasks or _shard_count(input_folder)
+    num_shards = _shard_count(input_folder)
+    tasks = config.tasks or num_shards
+    rules.check_where_names(input_folder)  # a mistyped name fails here, not in every task
+    for folder in rules.selections.values():  # an unfinished selection has no uid de-duplication yet
+        require_finalized(folder, num_shards)
     rules.thresholds = resolve_thresholds(rules, input_folder)
     for name, threshold in rules.thresholds.items():
         logger.info(f"{name} resolved to a threshold of {threshold:.6g}")
@@ -226,10 +246,12 @@ def _rules_dict(rules: SelectionRules) -> dict:
 
 
 def run_reshard(input_folder: str, selection_folder: str, output_folder: str, config: ExecutorConfig | None = None,
-                shard_size: int = 10_000, verify_images: str = "quick",
+                shard_size: int = 10_000, verify_images: str = "full",
                 missing_uid: str = "derive") -> Accounting | None:
-    """Copy the selected samples into shards of ``shard_size``; the plan is fixed on the first run and checked on
-    reruns (a changed selection is refused rather than mixed into half-written output)."""
+    """Copy the selected samples into shards of ``shard_size``; the plan is fixed once a task has completed or an
+    output shard exists and checked on reruns (a changed selection is refused rather than mixed into half-written
+    output). ``verify_images``: "full" decodes every image (what guarantees the corpus loads), "quick" only checks
+    headers and truncation (faster; corrupt scan data gets through)."""
     import io
 
     import pyarrow.parquet as pq
@@ -238,13 +260,15 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     logging_dir = _stage_dir(output_folder, "reshard", config)
     plan = plan_reshard(input_folder, selection_folder, shard_size)
     log_folder = get_datafolder(logging_dir)
+    previous = None
     if log_folder.exists("plan.parquet"):
         with log_folder.open("plan.parquet", "rb") as handle:
             previous = pq.read_table(io.BytesIO(handle.read()))
-        if not previous.equals(plan):
+    if previous is None or not previous.equals(plan):
+        # a plan no output was made from yet (the earlier run failed before writing any shard) binds nothing
+        if previous is not None and (completed_tasks(logging_dir) or _shards_in(output_folder)):
             raise ValueError(f"{output_folder} was resharded from a different selection or shard size; "
                              "use another output folder")
-    else:
         with log_folder.open("plan.parquet", "wb") as handle:
             handle.write(write_plan(plan, shard_size))
     num_shards = -(-plan.num_rows // shard_size)

@@ -10,6 +10,7 @@ Metadata comes from the img2dataset parquet beside each shard when there is one 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,20 @@ def load_shard_metadata(folder: DataFolderLike, shard: str, *, source: str = "au
     return _metadata_from_tar(folder, shard, missing_uid)
 
 
+def _is_score_column(column: pa.Field) -> bool:
+    return column.name not in ("uid", "key") and (pa.types.is_integer(column.type) or pa.types.is_floating(column.type))
+
+
+def score_column_names(score_folder: DataFolderLike, shard: str) -> set[str]:
+    """The names a score folder gives ``where``: the numeric columns of its parquet for ``shard`` (schema only)."""
+    folder = get_datafolder(score_folder)
+    name = shard_stem(shard) + ".parquet"
+    if not folder.exists(name):
+        raise FileNotFoundError(f"no scores for shard {shard} in {folder.path} (expected {name}); run the score stage")
+    with folder.open(name, "rb") as handle:
+        return {column.name for column in pq.read_schema(handle) if _is_score_column(column)}
+
+
 def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str]) -> dict[str, np.ndarray]:
     """Numeric score columns of one shard aligned to ``uids`` (NaN where a uid has no score or a null score)."""
     folder = get_datafolder(score_folder)
@@ -134,12 +149,31 @@ def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str]
     index = np.array([position.get(uid, -1) for uid in uids], dtype=np.int64)
     columns = {}
     for column in table.column_names:
-        kind = table.schema.field(column).type
-        if column in ("uid", "key") or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        if not _is_score_column(table.schema.field(column)):
             continue
         values = np.array([np.nan if v is None else float(v) for v in table.column(column).to_pylist()] + [np.nan])
         columns[column] = values[index]  # index -1 picks the trailing NaN
     return columns
+
+
+class SelectionNotFinalized(ValueError):
+    """A selection whose finalizer (uid de-duplication, ``_manifest.json``) has not run for the current input."""
+
+
+def require_finalized(selection_folder: DataFolderLike, num_shards: int) -> dict:
+    """The selection's manifest, or ``SelectionNotFinalized``. Decision files exist as soon as select's per-shard
+    tasks ran; only the manifest (written after the uid de-duplication) says they are final, and its shard count
+    that they cover this input."""
+    folder = get_datafolder(selection_folder)
+    if not folder.exists(MANIFEST):
+        raise SelectionNotFinalized(f"selection {folder.path} not finalized (no {MANIFEST}: select stopped before "
+                                    "its uid de-duplication); rerun select")
+    with folder.open(MANIFEST, "rt") as handle:
+        manifest = json.load(handle)
+    if manifest.get("shards") != num_shards:
+        raise SelectionNotFinalized(f"selection {folder.path} not finalized for this input: its {MANIFEST} covers "
+                                    f"{manifest.get('shards')} shard(s), the input has {num_shards}; rerun select")
+    return manifest
 
 
 def read_selection(selection_folder: DataFolderLike, shard: str) -> pa.Table:
@@ -167,6 +201,22 @@ class SelectionRules:
 
     def expression(self) -> Expression | None:
         return Expression(self.where) if self.where else None
+
+    def check_where_names(self, input_folder: DataFolderLike) -> None:
+        """Fail before anything is written when ``where`` reads a name no source gives (e.g. a typo): the score
+        columns are read from the schema of the first shard's score file."""
+        expression = self.expression()
+        if expression is None:
+            return
+        available = {"width", "height", *self.uid_lists, *self.selections}
+        shards = list_shards(input_folder)
+        if expression.names - available and shards:
+            for folder in self.scores.values():
+                available |= score_column_names(folder, shards[0])
+        unknown = sorted(expression.names - available)
+        if unknown:
+            raise RuleError(f"unknown name {unknown[0]!r} in selection rule {self.where!r}; "
+                            f"available: {sorted(available)}")
 
     def check_names(self) -> None:
         """Fail early on a duplicated name across uid lists, selections and builtins."""

@@ -5,7 +5,8 @@ A shard is a tar of samples ``KEY.jpg|png|webp`` + ``KEY.txt`` (caption) + ``KEY
 img2dataset writes them.
 
 Reading never raises on bad content: ``iter_samples`` yields either a ``Sample`` or a ``Dropped`` with a reason
-(corrupt tar, unsafe member path, duplicate key, missing image or caption, non-UTF-8 caption, bad json, missing uid),
+(corrupt tar, unsafe member path, duplicate key, member name not UTF-8, missing image or caption, non-UTF-8 caption,
+bad json, missing uid),
 so every stage can count what it lost; a shard that is corrupt or unreadable also yields one ``ShardProblem``.
 Members are read into memory, never extracted, so a member named ``../x`` or ``/etc/x`` cannot write anywhere.
 
@@ -58,6 +59,12 @@ class Dropped:
     reason: str
     detail: str = ""
 
+    def __post_init__(self):
+        # A key from a non-UTF-8 member name holds lone surrogates: keep it printable and writable (logs, the
+        # selection's key column), e.g. 'caf\udce9'.
+        if self.key is not None and not is_utf8(self.key):
+            self.key = printable(self.key)
+
 
 @dataclass
 class ShardProblem:
@@ -78,6 +85,21 @@ class Sample:
     meta: dict[str, Any]
     shard: str
     uid_derived: bool = False
+
+
+def is_utf8(text: str) -> bool:
+    """False for strings holding lone surrogates (a ``\\ud800`` escape in json, a non-UTF-8 tar member name): they
+    cannot be written as UTF-8 (json, tar, parquet, md5 of the text all raise)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates as backslash escapes, safe to log and write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -184,6 +206,8 @@ def _decode_caption(raw: RawSample, meta: dict) -> str | Dropped:
             return Dropped(raw.key, "caption_not_utf8", str(error))
     caption = meta.get("caption")
     if isinstance(caption, str):
+        if not is_utf8(caption):  # valid json can escape a lone surrogate ("\\udc80")
+            return Dropped(raw.key, "caption_not_utf8", f"json caption '{printable(caption)[:80]}'")
         return caption
     return Dropped(raw.key, "missing_caption")
 
@@ -192,8 +216,11 @@ def parse_sample(raw: RawSample, shard: str, *, missing_uid: str = "derive") -> 
     """Image, caption, json and uid of one grouped sample, or the reason it is unusable.
 
     ``missing_uid``: "derive" gives samples without a valid uid a stable one (md5 of url and caption, or of the image
-    bytes), "drop" drops them (reason ``missing_uid``).
+    bytes), "drop" drops them (reason ``missing_uid``). Key, caption and url must be valid UTF-8 (``bad_key``,
+    ``caption_not_utf8``, ``bad_json``): every stage writes them.
     """
+    if not is_utf8(raw.key):  # a member name that is not UTF-8 (tarfile decodes it to surrogates)
+        return Dropped(raw.key, "bad_key", "member name is not valid UTF-8")
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.files), None)
     if image_ext is None:
         return Dropped(raw.key, "missing_image")
@@ -209,6 +236,8 @@ def parse_sample(raw: RawSample, shard: str, *, missing_uid: str = "derive") -> 
     if isinstance(caption, Dropped):
         return caption
     url = meta.get("url") if isinstance(meta.get("url"), str) else ""
+    if not is_utf8(url):
+        return Dropped(raw.key, "bad_json", f"url '{printable(url)[:80]}' is not valid UTF-8")
     uid = meta.get("uid")
     derived = False
     if not is_uid(uid):

@@ -28,7 +28,8 @@ def derive_uid(*parts: str | bytes) -> str:
     """A stable 128-bit hex uid for samples that carry none (e.g. CC3M/CC12M/SBU from img2dataset): md5 of the parts."""
     digest = hashlib.md5()
     for part in parts:
-        digest.update(part.encode("utf-8") if isinstance(part, str) else part)
+        # surrogatepass: a lone surrogate (from a json escape) must not crash the task; valid text hashes as UTF-8
+        digest.update(part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part)
         digest.update(b"\x1f")
     return digest.hexdigest()
 

@@ -58,6 +58,46 @@ def test_bad_named_option_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()  # refused before any settings were recorded
 
 
+def _last_line(stderr):
+    return stderr.strip().splitlines()[-1]
+
+
+def test_unfinalized_selection_typo_and_missing_model_are_one_line_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataset_builders.pipelines import run_select
+    from dataset_builders.selection import SelectionRules
+
+    shards = tmp_path / "shards"
+    rows = write_clean_shards(str(shards), num_shards=2, per_shard=3, seed=5)
+    run_select(str(shards), str(tmp_path / "sel"), SelectionRules())
+    (tmp_path / "sel" / "_manifest.json").unlink()  # as if select died before its finalizer
+    proc = _run("reshard", "--input", str(shards), "--selection", str(tmp_path / "sel"), "--output",
+                str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert _last_line(proc.stderr) == (f"python -m dataset_builders reshard: error: selection {tmp_path / 'sel'} not "
+                                       "finalized (no _manifest.json: select stopped before its uid de-duplication); "
+                                       "rerun select")
+    assert not (tmp_path / "out").exists()
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for shard in ("00000", "00001"):
+        pq.write_table(pa.table({"uid": [r["uid"] for r in rows], "key": [r["key"] for r in rows],
+                                 "clip_score": pa.array([0.5] * len(rows), pa.float32())}), scores / f"{shard}.parquet")
+    proc = _run("select", "--input", str(shards), "--output", str(tmp_path / "sel2"), "--scores", f"c={scores}",
+                "--where", "clip_scor > 0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert _last_line(proc.stderr) == ("python -m dataset_builders select: error: unknown name 'clip_scor' in "
+                                       "selection rule 'clip_scor > 0'; available: ['clip_score', 'height', 'width']")
+    assert not (tmp_path / "sel2").exists()  # nothing recorded: the corrected command is not refused
+    proc = _run("score", "clip", "--input", str(shards), "--output", str(tmp_path / "sc"), "--model",
+                str(tmp_path / "clip_typo"), "--device", "cpu")
+    assert proc.returncode == 2  # an OSError from transformers, one line at the end (the task log shows its trace)
+    assert _last_line(proc.stderr).startswith("python -m dataset_builders score: error: ")
+    assert str(tmp_path / "clip_typo") in _last_line(proc.stderr)
+
+
 @pytest.mark.slow
 def test_command_line_pipeline_end_to_end(tmp_path):
     shards = tmp_path / "shards"

@@ -101,6 +101,15 @@ def test_rerun_of_a_finished_score_stage_does_nothing(tiny_clip, shards, tmp_pat
         run_score(shards, str(out), ClipScorer(tiny_clip, column="other"))
 
 
+def test_a_mistyped_model_does_not_lock_the_output(tiny_clip, shards, tmp_path):
+    out = tmp_path / "scores"
+    with pytest.raises(OSError, match="clip_typo"):  # every task fails loading it; settings are already recorded
+        run_score(shards, str(out), ClipScorer(str(tmp_path / "clip_typo"), batch_size=8))
+    assert (out / ".datatrove" / "score" / "settings.json").exists()
+    accounting = run_score(shards, str(out), ClipScorer(tiny_clip, batch_size=8))  # the corrected command runs
+    assert accounting.kept == len(_scores(out)) == USABLE and accounting.tasks == 3
+
+
 @pytest.mark.slow
 def test_two_local_workers_give_the_same_scores(tiny_clip, shards, tmp_path):
     run_score(shards, str(tmp_path / "one"), ClipScorer(tiny_clip, batch_size=4))

@@ -1,5 +1,6 @@
 """Shard I/O: img2dataset layout, every kind of damaged input counted, atomic writes, fsspec URLs, image checks."""
 
+import hashlib
 import io
 import os
 import random
@@ -27,14 +28,17 @@ from dataset_builders.shards import (
     split_member_name,
 )
 from dataset_builders.synthetic import (
+    clean_sample,
     damaged_shard_members,
     decompression_bomb_png,
     encode,
     odd_mode_images,
+    sample_members,
     shape_image,
     write_clean_shards,
     write_shard,
 )
+from dataset_builders.uids import derive_uid
 
 
 def _outcomes(folder, shard):
@@ -76,6 +80,38 @@ def test_every_damaged_input_is_dropped_with_its_reason_or_repaired(tmp_path):
     expected_counts = Counter(r for r in expected.values() if r != "ok")
     expected_counts["duplicate_key"] += 1  # the second "bad_dup" group; its first occurrence is kept
     assert reasons == expected_counts
+
+
+def surrogate_members(rng):
+    """One good sample and three whose key, json caption or json url hold a lone surrogate (a non-UTF-8 member name,
+    a valid json escape). Returns (members, good sample's metadata)."""
+    members, good = clean_sample(rng, "good")
+    image = encode(shape_image(rng, 40, 40))
+    # tarfile writes the surrogate-escaped name as the raw latin-1 byte 0xE9
+    members += sample_members("caf\udce9", image, "a latin-1 file name", {"uid": "b" * 32, "url": "u"})
+    members += sample_members("bad_caption", image, None, {"uid": "c" * 32, "url": "u", "caption": "cat \udc80"})
+    members += sample_members("bad_url", image, "a caption", {"url": "http://x/\ud800"})  # no uid: derived from url
+    return members, good
+
+
+def test_lone_surrogates_in_key_caption_or_url_are_counted_drops(tmp_path):
+    members, good = surrogate_members(random.Random(4))
+    data = write_shard(str(tmp_path / "00000.tar"), members)
+    assert b"caf\xe9.jpg" in data and b'\\udc80' in data and b'\\ud800' in data
+    items = list(iter_samples(str(tmp_path), "00000.tar"))
+    assert [(type(i).__name__, i.key, getattr(i, "reason", None)) for i in items] == [
+        ("Sample", "good", None),
+        ("Dropped", "caf\\udce9", "bad_key"),  # printable: the sample is named in logs and the selection
+        ("Dropped", "bad_caption", "caption_not_utf8"),
+        ("Dropped", "bad_url", "bad_json"),
+    ]
+    assert items[0].uid == good["uid"] and items[0].caption == good["caption"]
+    for item in items[1:]:
+        (item.key + item.detail).encode("utf-8")  # writable as it is
+    assert "http://x/\\ud800" in items[3].detail
+    # derive_uid itself no longer raises on such text (and still hashes valid text as UTF-8)
+    assert derive_uid("http://x/\ud800", "c") != derive_uid("http://x/", "c")
+    assert derive_uid("u", "caption") == hashlib.md5(b"u\x1fcaption\x1f").hexdigest()
 
 
 def test_member_name_rules():

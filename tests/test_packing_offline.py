@@ -2,6 +2,7 @@
 
 import io
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -180,6 +181,71 @@ def test_card_keeps_other_configs(packed, tmp_path):
         "# Existing card\n")
     write_card(str(tmp_path), "packed_144")
     write_card(str(tmp_path), "packed_144")  # idempotent
+    from huggingface_hub import DatasetCard
+
     card = (tmp_path / "README.md").read_text()
-    assert card.count("config_name: packed_144") == 1 and "config_name: ccs" in card
+    data = DatasetCard(card).data.to_dict()
+    assert [c["config_name"] for c in data["configs"]] == ["ccs", "packed_144"]
+    assert [i["config_name"] for i in data["dataset_info"]] == ["packed_144"]  # its count and content fingerprint
     assert "# Existing card" in card and card.count("# Packed Open-Qwen2VL") == 1
+
+
+def _shards(folder, per_shard, seed, extra=()):
+    """One img2dataset-style shard of ``per_shard`` clean samples (+ ``extra`` members); returns the clean uids."""
+    from dataset_builders.synthetic import write_clean_shards, write_shard
+
+    rows = write_clean_shards(str(folder), 1, per_shard, seed=seed, parquet=False)
+    if extra:
+        import tarfile
+
+        with tarfile.open(folder / "00000.tar") as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        write_shard(str(folder / "00000.tar"), members + list(extra))
+    return [r["uid"] for r in rows]
+
+
+def test_repacking_into_the_same_path_loads_the_new_rows(tmp_path):
+    """datasets caches a local folder under its name and card: the card's content fingerprint changes with the
+    files (here 3 then 9 samples, one pack each: the same row count)."""
+    import shutil
+
+    cache = str(tmp_path / "hf_cache")
+    for per_shard, seed in ((3, 1), (9, 2)):
+        shutil.rmtree(tmp_path / "in", ignore_errors=True)
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        uids = _shards(tmp_path / "in", per_shard, seed)
+        stats = run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(), ExecutorConfig(tasks=1))
+        ds = datasets.load_dataset(str(tmp_path / "out"), "packed_144", split="train", cache_dir=cache)
+        assert stats["packs"] == ds.num_rows == 1
+        assert sorted(u for row in ds["uids"] for u in row) == sorted(uids)  # packing reorders
+
+
+def test_undecodable_images_are_dropped_not_packed(tmp_path):
+    from dataset_builders.synthetic import encode, sample_members, shape_image
+    from test_data_select_reshard import corrupt_scan_jpeg
+
+    good = encode(shape_image(random.Random(0), 40, 40))
+    extra = (sample_members("bad_random", bytes(range(256)) * 2, "random bytes", {"uid": "b" * 32, "url": "u"})
+             + sample_members("bad_trunc", good[: len(good) // 2], "a truncated jpeg", {"uid": "c" * 32, "url": "u"})
+             + sample_members("bad_scan", corrupt_scan_jpeg(), "corrupt scan data", {"uid": "d" * 32, "url": "u"}))
+    uids = _shards(tmp_path / "in", 5, 3, extra)
+    stats = run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(), ExecutorConfig(tasks=1))
+    assert stats["read"] == 8 and stats["documents"] == 5 and stats["balanced"]
+    assert stats["dropped"] == {"image_truncated": 1, "image_undecodable": 2}
+    ds = datasets.load_dataset(str(tmp_path / "out"), "packed_144", split="train", cache_dir=str(tmp_path / "c"))
+    for row in ds:  # decodes every image (an undecodable one raised here)
+        for image in row["images"]:
+            image.load()
+    assert sorted(u for row in ds["uids"] for u in row) == sorted(uids)
+
+
+def test_a_pack_whose_tasks_all_failed_does_not_lock_its_output(tmp_path):
+    _shards(tmp_path / "in", 4, 5)
+    with pytest.raises(OSError, match="no_tokenizer"):  # a mistyped --tokenizer: the task fails, nothing packed
+        run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(tokenizer=str(tmp_path / "no_tokenizer")),
+                 ExecutorConfig(tasks=1))
+    assert (tmp_path / "out" / ".datatrove" / "pack-packed_144" / "settings.json").exists()
+    stats = run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(), ExecutorConfig(tasks=1))
+    assert stats["documents"] == 4 and stats["tokenizer"] is None
+    with pytest.raises(ValueError, match="packed with other settings"):  # a completed task binds them
+        run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(buffer_size=8), ExecutorConfig(tasks=1))

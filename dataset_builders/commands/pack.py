@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_pack(input_path: str, output_folder: str, settings: PackSettings | None = None, executor=None) -> dict | None:
     """Pack ``input_path`` into ``output_folder``; returns the packing statistics (None when submitted to Slurm)."""
-    from ..pipelines import ExecutorConfig, make_executor, run_executor
+    from ..pipelines import ExecutorConfig, completed_tasks, make_executor, run_executor
     from ..shards import list_shards, open_folder
     from ..steps.pack import ImageTextDatasetReader, PackWriter
     from ..steps.reader import WebDatasetReader
@@ -121,7 +121,10 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
                         settings.algorithm, settings.buffer_size, settings.tokenizer, settings.truncate)
     logging_dir = config.logging_dir or f"{output_folder.rstrip('/')}/.datatrove/pack-{settings.config_name}"
     recorded = {"input": input_path, "tasks": tasks, **settings.__dict__}
-    _check_settings(open_folder(logging_dir), recorded)
+    # settings bind once a task completed or wrote its file (a failed first try, e.g. a mistyped --tokenizer, does not)
+    started = completed_tasks(logging_dir) > 0 or bool(open_folder(output_folder).glob(
+        f"{settings.config_name}/*.parquet"))
+    _check_settings(open_folder(logging_dir), recorded, started)
     executor = make_executor([reader, writer], config, tasks, logging_dir, job_name="pack")
     if not run_executor(executor, config):
         return None
@@ -140,15 +143,18 @@ def _shards_or_none(input_path: str, list_shards) -> list[str]:
         return []
 
 
-def _check_settings(folder, recorded: dict) -> None:
-    """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently."""
+def _check_settings(folder, recorded: dict, started: bool = True) -> None:
+    """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently once
+    ``started`` (some task completed or wrote its file); before that, the new settings replace the old."""
     text = json.dumps(recorded, sort_keys=True, default=str)
     if folder.exists("settings.json"):
         with folder.open("settings.json", "rt") as handle:
-            if json.load(handle) != json.loads(text):
-                raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
-                                 "--config-name or output folder, or delete it to start over")
-        return
+            same = json.load(handle) == json.loads(text)
+        if same:
+            return
+        if started:
+            raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
+                             "--config-name or output folder, or delete it to start over")
     with folder.open("settings.json", "wt") as handle:
         handle.write(text)
 
@@ -200,22 +206,36 @@ def _summary(metric) -> dict:
 
 
 def write_card(output_folder: str, config_name: str) -> None:
-    """Add (or refresh) the ``config_name`` entry of the folder's dataset card; other configs are kept."""
+    """Add (or refresh) the ``config_name`` entry of the folder's dataset card and its ``dataset_info`` (pack count
+    and content fingerprint, see ``cards.fingerprint_info``); other configs are kept."""
+    import pyarrow.parquet as pq
     from huggingface_hub import DatasetCard, DatasetCardData
 
+    from ..cards import content_fingerprint, fingerprint_info
     from ..shards import open_folder
 
     folder = open_folder(output_folder)
-    entry = {"config_name": config_name, "data_files": [{"split": "train", "path": f"{config_name}/*.parquet"}]}
+    pattern = f"{config_name}/*.parquet"
+    entry = {"config_name": config_name, "data_files": [{"split": "train", "path": pattern}]}
+    packs = 0
+    for name in folder.glob(pattern):  # rows = packs, from the parquet footers
+        with folder.open(name, "rb") as handle:
+            packs += pq.ParquetFile(handle).metadata.num_rows
+    # Without it, re-packing into the same path (or packing another corpus whose folder has the same name) loads
+    # the old rows from datasets' cache.
+    info = fingerprint_info(config_name, content_fingerprint(folder, [pattern]), packs)
     if folder.exists("README.md"):
         with folder.open("README.md", "rt") as handle:
             card = DatasetCard(handle.read())
         configs = [c for c in (card.data.to_dict().get("configs") or []) if c.get("config_name") != config_name]
         card.data.configs = configs + [entry]
+        infos = card.data.to_dict().get("dataset_info") or []
+        infos = [infos] if isinstance(infos, dict) else infos
+        card.data.dataset_info = [i for i in infos if i.get("config_name") != config_name] + [info]
         if CARD_BODY.strip() not in card.text:
             card.text = card.text.rstrip() + "\n" + CARD_BODY
     else:
-        card = DatasetCard.from_template(DatasetCardData(configs=[entry]),
+        card = DatasetCard.from_template(DatasetCardData(configs=[entry], dataset_info=[info]),
                                          template_str="---\n{{ card_data }}\n---\n" + CARD_BODY)
     with folder.open("README.md", "wt") as handle:
         handle.write(str(card))

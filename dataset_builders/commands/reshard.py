@@ -22,8 +22,10 @@ def register(subparsers) -> None:
                         help="subset name (ccs, datacomp_dfn, datacomp_mlmf_su85, datacomp_mlmf_su85_union_dfn, "
                              "laion or your own): writes <output>/<its folder> and the dataset card")
     parser.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default 10000)")
-    parser.add_argument("--verify-images", choices=("quick", "full"), default="quick",
-                        help="quick: header + truncation check (decode only if unsure); full: decode every image")
+    parser.add_argument("--verify-images", choices=("quick", "full"), default="full",
+                        help="full (default): decode every image, so the corpus is guaranteed to load; quick: "
+                             "header + truncation check only (faster, but JPEGs with corrupt scan data get through "
+                             "and make load_dataset fail on them)")
     parser.add_argument("--missing-uid", choices=("derive", "drop"), default="derive")
     add_executor_arguments(parser)
     parser.set_defaults(func=_run)

@@ -11,9 +11,10 @@ writes one parquet file per task: ``<output>/<config>/train-<rank>-of-<tasks>.pa
     uids:   list[str]
 
 which is enough to rebuild the sequence with any compatible tokenizer (``PackedCollator``). Counted per task in
-datatrove's stats: ``kept`` (documents packed), ``dropped/<reason>`` (missing_image, empty_caption,
-caption_not_text, caption_has_image_token, too_long), ``event/truncated``, and per pack ``pack_positions``,
-``pack_documents``, ``pack_images`` (datatrove keeps total, mean, min, max of each).
+datatrove's stats: ``kept`` (documents packed), ``dropped/<reason>`` (missing_image, image_undecodable,
+image_truncated, image_empty, image_too_large, empty_caption, caption_not_text, caption_has_image_token, too_long),
+``event/truncated``, and per pack ``pack_positions``, ``pack_documents``, ``pack_images`` (datatrove keeps total,
+mean, min, max of each).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.readers import HuggingFaceDatasetReader
 
 from ..accounting import READ
+from ..images import BadImage, inspect_image
 from ..packing import DEFAULT_CAPACITY
 from ..shards import atomic_write
 from .base import CountingStep
@@ -102,8 +104,8 @@ class PackWriter(CountingStep):
             capacity=self.capacity, truncate=self.truncate,
         )
         packer = StreamingPacker(
-            (_example(doc) for doc in data), documents, capacity=self.capacity, buffer_size=self.buffer_size,
-            algorithm=self.algorithm, batched=True, output_fn=documents.to_row,
+            (_example(doc) for doc in self._decodable(data)), documents, capacity=self.capacity,
+            buffer_size=self.buffer_size, algorithm=self.algorithm, batched=True, output_fn=documents.to_row,
         )
         features = packed_features()
         schema = features.arrow_schema
@@ -124,6 +126,21 @@ class PackWriter(CountingStep):
         self._account(packer.stats)
         return
         yield  # a generator step that forwards nothing (it is the last step)
+
+    def _decodable(self, data: DocumentsPipeline) -> DocumentsPipeline:
+        """The documents whose image fully decodes: the bytes are copied into the corpus as they are, and one that
+        does not decode would make iterating ``load_dataset(corpus)`` fail. Others are counted drops (image_*)."""
+        for doc in data:
+            media = doc.media[0] if doc.media else None
+            if media is not None and media.media_bytes:
+                try:
+                    with self.track_time():
+                        inspect_image(media.media_bytes, full_decode=True)
+                except BadImage as error:
+                    where = f"{doc.metadata.get('shard', '')}:{doc.metadata.get('key', '')}".strip(":")
+                    self.drop(error.reason, f"{where or 'sample'} (uid {doc.id})", error.detail)
+                    continue
+            yield doc
 
     def _account(self, stats) -> None:
         self.count_kept(stats.get("samples_packed", 0))

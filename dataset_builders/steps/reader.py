@@ -17,8 +17,8 @@ class WebDatasetReader(BaseDiskReader):
 
     Document: ``text`` = caption, ``id`` = uid, ``media[0]`` = the image (``media_bytes``, ``metadata["ext"]``),
     ``metadata`` = ``{"key", "shard", "url", "json"}``. Drops (counted as ``dropped/<reason>``): corrupt_shard,
-    unsafe_member_path, duplicate_key, duplicate_field, missing_image, bad_json, missing_caption, caption_not_utf8,
-    missing_uid (only with ``missing_uid="drop"``).
+    unsafe_member_path, duplicate_key, duplicate_field, bad_key, missing_image, bad_json, missing_caption,
+    caption_not_utf8, missing_uid (only with ``missing_uid="drop"``).
     """
 
     name = "WebDataset shards"

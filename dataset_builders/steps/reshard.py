@@ -22,7 +22,7 @@ from datatrove.utils.logging import logger
 from tqdm import tqdm
 
 from ..images import DEFAULT_MAX_PIXELS, BadImage, inspect_image, normalize_for_corpus
-from ..selection import read_selection
+from ..selection import read_selection, require_finalized
 from ..shards import Dropped, ShardProblem, ShardWriter, iter_samples, list_shards
 from .base import CountingStep
 
@@ -34,8 +34,10 @@ def plan_reshard(input_folder: DataFolderLike, selection_folder: DataFolderLike,
     """One row per selected sample: the output shard it goes to, its input shard, key and uid."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards = list_shards(input_folder)
+    require_finalized(selection_folder, len(shards))  # else duplicate uids would reach the corpus
     parts = []
-    for shard in list_shards(input_folder):
+    for shard in shards:
         table = read_selection(selection_folder, shard)
         table = table.filter(pc.equal(table.column("keep"), True))
         # Typed: a shard with nothing kept would give a null-typed column that concat_tables refuses.
@@ -64,8 +66,10 @@ class ReshardWriter(CountingStep):
     """Writes the output shards of a reshard plan (``plan_path``, a parquet from ``plan_reshard``).
 
     Each sample is re-checked on the way: the tar must still hold it (``missing_from_shard``), its image must pass
-    ``inspect_image`` (``image_*`` reasons; ``verify_images="full"`` decodes every image) and is normalised for a
-    ``.jpg`` field (RGB/L JPEGs copied byte for byte, anything else converted to RGB JPEG: ``event/reencoded``).
+    ``inspect_image`` (``image_*`` reasons; ``verify_images="full"``, the default, decodes every image, which is what
+    guarantees the corpus loads; "quick" checks headers and truncation only and lets corrupt scan data through) and
+    is normalised for a ``.jpg`` field (RGB/L JPEGs copied byte for byte, anything else converted to RGB JPEG:
+    ``event/reencoded``).
     Output keys are ``<shard><index>`` as img2dataset writes them; the json keeps the source shard and key.
     """
 
@@ -73,7 +77,7 @@ class ReshardWriter(CountingStep):
     type = "💽 - WRITER"
 
     def __init__(self, input_folder: DataFolderLike, output_folder: DataFolderLike, plan_path: str,
-                 verify_images: str = "quick", max_pixels: int = DEFAULT_MAX_PIXELS, missing_uid: str = "derive"):
+                 verify_images: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS, missing_uid: str = "derive"):
         super().__init__()
         if verify_images not in ("quick", "full"):
             raise ValueError(f"verify_images must be 'quick' or 'full', got {verify_images!r}")

@@ -52,6 +52,11 @@ class ShardSelector(CountingStep):
             yield from data
         uid_lists = {name: UidList(path) for name, path in self.rules.uid_lists.items()}
         shards = list_shards(self.input_folder)[rank::world_size]
+        if shards:  # decisions are about to change: the selection is not final until the finalizer reruns
+            try:
+                get_datafolder(self.output_folder).rm(MANIFEST)
+            except FileNotFoundError:
+                pass
         for shard in tqdm(shards, desc=f"select (task {rank})", unit="shard", disable=len(shards) < 2):
             with self.track_time("shard"):
                 self._select_shard(shard, uid_lists)
