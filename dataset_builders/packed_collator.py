@@ -69,7 +69,8 @@ class PackedCollator:
         on_bad_document: what a bad document does -- no image, an image that cannot be decoded, an empty caption, a
             caption that tokenizes to image placeholders, or a first document longer than ``max_length``.
             ``"drop"`` (default): it leaves its row, counted in ``stats["documents_dropped_<reason>"]`` and logged
-            with its uid; ``"raise"``: a ValueError naming it. A malformed row (image and text counts differ, no
+            with its uid (a batch left with no document becomes one padding position without a loss, counted in
+            ``stats["batches_without_documents"]``); ``"raise"``: a ValueError naming it. A malformed row (image and text counts differ, no
             documents) always raises: that is a wrong corpus, not a bad sample.
 
     Returns (``__call__``): ``input_ids`` [B, L] (right padded with the tokenizer's pad id), ``labels`` [B, L],
@@ -156,9 +157,16 @@ class PackedCollator:
                 images.extend(row_images)
                 uids.extend(uid for uid in row_uids if uid is not None)
         if not sequences:
-            uids = [uid for row in rows for uid in (row.get("uids") or [])]
-            raise ValueError(f"no document of this batch is usable, all were dropped (uids {uids[:6]}; the "
-                             "warnings above say why)")
+            # Rare (every document of the micro-batch bad), but a multi-day run must not stop on it: the step
+            # trains on one padding position without a loss, which the token-weighted loss and every process's
+            # collectives handle like any other micro-batch.
+            dropped_uids = [uid for row in rows for uid in (row.get("uids") or [])]
+            logger.warning("no document of this batch is usable, all were dropped (uids %s; the warnings above say "
+                           "why): it contributes no loss", dropped_uids[:6])
+            self.stats["batches_without_documents"] += 1
+            sequences, no_loss = [[[self.pad_token_id]]], True
+        else:
+            no_loss = False
         longest = max(sum(len(d) for d in docs) for docs in sequences)
         width = longest
         if self.pad_to_multiple_of:
@@ -189,7 +197,9 @@ class PackedCollator:
             if self.attention == "faithful":
                 position_ids[b] = torch.arange(width)
         labels[input_ids == self.image_token_id] = IGNORE_INDEX
-        num_real_tokens = int(attention_mask.sum())
+        if no_loss:
+            labels.fill_(IGNORE_INDEX)
+        num_real_tokens = 0 if no_loss else int(attention_mask.sum())
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,

@@ -259,11 +259,23 @@ def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, row
     assert collator.stats["documents_dropped_bad_image"] == 1
     assert "document 1 (uid e) has an image that cannot be decoded" in caplog.text
 
-    # A row with no decodable image leaves the batch; a batch with none is an error naming its uids.
+    # A row with no decodable image leaves the batch; a batch with none trains on nothing, logged with its uids.
     hopeless = dict(row, images=[{"bytes": b"", "path": None}, {"bytes": b"\xff\xd8 junk", "path": None}])
     assert collator([rows[0], hopeless])["input_ids"].shape[0] == 1
-    with pytest.raises(ValueError, match=r"no document of this batch is usable, all were dropped \(uids \['d', 'e'\];"):
-        collator([hopeless])
+    with caplog.at_level("WARNING", logger="dataset_builders.packed_collator"):
+        empty = collator([hopeless])
+    assert "no document of this batch is usable, all were dropped (uids ['d', 'e']" in caplog.text
+    assert empty["input_ids"].tolist() == [[collator.pad_token_id]] and empty["labels"].tolist() == [[-100]]
+    assert empty["num_real_tokens"] == 0 and empty["documents_dropped"] == 2 and empty["uids"] == []
+    assert "pixel_values" not in empty and collator.stats["batches_without_documents"] == 1
+    from recipes.training.loss import summed_lm_loss
+
+    torch.manual_seed(0)
+    model = OpenQwen2VLForConditionalGeneration(OpenQwen2VLConfig.tiny()).train()
+    loss_sum, num_tokens = summed_lm_loss(model, empty)
+    loss_sum.backward()  # no loss, and no NaN from a row without documents
+    assert num_tokens == 0 and float(loss_sum) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
     strict = PackedCollator(processor, on_bad_document="raise")
     with pytest.raises(ValueError, match=r"uids \['d', 'e'\]\): document 1 \(uid e\) has an image that cannot be "

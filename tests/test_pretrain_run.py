@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,6 +350,30 @@ def test_collator_counts_reach_the_summary_from_dataloader_workers(corpus_with_a
         assert stats["documents_dropped_bad_image"] == 1
         packs = packs or stats["documents"]
         assert stats["documents"] == packs > 0  # every kept document of the epoch, counted in either layout
+
+
+def test_a_micro_batch_with_no_usable_document_trains_on_nothing(corpus_with_a_corrupt_image, tmp_path, in_process,
+                                                                 caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (corpus, _) = corpus_with_a_corrupt_image
+    folder = tmp_path / "hopeless_corpus"
+    shutil.copytree(corpus[0], folder)
+    shard = sorted((folder / "data" / corpus[1]).glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[0]["images"] = [{"bytes": b"no image", "path": None}] * len(rows[0]["images"])  # every document of pack 0
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    output = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        in_process(_args((str(folder), corpus[1]), output, "--shuffle", "false", "--max_steps", 2,
+                         "--per_device_train_batch_size", 1, "--save_final_model", "false", "--save_steps", 0))
+    first, second = read_jsonl(output / "metrics.jsonl")
+    assert first["documents_dropped"] == len(rows[0]["uids"]) and first["tokens"] == 0
+    assert first["supervised_tokens"] == 0 and first["loss"] == 0.0 and first["grad_norm"] == 0.0
+    assert second["documents_dropped"] == 0 and second["supervised_tokens"] > 0 and math.isfinite(second["loss"])
+    assert "no document of this batch is usable, all were dropped" in caplog.text
 
 
 def test_compiled_layers_train_like_eager_and_share_checkpoints(corpus, tmp_path, in_process, caplog, tiny_config):
