@@ -7,6 +7,7 @@ paid when the cheap check is inconclusive. Every failure is a ``BadImage`` whose
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -76,9 +77,22 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image
 
 
+@contextlib.contextmanager
+def strict_decoding():
+    """PIL's global ``LOAD_TRUNCATED_IMAGES`` off for the block: another library in the process may have switched it
+    on (lmms-eval does when imported), which pads a cut-short or corrupt image with grey instead of failing."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _full_decode(image: Image.Image) -> None:
     try:
-        image.load()
+        with strict_decoding():
+            image.load()
     except OSError as error:
         reason = "image_truncated" if "truncat" in str(error).lower() else "image_undecodable"
         raise BadImage(reason, str(error)) from None

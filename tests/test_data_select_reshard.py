@@ -471,7 +471,7 @@ def corrupt_scan_jpeg() -> bytes:
 
     from PIL import Image
 
-    from dataset_builders.images import BadImage, inspect_image
+    from dataset_builders.images import BadImage, inspect_image, strict_decoding
     from dataset_builders.synthetic import encode, shape_image
 
     good = encode(shape_image(random.Random(0), 64, 64), "JPEG")
@@ -487,10 +487,23 @@ def corrupt_scan_jpeg() -> bytes:
         except BadImage:
             continue
         try:
-            Image.open(io.BytesIO(data)).load()
+            with strict_decoding():  # lmms-eval, imported by other tests, switches truncated loading on
+                Image.open(io.BytesIO(data)).load()
         except OSError:
             return data
     raise AssertionError("no corrupt-scan mutant found")
+
+
+def test_full_decode_fails_on_corrupt_data_even_with_truncated_loading_switched_on(monkeypatch):
+    from PIL import ImageFile
+
+    from dataset_builders.images import BadImage, inspect_image
+
+    corrupt = corrupt_scan_jpeg()
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as lmms-eval sets it when imported
+    with pytest.raises(BadImage):
+        inspect_image(corrupt, full_decode=True)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's setting is left as it was
 
 
 def test_reshard_decodes_every_image_by_default_so_the_corpus_loads(tmp_path):
