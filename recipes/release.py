@@ -4,19 +4,27 @@
     python -m recipes.release dataset <folder> --repo-id <org/name> [--dry-run]
 
 The repository content is first assembled and checked in a staging folder (``--staging``, default
-``<folder>-release``): for a model, the safetensors weights, ``config.json`` with its ``auto_map``, the remote-code
+``<folder>-release``; never the released folder or a folder around or inside it, and an existing one is only emptied
+when this tool made it): for a model, the safetensors weights, ``config.json`` with its ``auto_map``, the remote-code
 ``.py`` files, the processor and tokenizer files, the generation config and a model card; for a dataset, the shards,
-the dataset card with its ``configs:`` block and the statistics files. Without ``--dry-run`` the staging folder is
-uploaded with huggingface_hub's ``upload_folder`` (needs a token and a network).
+the dataset card with its ``configs:`` block and the statistics files. The checks: a model loads with
+``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
+recorded example counts match its files; no staged text file holds an absolute path of this machine (the eval table's
+model path becomes the repo id). Without ``--dry-run`` the staging folder is uploaded with huggingface_hub's
+``upload_folder`` (needs a token and a network); repository files of the kinds the tool writes that the staging folder
+does not hold (an earlier release's weights or shards) are deleted in the same commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -27,10 +35,87 @@ MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.jso
 MODEL_OPTIONAL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "chat_template.jinja",
                            "additional_chat_templates/*.jinja", "special_tokens_map.json", "training_log.jsonl",
                            "*.md")
+# Pickled weights the kit does not release. Other .bin files are fine: TRL's training_args.bin (pickled arguments,
+# not weights) is in every SFT folder, and only the allow-list above is copied anyway.
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "*.ckpt")
+DATASET_STATS_SUFFIXES = (".json", ".parquet", ".npy")
+# Written into every staging folder this tool makes: only such a folder is ever deleted (never uploaded).
+STAGING_MARKER = ".open-qwen2vl-release-staging"
+# Staged text files scanned for local absolute paths; vocabulary files hold token strings, not paths.
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".yaml", ".yml", ".txt")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+# Loads the staged folder as a user would (fresh process, remote code, offline); missing, unexpected or mismatched
+# weights only warn (or point to a report above the error), so they are collected and named on the last line.
+LOAD_CHECK = """
+import sys
+from transformers import AutoModelForImageTextToText
+_, info = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True, output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
+bad = [f"{key} ({len(value)}, e.g. {sorted(map(str, value))[0]})" for key, value in info.items() if value]
+if bad:
+    raise SystemExit("the weights do not match config.json: " + "; ".join(bad))
+"""
 
 
 class ReleaseError(ValueError):
     """The folder cannot be released as it is; the message says what is missing or wrong."""
+
+
+def prepare_staging(folder: Path, staging: Path) -> None:
+    """Make ``staging`` an empty folder marked as this tool's. Refuses a staging folder that is, contains or lies
+    inside ``folder`` (emptying it would delete what is being released), and deletes an existing folder only when it
+    holds the marker this tool writes: anything else may be someone's data."""
+    folder, staging = folder.resolve(), staging.resolve()
+    if staging == folder or staging in folder.parents or folder in staging.parents:
+        raise ReleaseError(f"staging folder {staging} is, contains or lies inside the released folder {folder}; "
+                           "pick a separate --staging")
+    if (staging / STAGING_MARKER).is_file():
+        shutil.rmtree(staging)
+    elif staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
+        raise ReleaseError(f"staging folder {staging} exists, is not empty and was not made by this tool; "
+                           "remove it or pick another --staging")
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / STAGING_MARKER).write_text("made by python -m recipes.release; emptied by the next release\n")
+
+
+def _local_paths(folder: Path) -> list[str]:
+    """Absolute paths of this machine that must not appear in a pushed file: the released folder and its parents
+    down to the home folder (never a bare top-level folder such as /tmp), the working folder and the home folder."""
+    home = Path.home().resolve()
+    paths = {folder.resolve(), Path.cwd().resolve()}
+    for parent in folder.resolve().parents:
+        if parent == home:
+            break
+        paths.add(parent)
+    paths = {p for p in paths if len(p.parts) > 2}
+    if len(home.parts) > 1:
+        paths.add(home)
+    return sorted(map(str, paths), key=len, reverse=True)
+
+
+def check_no_local_paths(staging: Path, folder: Path) -> None:
+    """Refuse when a staged text file holds an absolute path of this machine (the released folder, its parents,
+    the working or home folder): it would be published with the repository."""
+    patterns = [(p, re.compile(r"(?<![\w.-])" + re.escape(p) + r"(?![\w.-])")) for p in _local_paths(folder)]
+    for path in sorted(staging.rglob("*")):
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES or path.name in VOCABULARY_FILES:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for local, pattern in patterns:
+            if pattern.search(text):
+                raise ReleaseError(f"{path.relative_to(staging)} contains the local path {local}: it would be "
+                                   "published; remove it from the file before releasing")
+
+
+def _check_model_loads(staging: Path) -> None:
+    """Load the staged folder in a fresh process (a corrupt weights file or a config.json that does not match the
+    weights only shows there); refuse with the error's last line."""
+    result = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(staging)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or ["(no error output)"]
+        raise ReleaseError(f"the staged model in {staging} does not load with AutoModelForImageTextToText: "
+                           f"{lines[-1].strip()}")
 
 
 def _copy_matching(source: Path, staging: Path, patterns: tuple[str, ...]) -> list[str]:
@@ -56,8 +141,9 @@ def _check_model_folder(folder: Path) -> dict:
     for key in ("AutoConfig", "AutoModelForImageTextToText"):
         if key not in auto_map:
             raise ReleaseError(f"{folder}/config.json has no auto_map[{key!r}]: it would not load with trust_remote_code")
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise ReleaseError(f"{folder} holds pickle weights (.bin/.pt); the kit releases safetensors only")
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
+    if pickles:
+        raise ReleaseError(f"{folder} holds pickle weights ({', '.join(pickles)}); the kit releases safetensors only")
     return config
 
 
@@ -102,61 +188,152 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training_note
 
 def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path | None = None,
                      training_notes: Path | None = None) -> Path:
-    """Assemble a model repository in ``staging`` from a kit model folder; returns ``staging``."""
+    """Assemble a model repository in ``staging`` from a kit model folder, check that it holds no local path and
+    loads; returns ``staging``."""
     config = _check_model_folder(folder)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    prepare_staging(folder, staging)
     _copy_matching(folder, staging, MODEL_REQUIRED + MODEL_OPTIONAL_PATTERNS)
     card = model_card(
         config, repo_id,
-        eval_table.read_text() if eval_table else None,
+        _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,
         training_notes.read_text() if training_notes else None,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
+    check_no_local_paths(staging, folder)
+    _check_model_loads(staging)
     return staging
 
 
-def _card_configs(card_path: Path) -> list[dict]:
+def _eval_table_text(table: str, folder: Path, repo_id: str) -> str:
+    """recipes/eval.py's table names the model by the path it was evaluated from; the card names it by repo id."""
+    table = re.sub(r"^(Evaluation of `)[^`]*(`)", lambda m: m.group(1) + repo_id + m.group(2), table)
+    return table.replace(str(folder.resolve()), repo_id)
+
+
+def _card_meta(card_path: Path) -> dict:
     text = card_path.read_text(encoding="utf-8")
     match = re.match(r"^---\n(.*?)\n---", text, re.S)
     if not match:
         raise ReleaseError(f"{card_path} has no YAML front matter; a dataset card needs a `configs:` block")
     meta = yaml.safe_load(match.group(1)) or {}
-    configs = meta.get("configs")
-    if not configs:
+    if not meta.get("configs"):
         raise ReleaseError(f"{card_path} front matter has no `configs:`; load_dataset(repo, name) needs it")
-    return configs
+    return meta
+
+
+def _card_configs(card_path: Path) -> list[dict]:
+    return _card_meta(card_path)["configs"]
+
+
+def _split_patterns(config: dict) -> list[tuple[str, str]]:
+    """(split, pattern) pairs of a card ``configs:`` entry (a bare pattern or list of them is the train split)."""
+    data_files = config.get("data_files", [])
+    pairs = []
+    for entry in data_files if isinstance(data_files, list) else [data_files]:
+        split, patterns = (entry.get("split", "train"), entry.get("path")) if isinstance(entry, dict) else (
+            "train", entry)
+        pairs += [(split, pattern) for pattern in ([patterns] if isinstance(patterns, str) else patterns)]
+    return pairs
+
+
+def _recorded_counts(meta: dict) -> dict[tuple[str, str], int]:
+    """(config, split) -> num_examples recorded in the card's ``dataset_info``."""
+    infos = meta.get("dataset_info") or []
+    counts = {}
+    for info in [infos] if isinstance(infos, dict) else infos:
+        for split in info.get("splits") or []:
+            if split.get("num_examples") is not None:
+                counts[(info.get("config_name", "default"), split["name"])] = int(split["num_examples"])
+    return counts
+
+
+def _cheap_count(folder: Path, patterns: list[str]) -> int | None:
+    """Examples in the files of ``patterns`` without reading them: parquet footers, and for webdataset shards the
+    metadata parquets as the card writer counts them (dataset_builders.cards._count); None when unknown."""
+    import pyarrow.parquet as pq
+    from datatrove.io import get_datafolder
+
+    from dataset_builders.cards import _count
+    from dataset_builders.shards import SHARD_GLOB
+
+    total = 0
+    for pattern in patterns:
+        parent, _, name = pattern.rpartition("/")
+        if name == SHARD_GLOB and parent:
+            samples = _count(get_datafolder(str(folder)), parent)[1]
+        elif pattern.endswith(".parquet"):
+            samples = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(folder.glob(pattern)) if p.is_file())
+        else:
+            samples = None
+        if samples is None:
+            return None
+        total += samples
+    return total
+
+
+def check_dataset_counts(folder: Path, staging: Path) -> None:
+    """Refuse when the card's ``dataset_info`` records a number of examples the files do not hold: datasets would
+    raise NonMatchingSplitsSizesError on every load of the released repository."""
+    meta = _card_meta(staging / "README.md")
+    recorded = _recorded_counts(meta)
+    for config in meta["configs"]:
+        name = config.get("config_name", "default")
+        by_split: dict[str, list[str]] = {}
+        for split, pattern in _split_patterns(config):
+            by_split.setdefault(split, []).append(pattern)
+        for split, patterns in by_split.items():
+            if (name, split) not in recorded:
+                continue
+            expected, found = recorded[(name, split)], _cheap_count(folder, patterns)
+            if found is None:  # not countable from metadata: let datasets build the split and verify it
+                from datasets import load_dataset
+
+                with tempfile.TemporaryDirectory() as cache:
+                    try:
+                        found = len(load_dataset(str(staging), name, split=split, cache_dir=cache))
+                    except Exception as err:  # noqa: BLE001 - any failure means the release would not load
+                        last = (str(err).strip().splitlines() or [""])[-1]
+                        raise ReleaseError(f"config {name!r} split {split!r} does not load: "
+                                           f"{type(err).__name__}: {last}") from err
+            if found != expected:
+                raise ReleaseError(f"config {name!r} split {split!r}: the card records {expected} examples but the "
+                                   f"files hold {found}; regenerate the card or restore the missing files")
 
 
 def build_dataset_repo(folder: Path, staging: Path) -> Path:
-    """Assemble a dataset repository (shards, card, statistics) in ``staging``; every config must match files."""
+    """Assemble a dataset repository (shards, card, statistics) in ``staging``; every config must match files, the
+    card's example counts must match them and no staged file may hold a local path."""
     card = folder / "README.md"
     if not card.is_file():
         raise ReleaseError(f"{folder} has no README.md dataset card")
     configs = _card_configs(card)
     files: set[Path] = set()
     for config in configs:
-        data_files = config.get("data_files", [])
-        entries = data_files if isinstance(data_files, list) else [data_files]
-        for entry in entries:
-            patterns = entry.get("path") if isinstance(entry, dict) else entry
-            for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                matched = [p for p in folder.glob(pattern) if p.is_file()]
-                if not matched:
-                    raise ReleaseError(
-                        f"config {config.get('config_name')!r}: pattern {pattern!r} matches no file in {folder}")
-                files.update(matched)
-    files.update(p for p in folder.rglob("*") if p.is_file() and p.suffix in {".json", ".parquet", ".npy"}
+        for _, pattern in _split_patterns(config):
+            matched = [p for p in folder.glob(pattern) if p.is_file()]
+            if not matched:
+                raise ReleaseError(
+                    f"config {config.get('config_name')!r}: pattern {pattern!r} matches no file in {folder}")
+            files.update(matched)
+    files.update(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATASET_STATS_SUFFIXES
                  and "stats" in p.name)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    prepare_staging(folder, staging)
     for path in sorted(files | {card}):
         target = staging / path.relative_to(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
+    check_no_local_paths(staging, folder)
+    check_dataset_counts(folder, staging)
     return staging
+
+
+def managed_patterns(staging: Path, repo_type: str) -> list[str]:
+    """Repository paths (fnmatch patterns, as upload_folder's ``delete_patterns``) of the file kinds this tool
+    writes: a release deletes those the staging folder no longer has, so the repo never mixes two releases."""
+    if repo_type == "model":
+        return list(MODEL_REQUIRED + MODEL_OPTIONAL_PATTERNS) + ["README.md"]
+    patterns = [pattern for config in _card_configs(staging / "README.md") for _, pattern in _split_patterns(config)]
+    return patterns + [f"*stats*{suffix}" for suffix in DATASET_STATS_SUFFIXES] + ["README.md"]
 
 
 def upload(staging: Path, repo_id: str, repo_type: str, private: bool) -> str:
@@ -169,8 +346,11 @@ def upload(staging: Path, repo_id: str, repo_type: str, private: bool) -> str:
         raise ReleaseError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, or use --dry-run")
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    # delete_patterns: repo files of these kinds not uploaded in this commit (an earlier release's single weights
+    # file next to new shards, shards gone from the corpus) are deleted, so the repo mirrors the staging folder.
     info = api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type=repo_type,
-                             commit_message="Release with the Open-Qwen2VL kit")
+                             commit_message="Release with the Open-Qwen2VL kit",
+                             delete_patterns=managed_patterns(staging, repo_type), ignore_patterns=[STAGING_MARKER])
     return str(info.commit_url)
 
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
-from recipes.release import ReleaseError, build_dataset_repo, main, upload
+from recipes.release import STAGING_MARKER, ReleaseError, build_dataset_repo, main, prepare_staging, upload
 
 LOAD_MODEL = textwrap.dedent(
     """
@@ -49,14 +50,16 @@ def model_folder(tmp_path, tiny_config, processor):
 
 def test_model_release_dry_run_builds_a_loadable_repo(tmp_path, model_folder, processor):
     folder, model = model_folder
-    table = tmp_path / "eval.md"
-    table.write_text("| benchmark | accuracy |\n|---|---|\n| easy_vqa | 0.81 |\n")
+    table = tmp_path / "eval.md"  # as recipes/eval.py writes it: the model named by its local path
+    table.write_text(f"Evaluation of `{folder}` (prompt format `chat`, batch size 16). Scores are accuracy in percent."
+                     "\n\n| benchmark | accuracy |\n|---|---|\n| easy_vqa | 0.81 |\n")
     staging = tmp_path / "staging"
     assert main(["model", str(folder), "--repo-id", "org/tiny-open-qwen2vl", "--staging", str(staging),
                  "--eval-table", str(table), "--dry-run"]) == 0
     card = (staging / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text")
     assert "| easy_vqa | 0.81 |" in card and 'from_pretrained("org/tiny-open-qwen2vl", trust_remote_code=True)' in card
+    assert "Evaluation of `org/tiny-open-qwen2vl` (prompt format" in card and str(tmp_path) not in card
     for name in ("model.safetensors", "config.json", "modeling_open_qwen2vl.py", "processor_config.json",
                  "generation_config.json", "chat_template.jinja"):
         assert (staging / name).is_file(), name
@@ -73,6 +76,77 @@ def test_incomplete_model_folder_is_refused(tmp_path, model_folder, capsys):
     (folder / "modeling_open_qwen2vl.py").unlink()
     assert main(["model", str(folder), "--repo-id", "org/x", "--dry-run"]) == 2
     assert "missing: modeling_open_qwen2vl.py" in capsys.readouterr().err
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
+def test_staging_that_is_holds_or_lies_in_the_folder_is_refused_and_nothing_is_deleted(tmp_path, model_folder,
+                                                                                        capsys):
+    folder, _ = model_folder
+    before = _listing(folder)
+    for staging in (folder, tmp_path, folder / "release"):
+        assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"]) == 2
+        assert "is, contains or lies inside the released folder" in capsys.readouterr().err
+        assert _listing(folder) == before
+    assert not (folder / "release").exists()
+    foreign = tmp_path / "someone-else"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(foreign), "--dry-run"]) == 2
+    assert "exists, is not empty and was not made by this tool" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me" and _listing(folder) == before
+
+
+def test_a_staging_folder_made_by_the_tool_is_emptied_and_reused(tmp_path):
+    folder, staging = tmp_path / "corpus", tmp_path / "staging"
+    folder.mkdir()
+    prepare_staging(folder, staging)
+    (staging / "old-shard.tar").write_text("from the previous release")
+    prepare_staging(folder, staging)
+    assert sorted(p.name for p in staging.iterdir()) == [STAGING_MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_staging(folder, empty)
+    assert (empty / STAGING_MARKER).is_file()
+
+
+def test_sft_output_with_training_args_bin_is_released_but_pickle_weights_are_refused(tmp_path, model_folder,
+                                                                                       capsys):
+    folder, _ = model_folder
+    torch.save({"learning_rate": 2e-5}, folder / "training_args.bin")  # what TRL's SFTTrainer writes
+    staging = tmp_path / "staging"
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"]) == 0
+    assert (staging / "model.safetensors").is_file() and not (staging / "training_args.bin").exists()
+    torch.save({}, folder / "pytorch_model.bin")
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"]) == 2
+    assert "holds pickle weights (pytorch_model.bin)" in capsys.readouterr().err
+
+
+def test_model_whose_weights_do_not_load_is_refused(tmp_path, model_folder, capsys):
+    folder, _ = model_folder
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 128
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(tmp_path / "s1"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not load with AutoModelForImageTextToText: the weights do not match config.json: mismatched_keys" \
+        in err and "torch.Size([151936, 128])" in err
+    config["text_config"]["hidden_size"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(tmp_path / "s2"), "--dry-run"]) == 2
+    assert "does not load with AutoModelForImageTextToText: safetensors" in capsys.readouterr().err
+
+
+def test_training_notes_with_a_local_path_are_refused(tmp_path, model_folder, capsys):
+    folder, _ = model_folder
+    notes = tmp_path / "notes.md"
+    notes.write_text(f"Fine-tuned from `{folder.parent}/pretrain/final_model` for one epoch.\n")
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(tmp_path / "s"),
+                 "--training-notes", str(notes), "--dry-run"]) == 2
+    assert f"README.md contains the local path {folder.parent}" in capsys.readouterr().err
 
 
 def _write_shard(path, captions):
@@ -117,6 +191,108 @@ def test_dataset_card_whose_config_matches_no_file_is_refused(tmp_path):
     card.write_text(card.read_text().replace("ccs/*.tar", "missing/*.tar"))
     with pytest.raises(ReleaseError, match=r"config 'ccs': pattern 'missing/\*.tar' matches no file"):
         build_dataset_repo(folder, tmp_path / "s")
+
+
+def _with_counts(folder, num_examples, parquets=True):
+    """Metadata parquets per shard (as reshard writes them) and a card recording ``num_examples``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if parquets:
+        for tar in sorted((folder / "ccs").glob("*.tar")):
+            with tarfile.open(tar) as handle:
+                keys = sorted({m.name.split(".")[0] for m in handle.getmembers()})
+            pq.write_table(pa.table({"key": keys}), tar.with_suffix(".parquet"))
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace(
+        "---\n# corpus", f"dataset_info:\n- config_name: ccs\n  splits:\n  - name: train\n"
+                          f"    num_examples: {num_examples}\n---\n# corpus"))
+
+
+def test_dataset_card_whose_counts_do_not_match_the_shards_is_refused(tmp_path):
+    folder = _corpus(tmp_path)
+    _with_counts(folder, 3)
+    build_dataset_repo(folder, tmp_path / "ok")
+    (folder / "ccs" / "00001.tar").unlink()  # its metadata parquet stays, as in a half-deleted corpus
+    with pytest.raises(ReleaseError, match=r"config 'ccs' split 'train': the card records 3 examples but the files "
+                                           r"hold 2"):
+        build_dataset_repo(folder, tmp_path / "s")
+
+
+def test_dataset_counts_without_metadata_parquets_are_checked_by_loading(tmp_path):
+    folder = _corpus(tmp_path)
+    _with_counts(folder, 3, parquets=False)
+    build_dataset_repo(folder, tmp_path / "ok")
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace("num_examples: 3", "num_examples: 4"))
+    with pytest.raises(ReleaseError, match=r"config 'ccs' split 'train' does not load: NonMatchingSplitsSizesError"):
+        build_dataset_repo(folder, tmp_path / "s")
+
+
+def test_dataset_statistics_with_a_local_path_are_refused(tmp_path):
+    folder = _corpus(tmp_path)
+    (folder / "ccs" / "packing_stats.json").write_text(json.dumps({"input": str(folder / "ccs"), "packs": 2}))
+    with pytest.raises(ReleaseError, match=f"ccs/packing_stats.json contains the local path {folder}"):
+        build_dataset_repo(folder, tmp_path / "s")
+
+
+def _fake_hub(monkeypatch, hub):
+    """HfApi whose repository is the local folder ``hub``: upload_folder's own deletion and addition logic runs, the
+    commit is applied to ``hub``."""
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    import huggingface_hub.hf_api as hf_api
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            if isinstance(op, huggingface_hub.CommitOperationDelete):
+                (hub / op.path_in_repo).unlink()
+            else:
+                (hub / op.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(op.path_or_fileobj, hub / op.path_in_repo)
+        return type("Info", (), {"commit_url": "https://hf.co/fake/commit"})()
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(hf_api, "is_xet_available", lambda: False)
+    monkeypatch.setattr(hf_api.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(hf_api.HfApi, "_validate_yaml", lambda self, *a, **k: None)
+    monkeypatch.setattr(hf_api.HfApi, "list_repo_files", lambda self, *a, **k: sorted(
+        str(p.relative_to(hub)) for p in hub.rglob("*") if p.is_file()))
+    monkeypatch.setattr(hf_api.HfApi, "create_commit", create_commit)
+
+
+def test_re_release_deletes_files_of_the_earlier_release(tmp_path, monkeypatch, tiny_config, processor):
+    hub = tmp_path / "hub"
+    torch.manual_seed(1)
+    OpenQwen2VLForConditionalGeneration(tiny_config).save_pretrained(hub)  # release 1: one model.safetensors
+    processor.save_pretrained(hub)
+    (hub / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (hub / "notes" / "extra.bin").parent.mkdir()
+    (hub / "notes" / "extra.bin").write_bytes(b"uploaded by hand")
+    torch.manual_seed(2)
+    second = OpenQwen2VLForConditionalGeneration(tiny_config).eval()
+    staging = tmp_path / "staging"
+    prepare_staging(tmp_path / "model", staging)
+    second.save_pretrained(staging, max_shard_size="10MB")  # release 2: sharded
+    processor.save_pretrained(staging)
+    _fake_hub(monkeypatch, hub)
+    assert upload(staging, "org/x", "model", private=False) == "https://hf.co/fake/commit"
+    files = sorted(str(p.relative_to(hub)) for p in hub.rglob("*") if p.is_file())
+    staged = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and p.name != STAGING_MARKER)
+    assert files == sorted(staged + [".gitattributes", "notes/extra.bin"]) and "model.safetensors" not in files
+    loaded = OpenQwen2VLForConditionalGeneration.from_pretrained(hub).eval()
+    for key, value in second.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    corpus_hub = tmp_path / "corpus_hub"  # a dataset: a shard gone from the corpus goes from the repo too
+    shutil.copytree(_corpus(tmp_path), corpus_hub)
+    (tmp_path / "corpus" / "ccs" / "00001.tar").unlink()
+    (tmp_path / "corpus" / "stats.json").unlink()
+    _fake_hub(monkeypatch, corpus_hub)
+    upload(build_dataset_repo(tmp_path / "corpus", tmp_path / "ds-staging"), "org/c", "dataset", private=False)
+    assert sorted(str(p.relative_to(corpus_hub)) for p in corpus_hub.rglob("*") if p.is_file()) == [
+        "README.md", "ccs/00000.tar"]
 
 
 def test_upload_refuses_offline_or_without_token(tmp_path, monkeypatch):
