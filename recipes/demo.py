@@ -70,21 +70,66 @@ def accelerate_launch(script: str, args: list[str]) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", script, *args]
 
 
+# Written into the output folder at start: it marks the folder as the demo's (only such a folder, or an empty one,
+# is ever deleted) and records the settings, which a --keep run must match for the data it reuses.
+MARKER = "demo_settings.json"
+# What the kept data stages depend on: select, reshard and pack skip their completed tasks, so with other values the
+# pretraining would read the old packs while the report names the new settings.
+DATA_SETTINGS = ("seed", "pretrain_image_tokens", "capacity")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse odd values up front, not after minutes of data stages and training (0 would also be read as "unset":
+    all 9,673 questions for --eval-limit, TRL's epochs for --sft-steps)."""
+    for flag, value in (("--sft-steps", args.sft_steps), ("--pretrain-epochs", args.pretrain_epochs),
+                        ("--eval-limit", args.eval_limit)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.seed < 2**32:  # the range the training scripts' set_seed accepts
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+
+
+def prepare_output(parser: argparse.ArgumentParser, out: Path, settings: dict, keep: bool) -> None:
+    """Start a fresh output folder (or keep one, --keep) and write the marker with the run's settings.
+
+    An existing folder is deleted or kept only when it is empty or holds the marker; a --keep run must have the
+    recorded data settings."""
+    if out.exists():
+        if not out.is_dir():
+            parser.error(f"--output {out} is a file, not a folder")
+        if not (out / MARKER).is_file() and any(out.iterdir()):
+            parser.error(f"--output {out} is not empty and is not a demo output folder (no {MARKER}); refusing to "
+                         "delete or reuse it: pick a new folder, or remove it yourself")
+        if keep and (out / MARKER).is_file():
+            recorded = json.loads((out / MARKER).read_text())
+            changed = [f"{key} {recorded.get(key)} -> {settings[key]}" for key in DATA_SETTINGS
+                       if recorded.get(key) != settings[key]]
+            if changed:
+                parser.error(f"--keep: {out} holds data made with other settings ({', '.join(changed)}), which its "
+                             "completed data stages would not redo; run without --keep to start fresh")
+        if not keep:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("demo_output"))
+    parser.add_argument("--output", type=Path, default=Path("demo_output"),
+                        help="output folder; an existing one is deleted first only if it is empty or a demo output")
     parser.add_argument("--seed", type=int, default=SETTINGS["seed"])
     parser.add_argument("--sft-steps", type=int, default=SETTINGS["sft_steps"])
     parser.add_argument("--pretrain-epochs", type=int, default=SETTINGS["pretrain_epochs"])
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test questions")
-    parser.add_argument("--keep", action="store_true", help="keep an existing output folder (default: start fresh)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep an existing demo output folder (default: start fresh); reuses the data stages' "
+                             "completed work, so the seed must be the one it was made with")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     settings = {**SETTINGS, "seed": args.seed, "sft_steps": args.sft_steps, "pretrain_epochs": args.pretrain_epochs}
 
     out = args.output.resolve()
-    if out.exists() and not args.keep:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(parser, out, settings, args.keep)
     paths = {name: out / name for name in ("raw", "selection", "corpus", "packed", "pretrain", "sft_data", "sft",
                                            "eval")}
     subset_dir = paths["corpus"] / "easy_vqa_captions_webdataset"
@@ -119,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "--max_length", str(settings["capacity"]), "--stage", settings["stage"],
             "--num_train_epochs", str(settings["pretrain_epochs"]), "--save_steps", "100000",
             "--seed", str(settings["seed"]), "--output_dir", str(paths["pretrain"]),
-            "--overwrite_output_dir"])))  # --keep re-runs the steps in the kept folder
+            "--overwrite_output_dir"])))  # with --keep too, pretraining starts over (only data-stage work is reused)
 
     def write_sft_data() -> None:
         from recipes.sft_data.easy_vqa import write_easy_vqa_sft
@@ -139,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "--seed", str(settings["seed"]), "--output_dir", str(paths["sft"])])))
     eval_args = [PYTHON, "recipes/eval.py", "--model", str(paths["sft"]), "--benchmarks", "easy_vqa",
                  "--prompt", "chat", "--batch-size", "16", "--output", str(paths["eval"])]
-    if args.eval_limit:
+    if args.eval_limit is not None:
         eval_args += ["--limit", str(args.eval_limit)]
     runner.add("evaluate on the easy-vqa test split (recipes/eval.py)", lambda: run_command(eval_args))
     runner.add("reload in a fresh process with trust_remote_code and answer a test question", lambda: run_command(

@@ -133,6 +133,37 @@ def test_unknown_model_argument_is_rejected(task_setup):
         OpenQwen2VLLmms(pretrained=str(task_setup[0] / "model"), temprature="0.5")
 
 
+@pytest.mark.parametrize("extra, expected", [
+    ({"batch_size": "1", "max_batch_size": 8, "device": None}, 1),  # max_batch_size only bounds "auto"
+    ({"batch_size": "auto", "max_batch_size": None, "device": None}, 8),
+    ({"batch_size": "auto:2", "max_batch_size": 3, "device": None}, 3),
+])
+def test_cli_batch_flags_reach_the_model(task_setup, extra, expected):
+    """lmms-eval passes --batch_size and --max_batch_size to every model (create_from_arg_string drops None)."""
+    from recipes.evaluation.lmms_eval_plugin import OpenQwen2VLLmms
+
+    lm = OpenQwen2VLLmms.create_from_arg_string(f"pretrained={task_setup[0] / 'model'}", extra)
+    assert lm.batch_size == expected
+    assert lm.predictor.batch_size == expected
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"batch_size": "0"}, "batch_size must be an integer >= 1 or auto, got '0'"),
+    ({"batch_size": "-2"}, "batch_size must be an integer >= 1 or auto, got '-2'"),
+    ({"batch_size": "1.5"}, "batch_size must be an integer >= 1 or auto, got '1.5'"),
+    ({"batch_size": "automatic"}, "batch_size must be an integer >= 1 or auto, got 'automatic'"),
+    ({"batch_size": "auto", "max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+])
+def test_bad_batch_sizes_fail_before_the_model_loads(extra, message):
+    import re
+
+    from recipes.evaluation.lmms_eval_plugin import OpenQwen2VLLmms
+
+    # A folder that does not exist: loading it would raise OSError, so a ValueError shows the check came first.
+    with pytest.raises(ValueError, match=re.escape(f"open_qwen2vl: {message}")):
+        OpenQwen2VLLmms.create_from_arg_string("pretrained=/nonexistent/model", extra)
+
+
 def test_entry_point_line_for_setup_cfg_is_picked_up_by_lmms_eval(tmp_path):
     """The packaging line `lmms_eval.models = open_qwen2vl = recipes.evaluation.lmms_eval_manifest:MANIFESTS`,
     declared by a distribution on the path, makes `--model open_qwen2vl` resolve in a fresh process."""

@@ -6,7 +6,9 @@ its pure-Python dependencies for the CLI's result table: lmms-eval's full depend
 not work beside the CPU torch 2.13).
 
 Model arguments: ``pretrained`` (required), ``device``, ``dtype`` (auto, float32, bfloat16), ``batch_size`` (from the
-CLI's ``--batch_size``; do not repeat it in ``--model_args``),
+CLI's ``--batch_size``; do not repeat it in ``--model_args``): an integer >= 1, or ``auto`` / ``auto:N``, which do not
+probe memory but take ``max_batch_size`` (the CLI's ``--max_batch_size``) or else 8; ``max_batch_size`` is ignored
+with an integer ``batch_size``, as in lmms-eval's own models,
 ``prompt_format`` ("chat": the processor's chat template, default; "raw": the original harness's ``<s>`` + prompt +
 ``\\nAnswer:``), ``chat_template`` (template name), ``max_new_tokens`` (default when a task sets none).
 Generation is greedy; with ``prompt_format=raw`` it also stops at "." "," and newline as the original harness did.
@@ -54,6 +56,28 @@ def _loglikelihood_response(loss: float, is_greedy: bool):
     return GenerationResult(text=(loss, is_greedy))
 
 
+AUTO_BATCH_SIZE = 8  # ``batch_size=auto`` without ``max_batch_size``: recipes/eval.py's default --batch-size
+
+
+def resolve_batch_size(batch_size: int | str, max_batch_size: int | str | None = None) -> int:
+    """The batch size the plugin runs with, from lmms-eval's ``batch_size`` (N, "auto" or "auto:N") and
+    ``max_batch_size`` ("the maximal batch size to try with auto"). Checked before the model loads, so a bad value
+    fails at once instead of after loading."""
+    def positive(name: str, value: int | str) -> int:
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            allowed = "an integer >= 1 or auto" if name == "batch_size" else "an integer >= 1"
+            raise ValueError(f"open_qwen2vl: {name} must be {allowed}, got {value!r}")
+        return int(text)
+
+    cap = positive("max_batch_size", max_batch_size) if max_batch_size is not None else None
+    text = str(batch_size).strip().lower()
+    if text == "auto" or text.startswith("auto:"):
+        # No memory probing (lmms-eval leaves "auto" to each model): the given cap, else AUTO_BATCH_SIZE.
+        return cap or AUTO_BATCH_SIZE
+    return positive("batch_size", batch_size)
+
+
 def _truncate(text: str, until: list[str]) -> str:
     cut = min((text.find(stop) for stop in until if stop and stop in text), default=-1)
     return text[:cut] if cut >= 0 else text
@@ -70,6 +94,7 @@ class OpenQwen2VLLmms(lmms):
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
+        max_batch_size: int | str | None = None,
         prompt_format: str = "chat",
         chat_template: str | None = None,
         max_new_tokens: int | str = 128,
@@ -79,6 +104,7 @@ class OpenQwen2VLLmms(lmms):
         super().__init__()
         if unexpected:
             raise TypeError(f"open_qwen2vl got unknown model arguments {sorted(unexpected)}")
+        batch = resolve_batch_size(batch_size, max_batch_size)
         from accelerate import Accelerator
 
         accelerator = Accelerator()
@@ -90,7 +116,7 @@ class OpenQwen2VLLmms(lmms):
         )
         self.prompt_format = prompt_format
         self.formatter = PromptFormatter(prompt_format, self.processor, chat_template)
-        self.predictor = Predictor(self.model, self.processor, int(batch_size), show_progress=self._rank == 0)
+        self.predictor = Predictor(self.model, self.processor, batch, show_progress=self._rank == 0)
         self.max_new_tokens = int(max_new_tokens)
         eos = self.processor.tokenizer.eos_token_id
         self.stop_token_ids = list(ORIGINAL_STOP_TOKEN_IDS) if prompt_format == "raw" else [eos]
