@@ -100,11 +100,12 @@ def test_rows_rebuild_the_documents(packed, processor):
     assert batch["input_ids"].shape[0] == 2
 
 
-def test_statistics_match_the_corpus(packed):
+def test_statistics_match_the_corpus(packed, source):
     output, rows, stats = packed
     ds = datasets.load_dataset(str(output), "packed_16", split="train")
     on_disk = json.loads((output / "packed_16" / "packing_stats.json").read_text())
     assert on_disk == stats
+    assert on_disk["input"] == source[0].name  # published with the corpus: no path of this machine
     positions = sum(sum(p) for p in ds["lengths"])
     assert stats["packs"] == ds.num_rows
     assert stats["positions"] == positions

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..packing import ALGORITHMS, DEFAULT_CAPACITY
 from .common import add_executor_arguments, executor_config
@@ -182,6 +184,8 @@ def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict)
     positions = per_pack.get("pack_positions", {}).get("total", 0)
     return {
         **recorded,
+        # The statistics travel with the corpus (and to the Hub): a local folder is named, not its machine's path.
+        **{key: _published_source(recorded[key]) for key in ("input", "tokenizer") if recorded.get(key)},
         "packs": packs,
         "documents": accounting.kept,
         "positions": positions,
@@ -194,6 +198,11 @@ def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict)
         "events": dict(sorted(accounting.events.items())),
         "balanced": accounting.balanced,
     }
+
+
+def _published_source(source: str) -> str:
+    """A hub id or URL as it is; a local path by its last component."""
+    return Path(source).name if os.path.exists(source) else source
 
 
 def _summary(metric) -> dict:
