@@ -121,13 +121,19 @@ def _count(folder, subset_path: str) -> tuple[int, int | None]:
 _FILE_IDENTITY = ("size", "mtime", "ino", "ETag", "etag", "blob_id", "LastModified", "last_modified")
 
 
+def config_split_patterns(config: dict) -> list[tuple[str, str]]:
+    """(split, pattern) pairs of a card's ``configs:`` entry (a bare pattern or list of them is the train split)."""
+    data_files = config.get("data_files") or []
+    pairs = []
+    for entry in data_files if isinstance(data_files, list) else [data_files]:
+        split, paths = (entry.get("split", "train"), entry.get("path")) if isinstance(entry, dict) else ("train", entry)
+        pairs += [(split, path) for path in ([paths] if isinstance(paths, str) else list(paths or []))]
+    return pairs
+
+
 def config_patterns(config: dict) -> list[str]:
     """The data file patterns of a card's ``configs:`` entry."""
-    patterns = []
-    for entry in config.get("data_files") or []:
-        paths = entry.get("path") if isinstance(entry, dict) else entry
-        patterns += [paths] if isinstance(paths, str) else list(paths or [])
-    return patterns
+    return [pattern for _, pattern in config_split_patterns(config)]
 
 
 def content_fingerprint(root: DataFolderLike, patterns: list[str]) -> str:

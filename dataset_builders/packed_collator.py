@@ -148,7 +148,6 @@ class PackedCollator:
         if not rows:
             raise ValueError("PackedCollator got an empty batch")
         sequences, images, uids = [], [], []
-        dropped_before = self._dropped()
         stats_before = Counter(self.stats)
         for row in rows:
             documents, row_images, row_uids = self._row_documents(row)
@@ -200,15 +199,16 @@ class PackedCollator:
         if no_loss:
             labels.fill_(IGNORE_INDEX)
         num_real_tokens = 0 if no_loss else int(attention_mask.sum())
+        batch_stats = self.stats - stats_before
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             "num_real_tokens": num_real_tokens,
-            "documents_dropped": self._dropped() - dropped_before,
+            "documents_dropped": sum(n for key, n in batch_stats.items() if key.startswith("documents_dropped_")),
             # This batch's share of ``stats``: in DataLoader workers the collator's own counters are copies that
             # the main process never sees, so the trainer adds these up.
-            "stats": dict(self.stats - stats_before),
+            "stats": dict(batch_stats),
             "uids": uids,
         }
         if self.attention == "faithful":
@@ -285,9 +285,6 @@ class PackedCollator:
             raise ValueError(message)
         self.stats[f"documents_dropped_{reason}"] += 1
         logger.warning("%s; dropping that document", message)
-
-    def _dropped(self) -> int:
-        return sum(count for key, count in self.stats.items() if key.startswith("documents_dropped_"))
 
 
 def _as_image(image):

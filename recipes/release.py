@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from dataset_builders.cards import config_split_patterns
+
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json") + REMOTE_CODE_FILES
@@ -225,17 +227,6 @@ def _card_configs(card_path: Path) -> list[dict]:
     return _card_meta(card_path)["configs"]
 
 
-def _split_patterns(config: dict) -> list[tuple[str, str]]:
-    """(split, pattern) pairs of a card ``configs:`` entry (a bare pattern or list of them is the train split)."""
-    data_files = config.get("data_files", [])
-    pairs = []
-    for entry in data_files if isinstance(data_files, list) else [data_files]:
-        split, patterns = (entry.get("split", "train"), entry.get("path")) if isinstance(entry, dict) else (
-            "train", entry)
-        pairs += [(split, pattern) for pattern in ([patterns] if isinstance(patterns, str) else patterns)]
-    return pairs
-
-
 def _recorded_counts(meta: dict) -> dict[tuple[str, str], int]:
     """(config, split) -> num_examples recorded in the card's ``dataset_info``."""
     infos = meta.get("dataset_info") or []
@@ -279,7 +270,7 @@ def check_dataset_counts(folder: Path, staging: Path) -> None:
     for config in meta["configs"]:
         name = config.get("config_name", "default")
         by_split: dict[str, list[str]] = {}
-        for split, pattern in _split_patterns(config):
+        for split, pattern in config_split_patterns(config):
             by_split.setdefault(split, []).append(pattern)
         for split, patterns in by_split.items():
             if (name, split) not in recorded:
@@ -309,7 +300,7 @@ def build_dataset_repo(folder: Path, staging: Path) -> Path:
     configs = _card_configs(card)
     files: set[Path] = set()
     for config in configs:
-        for _, pattern in _split_patterns(config):
+        for _, pattern in config_split_patterns(config):
             matched = [p for p in folder.glob(pattern) if p.is_file()]
             if not matched:
                 raise ReleaseError(
@@ -332,7 +323,8 @@ def managed_patterns(staging: Path, repo_type: str) -> list[str]:
     writes: a release deletes those the staging folder no longer has, so the repo never mixes two releases."""
     if repo_type == "model":
         return list(MODEL_REQUIRED + MODEL_OPTIONAL_PATTERNS) + ["README.md"]
-    patterns = [pattern for config in _card_configs(staging / "README.md") for _, pattern in _split_patterns(config)]
+    patterns = [pattern for config in _card_configs(staging / "README.md")
+                for _, pattern in config_split_patterns(config)]
     return patterns + [f"*stats*{suffix}" for suffix in DATASET_STATS_SUFFIXES] + ["README.md"]
 
 
