@@ -8,6 +8,7 @@ from PIL import Image
 
 from recipes.sft_data import (
     BadSampleError,
+    PackedSFTCollator,
     SFTCollator,
     SFTEncoder,
     SkipLog,
@@ -225,15 +226,19 @@ def test_unreadable_image_is_named_at_collation_or_skipped(processor, tmp_path):
     assert batch["input_ids"].tolist() == [[1, 2]] and dict(collator.skip_log.counts) == {"unreadable_image": 1}
 
 
-def test_a_batch_of_only_unreadable_images_trains_on_the_previous_good_sample(processor, tmp_path):
+def test_a_batch_of_only_unreadable_images_trains_on_the_previous_good_sample_or_on_nothing(processor, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     good = {"sample_id": "good", "input_ids": [1, 2], "labels": [1, 2], "images": []}
     bad = [{"sample_id": f"bad{i}", "input_ids": [IMG, 2], "labels": [IGNORE, 2],
             "images": [{"bytes": None, "path": str(broken)}]} for i in range(2)]
     collator = SFTCollator(processor, skip_bad_samples=True)
-    with pytest.raises(RuntimeError, match=r"\['bad0', 'bad1'\]\) and no earlier batch"):
-        collator(bad)  # nothing good seen yet: nothing to fall back on
+    empty = collator(bad)  # nothing good seen yet: one padding token that carries no label
+    assert empty["input_ids"].tolist() == [[processor.tokenizer.pad_token_id]]
+    assert empty["labels"].tolist() == [[IGNORE]] and "pixel_values" not in empty
+    packed = PackedSFTCollator(processor, skip_bad_samples=True)(
+        [{name: [row[name] for row in bad] for name in ("sample_id", "input_ids", "labels", "images")}])
+    assert packed["labels"].tolist() == [[IGNORE]] and packed["cu_seq_lens_q"].tolist() == [0, 1]
     collator([good, bad[0]])
     batch = collator(bad)
     assert batch["input_ids"].tolist() == [[1, 2]] and batch["labels"].tolist() == [[1, 2]]

@@ -227,6 +227,22 @@ def test_skips_in_dataloader_workers_are_counted_in_the_report(base_dir, data, t
     assert {e["sample_id"]: e["stage"] for e in report["examples"]} == {"ghost": "encode", "broken": "collate"}
 
 
+def test_a_first_batch_of_only_unreadable_images_is_a_step_without_loss(base_dir, data, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"exists, but is no image")
+    conversation = json.loads(data["llava"].read_text())[0]["conversations"]
+    bad = tmp_path / "bad.json"  # every row is bad: each batch is its worker's first, with nothing to fall back on
+    bad.write_text(json.dumps([{"id": f"broken{i}", "image": str(broken), "conversations": conversation}
+                               for i in range(2)]))
+    for layout in ([], ["--packing"]):
+        run = tmp_path / f"run{len(layout)}"
+        trainer, *_ = _train(_argv(run, bad, data["folder"], "--skip_bad_samples", *layout, model=base_dir))
+        assert _losses(trainer) == [0.0, 0.0]
+        assert [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e] == [0.0, 0.0]
+        report = json.loads((run / "skipped_samples.json").read_text())
+        assert report["counts"] == {"unreadable_image": 2}
+
+
 def test_eval_data_with_several_splits_gives_its_test_split(base_dir, tmp_path):
     folder = tmp_path / "splits"
     folder.mkdir()

@@ -50,7 +50,8 @@ class SFTCollator:
         pad_to_multiple_of: round the padded length up to a multiple of this.
         skip_bad_samples: drop a sample whose image cannot be decoded (counted in ``skip_log``) instead of raising.
             A batch in which every sample is bad is replaced by the previous batch's first good sample (logged), so
-            a run over web data does not stop hours in; only the first batch of a worker has nothing to fall back on.
+            a run over web data does not stop hours in; before any good sample, by one padding token without a label
+            (a step with no loss and zero gradients).
         skip_log: where skipped samples are counted (a fresh one by default).
     """
 
@@ -88,8 +89,11 @@ class SFTCollator:
             self._fallback = loaded[0]
             return loaded
         if self._fallback is None:
-            raise RuntimeError(f"every sample of this batch had an unreadable image ({failed}) and no earlier batch "
-                               "of this data worker had a good one to train on instead")
+            # Nothing good seen yet in this worker: one padding token with no label (no loss, no gradient).
+            logger.warning("every sample of this batch had an unreadable image (%s, counted as skipped) and this data "
+                           "worker has no earlier good sample: the batch is one padding token without a loss", failed)
+            empty = {"sample_id": "<no-good-sample>", "input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}
+            return [(empty, [])]
         logger.warning("every sample of this batch had an unreadable image (%s, counted as skipped); training on "
                        "sample %r of the previous batch again instead", failed, self._fallback[0]["sample_id"])
         return [self._fallback]
