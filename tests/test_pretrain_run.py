@@ -327,7 +327,7 @@ def test_an_output_dir_holds_one_run(corpus, tmp_path, in_process, caplog):
     with caplog.at_level("WARNING"):
         in_process(_args(corpus, output, "--max_steps", 4, *common, "--resume_from_checkpoint",
                          output / "checkpoints" / "step-00000002"))
-    assert "line 5 is not valid JSON (an interrupted write?); dropping it" in caplog.text
+    assert "metrics.jsonl line 5 is not valid JSON (an interrupted write?); ignoring it" in caplog.text
     assert "deleted step-00000003: this run continues from the earlier step 2" in caplog.text
     assert [r["step"] for r in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3, 4]
     assert _checkpoint_steps(output) == [1, 2, 3, 4]  # 3 and 4 written anew by the continuation

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..json_lines import read_json_lines
+
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
@@ -39,11 +41,7 @@ class PredictionSpool:
         """Row index -> output of every prediction already made for ``benchmark`` (by any process)."""
         found = {}
         for path in sorted(self.folder.glob(f"{benchmark}.rank*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the torn last write of a killed process: predicted again
-                    continue
+            for _, record in read_json_lines(path):  # a torn last write is skipped: predicted again
                 found[int(record["row"])] = record["output"]
         return found
 

@@ -9,6 +9,8 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+from ..json_lines import read_json_lines
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,14 +80,8 @@ class SkipLog:
             return
         records = {}
         for spool in sorted(self.spool_dir.glob("*.jsonl")):
-            for line in spool.read_text(encoding="utf-8").splitlines():
-                if line.strip():  # a process killed mid-write leaves at most a torn last line
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        logger.warning("ignoring a torn line in %s", spool)
-                        continue
-                    records.setdefault(tuple(sorted(record.items())), record)
+            for _, record in read_json_lines(spool):  # a process killed mid-write leaves a torn last line
+                records.setdefault(tuple(sorted(record.items())), record)
         self.counts = Counter(record["kind"] for record in records.values())
         self.examples = list(records.values())[: self.max_kept]
 

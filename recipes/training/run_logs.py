@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from ..json_lines import read_json_lines
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,15 +33,7 @@ class JsonLinesLog:
         if not self.enabled or not self.path.is_file():
             return 0
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                logger.warning("%s line %d is not valid JSON (an interrupted write?); dropping it", self.path, number)
-                continue
-            if record is not None and record["step"] <= step:
-                kept.append(line)
+        kept = [line for line, record in read_json_lines(self.path) if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         return len(lines) - len(kept)
 

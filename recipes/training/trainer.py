@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -191,8 +190,7 @@ class _Setup:
         if self.earlier_checkpoints and self.is_main:  # --overwrite_output_dir, now that everything is built
             logger.warning("--overwrite_output_dir: deleting %d checkpoint(s) of an earlier run in %s",
                            len(self.earlier_checkpoints), self.output_dir)
-            for path in self.earlier_checkpoints:
-                shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoints_after(self.output_dir, -1)
         if self.resume_state is not None:
             if self.is_main:
                 remove_unfinished(self.output_dir)
