@@ -6,8 +6,11 @@ None), unit, precision, answer, question_type ("multi_choice" / "free_form"), an
 Prompt: multiple choice ``<image>\\n{question}\\nA. ..\\nB. ..\\nAnswer with the option's letter from the given choices
 directly.\\nAnswer:`` (at most 9 choices, A-I, as the harness's letter list); free form ``<image>\\n{question}\\nAnswer
 the question using a single word or phrase.\\nAnswer:``.
-Scoring: original = MMMU-style parsing (gold = the choice's letter, or the answer text); strict = MathVista's own
-normalisation and exact comparison against the gold answer text.
+Scoring: original = the harness as it ran: MMMU's open-answer parsing for EVERY row, gold = the choice's letter for
+multiple choice or the answer text. (The harness meant to parse multiple choice MMMU-style, but its dataset hands
+``answer_type`` to the slot read as the question type, so its ``== "multi_choice"`` branch never runs; that intended
+rule is reported in ``extra["intended_mmmu_style"]``.) strict = MathVista's own normalisation and exact comparison
+against the gold answer text.
 """
 
 from __future__ import annotations
@@ -63,15 +66,14 @@ class MathVista(Benchmark):
 
     def score(self, samples, outputs) -> Scores:
         multi = [s.meta["question_type"] == "multi_choice" for s in samples]
-        original = compute(
-            "mmmu_accuracy",
-            "original",
-            outputs,
-            [s.answer for s in samples],
-            question_types=["multiple-choice" if m else "open" for m in multi],
-            options=[list(s.choices.values()) for s in samples],
-            sample_ids=[s.sample_id for s in samples],
-        )
+
+        def mmmu_style(question_types: list[str]) -> dict:
+            return compute("mmmu_accuracy", "original", outputs, [s.answer for s in samples],
+                           question_types=question_types, options=[list(s.choices.values()) for s in samples],
+                           sample_ids=[s.sample_id for s in samples])
+
+        original = mmmu_style(["open"] * len(samples))  # as run: see the module docstring
+        intended = mmmu_style(["multiple-choice" if m else "open" for m in multi])
         strict = compute(
             "mathvista_accuracy",
             None,
@@ -82,5 +84,6 @@ class MathVista(Benchmark):
             choices=[list(s.choices.values()) for s in samples],
             precisions=[s.meta["precision"] for s in samples],
         )
-        extra = {"per_question_type": accuracy_by(samples, original["correct"], "question_type")}
+        extra = {"per_question_type": accuracy_by(samples, original["correct"], "question_type"),
+                 "intended_mmmu_style": headline(intended)}
         return Scores(headline(original), headline(strict), per_sample(original, strict), extra)
