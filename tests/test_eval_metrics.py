@@ -32,6 +32,10 @@ def test_lenient_rule_accepts_the_letter_anywhere_case_insensitively():
 def test_case_sensitive_rule_of_mmstar():
     result = mc("case_sensitive", ["A", "a", "(B) triangle", "Answer: C"], ["A", "A", "B", "D"])
     assert result["correct"] == [True, False, True, False]
+    # "parsed" agrees with "correct": "Answer: C" holds the letter A first, but gold C is what the rule found.
+    found = mc("case_sensitive", ["Answer: C", "Answer: C"], ["C", "D"])
+    assert found["parsed"] == ["C", "A"] and found["correct"] == [True, False]
+    assert mc("lenient", ["The answer is B"], ["B"])["parsed"] == ["B"]
 
 
 def test_vlmevalkit_matching_letters_articles_and_option_texts():
@@ -39,15 +43,15 @@ def test_vlmevalkit_matching_letters_articles_and_option_texts():
         "B",  # bare letter
         "(C) rectangle",  # bracketed letter
         "The answer is D.",  # one letter among words
-        "A cat is sitting on the mat",  # "A" as an article in a long answer: not an answer
+        "A cat is sitting on the mat",  # VLMEvalKit's default (VERBOSE off) takes the article as answer A
         "B or C",  # two letters: ambiguous
         "It is a triangle",  # no letter, one option text -> B
         "circle or star",  # two option texts: ambiguous
         "A.",  # letter with punctuation
     ]
-    answers = ["B", "C", "D", "A", "B", "B", "A", "A"]
+    answers = ["B", "C", "D", "B", "B", "B", "A", "A"]
     result = mc("vlmevalkit", outputs, answers)
-    assert result["parsed"] == ["B", "C", "D", "", "", "B", "", "A"]
+    assert result["parsed"] == ["B", "C", "D", "A", "", "B", "", "A"]
     assert result["correct"] == [True, True, True, False, False, True, False, True]
 
 
@@ -169,6 +173,12 @@ def test_vqa_normalisation_of_the_prediction():
     assert result["correct"] == [1.0] * 4
     contraction = compute("vqa_accuracy", "official", ["dont know"], [["don't know"] * 10])
     assert contraction["parsed"] == ["don't know"] and contraction["accuracy"] == 1.0
+    # EvalAI's table maps spellings with one apostrophe left out, not words ("were", "id", "shed") nor lower-case
+    # I-forms (it lists "Im"), nor "couldntve" (two left out); its "somebody'd" entry is reversed.
+    words = ["were", "id", "im", "shed", "couldntve", "couldnt've", "somebody'd", "somebodyd", "twas"]
+    spelled = compute("vqa_accuracy", "official", words, [["x"] * 10] * len(words))["parsed"]
+    assert spelled == ["were", "id", "im", "shed", "couldntve", "couldn't've", "somebodyd", "somebodyd", "'twas"]
+    assert compute("vqa_accuracy", "m4c", ["we're"], [["were"] * 10])["accuracy"] == 0.0
     decimal = compute("vqa_accuracy", "official", ["3.5"], [["3.5"] * 10])
     assert decimal["parsed"] == ["3.5"]
     # Each mark's rule looks at the answer as given: the '"' turning into a space must not make the later '-' count

@@ -6,9 +6,10 @@ Configurations (``evaluate.load(<this folder>, config_name)``):
   substring of the lower-cased output. "A cat." therefore counts as answer "A".
 - ``case_sensitive``: the Open-Qwen2VL harness for MMStar: correct when the gold letter is a substring of the output.
 - ``vlmevalkit``: the exact-matching stage of the benchmarks' own evaluator (VLMEvalKit's ``can_infer``, without the
-  GPT judge): punctuation is blanked out, and the answer is the one option letter that appears as a word; a lone
-  "A" inside an answer of more than three words is ambiguous (the article) and does not count; when no letter is
-  found, an answer that contains exactly one option's text picks that option. Anything else is unanswered (wrong).
+  GPT judge): punctuation is blanked out, and the answer is the one option letter that appears as a word, so "A cat
+  is on the mat" answers A (VLMEvalKit rejects such an "A" as a possible article only with ``VERBOSE`` set, which
+  is off by default); when no single letter is found, an answer that contains exactly one option's text picks that
+  option. Anything else is unanswered (wrong).
 
 Inputs: ``predictions`` (generated text), ``references`` (gold letter); keyword ``options``: one dict per sample
 mapping each valid letter to its option text (letters only matter for ``lenient``/``case_sensitive``, where they
@@ -46,11 +47,7 @@ def letter_from_words(output: str, letters) -> str:
         text = text.replace(char, " ")
     words = text.split()
     found = [letter for letter in letters if letter in words]
-    if len(found) != 1:
-        return ""
-    if found[0] == "A" and len(words) > 3:
-        return ""  # "A" in a sentence is most likely the article, not an answer
-    return found[0]
+    return found[0] if len(found) == 1 else ""
 
 
 def letter_from_text(output: str, options: dict) -> str:
@@ -87,10 +84,14 @@ class McAccuracy(evaluate.Metric):
         parsed, correct = [], []
         for output, gold, choices in zip(predictions, references, options):
             letters = list(choices)
+            # The harness rules only test the gold letter; "parsed" names it when it is found (so that it agrees
+            # with "correct"), otherwise the first letter the rule would accept.
             if self.config_name == "lenient":
-                letter, ok = lenient_letter(output, letters), gold.lower() in output.lower()
+                ok = gold.lower() in output.lower()
+                letter = gold if ok else lenient_letter(output, letters)
             elif self.config_name == "case_sensitive":
-                letter, ok = case_sensitive_letter(output, letters), gold in output
+                ok = gold in output
+                letter = gold if ok else case_sensitive_letter(output, letters)
             else:
                 letter = vlmevalkit_letter(output, choices)
                 ok = letter == gold

@@ -16,7 +16,6 @@ Inputs: ``predictions`` (text), ``references`` (the list of human answers). Outp
 ``parsed`` (normalised prediction) and ``correct`` (the soft score in [0, 1]).
 """
 
-import itertools
 import re
 
 import datasets
@@ -38,7 +37,7 @@ _PUNCTUATION = [
 ]
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 _PERIOD_NOT_DECIMAL = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the VQA code's pattern, look-behind typo included
-# Contractions as written correctly; the normaliser maps every spelling with some apostrophes left out to these.
+# Contractions as written correctly; the normaliser maps spellings with one apostrophe left out to these.
 _CONTRACTIONS = [
     "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
     "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd", "i'd've", "i'm",
@@ -52,15 +51,23 @@ _CONTRACTIONS = [
     "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
     "you'd", "you'd've", "you'll", "you're", "you've",
 ]
+# Spellings the table does not map: English words ("were", "shed", "lets") and the I-contractions, which the table
+# lists capitalised ("Im", "Id've") and so never match a lower-cased answer.
+_LEFT_ALONE = {"id", "im", "ive", "id've", "i'dve", "lets", "shed", "shes", "wed", "were"}
 
 
 def _contraction_spellings() -> dict:
+    """The EvalAI table: each contraction spelt with ONE of its apostrophes left out ("dont", "couldnt've",
+    "couldn'tve"; not "couldntve"), except those in ``_LEFT_ALONE``, and with the table's one reversed entry."""
     spellings = {}
     for word in _CONTRACTIONS:
-        positions = [i for i, char in enumerate(word) if char == "'"]
-        for size in range(1, len(positions) + 1):
-            for dropped in itertools.combinations(positions, size):
-                spellings.setdefault("".join(c for i, c in enumerate(word) if i not in dropped), word)
+        for i in (i for i, char in enumerate(word) if char == "'"):
+            spelling = word[:i] + word[i + 1:]
+            if spelling not in _LEFT_ALONE:
+                spellings.setdefault(spelling, word)
+    # The table has this entry reversed ("somebody'd" -> "somebodyd"); scores depend on it, so it is kept.
+    del spellings["somebodyd"]
+    spellings["somebody'd"] = "somebodyd"
     return spellings
 
 
