@@ -41,7 +41,7 @@ import torch
 
 from modeling_open_qwen2vl.processing_open_qwen2vl import BOS, EOS, IMAGE_MARKER, IMAGE_PAD_TOKEN
 
-from .images import BadImage, decode_rgb
+from .images import BadImage, decode_rgb, to_rgb
 from .packing import DEFAULT_CAPACITY
 from .streaming_packing import Drop, Measured, StreamingPacker
 
@@ -288,8 +288,9 @@ class PackedCollator:
 
 
 def _as_image(image):
-    """PIL images pass through; encoded bytes (``{"bytes": ...}`` of an undecoded datasets Image, raw bytes, or a
-    path) are decoded to RGB. Raises ``BadImage`` (or ``OSError`` for an unreadable path)."""
+    """8-bit RGB from a PIL image (as ``datasets`` decodes it: a 16-bit PNG stays 16-bit, which the image processor
+    would clip to white) or from encoded bytes (``{"bytes": ...}`` of an undecoded datasets Image, raw bytes, or a
+    path). Raises ``BadImage`` (or ``OSError`` for an unreadable path)."""
     if isinstance(image, dict):
         data = image.get("bytes")
         image = data if data is not None else image.get("path")
@@ -299,7 +300,7 @@ def _as_image(image):
         image = Path(image).read_bytes()
     if isinstance(image, (bytes, bytearray)):
         return decode_rgb(bytes(image))
-    return image
+    return to_rgb(image)
 
 
 class PretrainingDocuments:

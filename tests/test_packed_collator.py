@@ -179,6 +179,25 @@ def test_pixel_values_in_document_order(processor, rows):
     assert int((batch["input_ids"] == IMAGE_PAD).sum()) == per_image * len(images)
 
 
+def test_a_16_bit_image_is_scaled_not_clipped_whether_decoded_or_encoded(processor, rows):
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    levels = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))  # a dark-to-bright ramp
+    sixteen = Image.fromarray(levels)
+    assert sixteen.mode == "I;16"  # what `datasets` hands over for a 16-bit PNG
+    buffer = _io.BytesIO()
+    sixteen.save(buffer, format="PNG")
+    row = dict(rows[0], images=[sixteen] + rows[0]["images"][1:])
+    encoded = dict(rows[0], images=[{"bytes": buffer.getvalue(), "path": None}] + rows[0]["images"][1:])
+    eight = Image.fromarray(np.rint(levels / 257.0).astype(np.uint8)).convert("RGB")
+    expected = processor.image_processor([eight], return_tensors="pt")["pixel_values"][0]
+    for batch in (PackedCollator(processor)([row]), PackedCollator(processor)([encoded])):
+        assert torch.allclose(batch["pixel_values"][0], expected, atol=1e-6)
+
+
 def test_pad_to_multiple_of(processor, rows):
     batch = PackedCollator(processor, pad_to_multiple_of=64)(rows)
     assert batch["input_ids"].shape[1] % 64 == 0

@@ -226,6 +226,18 @@ def test_unreadable_image_is_named_at_collation_or_skipped(processor, tmp_path):
     assert batch["input_ids"].tolist() == [[1, 2]] and dict(collator.skip_log.counts) == {"unreadable_image": 1}
 
 
+def test_a_16_bit_image_is_scaled_to_8_bit_not_clipped_to_white(processor, tmp_path):
+    import numpy as np
+
+    levels = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))
+    Image.fromarray(levels).save(tmp_path / "depth.png")  # saved as a 16-bit grey PNG
+    row = {"sample_id": "depth", "input_ids": [IMG, 2], "labels": [IGNORE, 2],
+           "images": [{"bytes": None, "path": str(tmp_path / "depth.png")}]}
+    eight = Image.fromarray(np.rint(levels / 257.0).astype(np.uint8)).convert("RGB")
+    expected = processor(images=[eight], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(SFTCollator(processor)([row])["pixel_values"], expected, atol=1e-6)
+
+
 def test_a_batch_of_only_unreadable_images_trains_on_the_previous_good_sample_or_on_nothing(processor, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

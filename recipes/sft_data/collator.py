@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dataset_builders.images import to_rgb
+
 from .encoding import IGNORE_INDEX
 from .errors import BadSampleError, SkipLog
 
@@ -24,16 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 def open_image(ref: dict[str, Any] | str, sample_id: str) -> Image.Image:
-    """Decode one image reference (``{"bytes", "path"}`` or a path); errors name the sample and the file."""
+    """Decode one image reference (``{"bytes", "path"}``, a path or a PIL image) to 8-bit RGB; errors name the
+    sample and the file."""
     if isinstance(ref, Image.Image):
-        return ref
+        return to_rgb(ref)
     if isinstance(ref, str):
         ref = {"bytes": None, "path": ref}
     where = ref.get("path") or "<embedded bytes>"
     try:
         image = Image.open(io.BytesIO(ref["bytes"])) if ref.get("bytes") else Image.open(ref["path"])
         image.load()
-        return image
+        return to_rgb(image)  # the image processor's own RGB conversion clips 16-bit images to white
     except FileNotFoundError:
         raise BadSampleError(sample_id, "missing_image", f"image file {where} does not exist") from None
     except Exception as error:  # PIL raises many types for broken files
