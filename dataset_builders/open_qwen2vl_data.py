@@ -92,7 +92,8 @@ class OpenQwen2VLData(datasets.GeneratorBasedBuilder):
                     skipped[item.reason] += 1
                     continue
                 try:
-                    info = inspect_image(item.image)
+                    # A full decode: a JPEG with corrupt scan data passes the header check and would fail on read.
+                    info = inspect_image(item.image, full_decode=True)
                     image, _ = normalize_for_corpus(item.image, info)
                 except BadImage as error:
                     skipped[error.reason] += 1

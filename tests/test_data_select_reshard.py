@@ -320,6 +320,8 @@ def test_generator_based_builder_download_prepare_and_stream(pool, tmp_path):
     for name in ("00000.tar", "00001.tar"):
         os.link(root / "shards" / name, corpus / "ccs_webdataset" / name)
     members, expected = damaged_shard_members(random.Random(5))
+    # A JPEG whose header and end marker are fine but whose scan data is not: only a full decode finds it.
+    members += [("corruptscan.jpg", corrupt_scan_jpeg()), ("corruptscan.txt", b"a caption")]
     write_shard(str(corpus / "ccs_webdataset" / "00002.tar"), members)
     builder = OpenQwen2VLData(config_name="ccs", data_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
     builder.download_and_prepare()
