@@ -90,6 +90,22 @@ def test_a_failing_sample_is_isolated_from_its_batch(tiny_clip, shards, tmp_path
     assert all(got[u]["clip_score"] == pytest.approx(ref[u]["clip_score"], abs=1e-6) for u in got)
 
 
+def test_an_extremely_elongated_image_is_a_counted_drop_before_the_scorer(tiny_clip, tmp_path):
+    """CLIP keeps the aspect ratio when it resizes: a 1 x N image would be blown up to 224 x 224N pixels."""
+    from dataset_builders.synthetic import encode, sample_members
+
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    thin = encode(Image.new("RGB", (1, 150), "red"), "PNG")  # 150:1
+    banner = encode(Image.new("RGB", (20, 150), "blue"), "PNG")  # 7.5:1, an ordinary odd shape
+    write_shard(str(folder / "00000.tar"), sample_members("thin", thin, "a red line", {}, "png")
+                + sample_members("banner", banner, "a blue banner", {}, "png"))
+    result = run_score(str(folder), str(tmp_path / "scores"), ClipScorer(tiny_clip, batch_size=4))
+    assert dict(result.dropped) == {"image_aspect_ratio": 1} and result.kept == 1 and result.balanced
+    banner_uid = next(s.uid for s in _samples(str(folder)) if s.key == "banner")
+    assert set(_scores(tmp_path / "scores")) == {banner_uid}
+
+
 def test_rerun_of_a_finished_score_stage_does_nothing(tiny_clip, shards, tmp_path):
     out = tmp_path / "scores"
     run_score(shards, str(out), ClipScorer(tiny_clip, batch_size=8))
