@@ -17,16 +17,17 @@ from .configuration_open_qwen2vl import OpenQwen2VLConfig
 class OpenQwen2VLProjector(nn.Module):
     """Adaptive average pooling of the patch grid, then Linear -> GELU -> Linear (the original AvgPoolProjector).
 
-    The pooling has no parameters, so the same weights serve any ``num_image_tokens`` (144 <-> 729 is config only).
+    The pooling has no parameters, so the same weights serve any ``num_image_tokens`` (144 <-> 729 is config only):
+    the pooled size is read from the config at every call, so setting ``config.num_image_tokens`` on a loaded model
+    (with the processor's) switches it.
     """
 
     def __init__(self, config: OpenQwen2VLConfig):
         super().__init__()
-        # num_image_tokens may have changed since the config was built (the 144 -> 729 switch sets the attribute or
-        # passes it to from_pretrained): check it against the patch grid before the pool size is fixed.
+        # num_image_tokens may have changed since the config was built (passed to from_pretrained): check it early.
         config._validate_open_qwen2vl()
+        self.config = config
         self.grid_side = config.patch_grid_side
-        self.pool = nn.AdaptiveAvgPool2d(config.pooled_grid_side)
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
@@ -39,8 +40,11 @@ class OpenQwen2VLProjector(nn.Module):
                 f"expected {self.grid_side}x{self.grid_side}={self.grid_side ** 2} patch features per image, "
                 f"got {num_patches}"
             )
+        if self.config.pooled_grid_side ** 2 != self.config.num_image_tokens:
+            self.config._validate_open_qwen2vl()  # raises, naming the bad value
         grid = patch_features.transpose(1, 2).reshape(n, channels, self.grid_side, self.grid_side)
-        return self.pool(grid).flatten(2).transpose(1, 2)
+        pooled = nn.functional.adaptive_avg_pool2d(grid, self.config.pooled_grid_side)
+        return pooled.flatten(2).transpose(1, 2)
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         pooled = self.pool_patches(patch_features)
@@ -120,9 +124,18 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             mask = (inputs_embeds == token).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        num_placeholders = int(mask.sum())
+        per_row = mask.reshape(-1, mask.shape[-1]).sum(-1).tolist()  # one device sync for both checks
+        num_placeholders = sum(per_row)
+        per_image = self.config.num_image_tokens
+        split = [row for row, count in enumerate(per_row) if count % per_image]
+        # The wording "Image features and image tokens do not match" of both errors is what TRL looks for.
+        if split:  # an image's tokens would be spread over two rows
+            raise ValueError(
+                f"Image features and image tokens do not match: row(s) {split} hold {[per_row[r] for r in split]} "
+                "image placeholders, not a multiple of "
+                f"num_image_tokens={per_image}: each image needs its {per_image} placeholders in one row"
+            )
         if num_placeholders != num_image_features:
-            # The wording "Image features and image tokens do not match" is what TRL looks for.
             raise ValueError(
                 f"Image features and image tokens do not match: tokens {num_placeholders}, features "
                 f"{num_image_features} (image placeholders (id {self.config.image_token_id}) in input_ids: "

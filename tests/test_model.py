@@ -140,6 +140,15 @@ def test_placeholder_image_count_mismatch_raises_with_both_counts(tiny_model, n_
         tiny_model(input_ids=ids, pixel_values=torch.randn(n_images, 3, 64, 64))
 
 
+def test_an_image_split_over_two_rows_is_refused(tiny_model):
+    ids = _ids_with_images([(40, [2]), (40, [2])], 16)
+    ids[0, 2 + 16:2 + 24] = IMG  # row 0: 24 placeholders, row 1: 16 (40 = 2.5 images of 16)
+    ids[1, 2 + 8:2 + 16] = 7  # row 1: 8, so 32 in all = 2 images, but one would straddle the rows
+    with pytest.raises(ValueError, match=r"row\(s\) \[0, 1\] hold \[24, 8\] image placeholders, not a multiple of "
+                                         r"num_image_tokens=16"):
+        tiny_model(input_ids=ids, pixel_values=torch.randn(2, 3, 64, 64))
+
+
 def test_placeholders_without_images_raise(tiny_model):
     ids = _ids_with_images([(40, [2])], 16)
     with pytest.raises(ValueError, match="tokens 16, features 0"):
@@ -198,9 +207,18 @@ def test_144_to_729_is_a_config_change_only(tmp_path):
     assert not any(info.values()), info
     ids = torch.full((1, 70), 7)
     ids[0, 2:66] = 5
+    pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = reloaded(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64))
+        out = reloaded(input_ids=ids, pixel_values=pixels)
     assert out.logits.shape[1] == 70
+    # The same switch on a model already loaded: set the config attribute, nothing else.
+    model.config.num_image_tokens = 64
+    with torch.no_grad():
+        switched = model(input_ids=ids, pixel_values=pixels)
+    torch.testing.assert_close(switched.logits, out.logits)
+    model.config.num_image_tokens = 50
+    with pytest.raises(ValueError, match="num_image_tokens=50 is not a positive perfect square"):
+        model(input_ids=ids, pixel_values=pixels)
 
 
 def test_num_image_tokens_set_after_the_config_is_built_is_still_checked(tmp_path):
@@ -275,7 +293,7 @@ def test_the_image_placeholder_is_never_generated(tiny_model, tmp_path):
     try:
         unsuppressed = tiny_model.generate(**kw, suppress_tokens=None, use_cache=True)[0, 24:]
         assert unsuppressed.tolist() == [IMG] * 4  # the hook works: without the default, the placeholder comes out
-        with pytest.raises(ValueError, match="Image features and image tokens do not match: tokens 17, features 16"):
+        with pytest.raises(ValueError, match=r"do not match: row\(s\) \[0\] hold \[17\] image placeholders"):
             tiny_model.generate(**kw, suppress_tokens=None, use_cache=False)
         outputs = [tiny_model.generate(**kw, use_cache=cache)[0, 24:] for cache in (True, False)]
     finally:

@@ -88,7 +88,6 @@ def build_model(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
                         model.config.num_image_tokens, args.num_image_tokens)
             model.config.num_image_tokens = args.num_image_tokens
             model.config._validate_open_qwen2vl()
-            model.model.multi_modal_projector.pool = nn.AdaptiveAvgPool2d(model.config.pooled_grid_side)
     elif args.model_preset is not None:
         preset = getattr(OpenQwen2VLConfig, args.model_preset)
         config = preset(num_image_tokens=args.num_image_tokens, **args.preset_kwargs)
