@@ -8,6 +8,7 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 # Token ids of the released model's tokenizer (Qwen2.5 vocabulary + the original's additions).
@@ -105,6 +106,11 @@ class OpenQwen2VLConfig(PreTrainedConfig):
             raise ValueError(
                 f"image_token_id={self.image_token_id} is outside the text vocabulary "
                 f"(vocab_size={self.text_config.vocab_size})"
+            )
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"projector_hidden_act={self.projector_hidden_act!r} is not a transformers activation "
+                f"(for example {', '.join(sorted(ACT2FN)[:6])}, ...; the original uses 'gelu')"
             )
 
     @classmethod

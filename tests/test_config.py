@@ -38,6 +38,7 @@ def test_sub_configs_accept_dicts_and_objects(tiny_config):
         ({"num_image_tokens": 81}, "num_image_tokens=81 (side 9) exceeds the vision patch grid 8x8"),
         ({"vision_feature_layer": -9}, "vision_feature_layer=-9 is outside"),
         ({"image_token_id": 10**7}, "image_token_id=10000000 is outside the text vocabulary"),
+        ({"projector_hidden_act": "nope"}, "projector_hidden_act='nope' is not a transformers activation"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_them(kwargs, message):
