@@ -65,8 +65,8 @@ def _args(corpus, output_dir, *extra):
             *map(str, extra)]
 
 
-def _run(command, **kwargs):
-    result = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+def _run(command, env=None, **kwargs):
+    result = subprocess.run(command, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -113,6 +113,25 @@ def test_fsdp_sharded_training_matches_one_process(corpus, tmp_path):
     after = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in after] == [3]
     assert after[0]["loss"] == pytest.approx(expected[2]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_plain_data_parallel_under_torchrun_matches_one_process(corpus, tmp_path):
+    """2 processes without --cpu_fsdp: accelerate wraps the model in DistributedDataParallel (gloo on CPU, set up by
+    the recipe itself); same global batch as 1 process x 2 packs, same losses, one metrics file."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    common = ("--max_steps", 2, "--save_steps", 0, "--save_final_model", "false", "--save_final_checkpoint", "false")
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29537", str(ROOT / "recipes" / "pretrain.py"),
+          *_args(corpus, ddp, "--per_device_train_batch_size", 1, *common)], env=env)
+    _run([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
+          *_args(corpus, single, "--per_device_train_batch_size", 2, *common)])
+    expected, got = read_jsonl(single / "metrics.jsonl"), read_jsonl(ddp / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2]  # written once, by the main process
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_slurm_script_launches_one_accelerate_per_node(tmp_path):

@@ -32,6 +32,14 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (several processes without FSDP), whose methods the wrapper hides.
+    The forward still goes through the wrapper: that is where DDP hooks its gradient all-reduce."""
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's supervised tokens, and their count.
 
@@ -46,7 +54,7 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = supervised
     inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
-    head = model.get_output_embeddings()
+    head = _unwrapped(model).get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("the fused LM-head loss assumes an output embedding without bias")
     captured = {}

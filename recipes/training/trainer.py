@@ -81,7 +81,8 @@ class _Setup:
 
         model_args, data_args, args = config
         self.config, self.model_args, self.data_args, self.args = config, model_args, data_args, args
-        if args.cpu_fsdp:
+        launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.cpu_fsdp or (launched_processes > 1 and not torch.cuda.is_available()):
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # gloo process group under torchrun on CPU
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator(
@@ -91,6 +92,10 @@ class _Setup:
                                                 logging_dir=str(self.output_dir / "logs")),
         )
         acc = self.accelerator
+        if launched_processes > 1 and acc.num_processes == 1:
+            # Each process would believe it is alone and write the same files.
+            raise RuntimeError(f"launched as {launched_processes} processes (WORLD_SIZE) but accelerate set up "
+                               "a single-process run; launch with `accelerate launch` or set ACCELERATE_USE_CPU=true")
         prepare_cpu_training(acc.device, acc.mixed_precision)
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         set_seed(args.seed)
