@@ -273,6 +273,8 @@ def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_arg
 
 def main(argv: list[str] | None = None) -> Path:
     parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    parser.description = ("Settings: --config PATH reads a YAML file of the keys below (TRL's TrlParser); any key "
+                          "given as --key value on the command line overrides the file.")
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

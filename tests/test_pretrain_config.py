@@ -30,6 +30,22 @@ def test_yaml_values_and_command_line_overrides(tmp_path):
     assert data_args.attention == "isolated" and args.resume is True
 
 
+def test_lists_nulls_and_bare_flags_on_the_command_line_and_in_yaml(tmp_path):
+    config = _write(tmp_path, {"model_preset": "tiny", "dataset_name_or_path": "corpus", "report_to": ["tensorboard"],
+                               "mixed_precision": "bf16", "dataset_config_name": "packed_144"})
+    _, data_args, args = parse_pretrain_args(["--config", config])
+    assert args.trackers == ["tensorboard"] and args.mixed_precision == "bf16"  # a YAML list, as TRL configs write
+    _, data_args, args = parse_pretrain_args(
+        ["--config", config, "--report_to", "tensorboard", "trackio", "--mixed_precision", "None",
+         "--dataset_config_name", "null", "--adam_fused"]
+    )
+    assert args.trackers == ["tensorboard", "trackio"]
+    assert args.mixed_precision is None and data_args.dataset_config_name is None  # the file's values undone
+    assert args.adam_fused is True  # a bare flag, like every other boolean
+    _, _, args = parse_pretrain_args(["--config", config, "--adam_fused", "false", "--report_to", "none"])
+    assert args.adam_fused is False and args.trackers == []
+
+
 def test_preset_kwargs_accept_a_yaml_mapping(tmp_path):
     config = _write(tmp_path, {"model_preset": "tiny", "model_preset_kwargs": {"hidden_size": 32},
                                "dataset_name_or_path": "corpus"})
@@ -134,3 +150,9 @@ def test_preset_kwargs_the_preset_does_not_take_are_named(tmp_path, preset, kwar
                                   "dataset_name_or_path": "c"})
     with pytest.raises(ValueError, match="model_preset_kwargs is set but the model does not come from a model_preset"):
         parse_pretrain_args(["--config", elsewhere])
+
+
+def test_help_names_the_config_file_option(capsys):
+    with pytest.raises(SystemExit):
+        parse_pretrain_args(["--help"])
+    assert "--config PATH (or --config=PATH) reads a YAML file" in capsys.readouterr().out

@@ -28,6 +28,14 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "trackio", "none")
 
 
+def _none_from_text(arguments) -> None:
+    """``--key None`` (or ``null``) on the command line sets an optional setting back to None, e.g. to undo a value
+    the YAML file sets; argparse alone would keep the text "None"."""
+    for item in dataclasses.fields(arguments):
+        if item.default is None and getattr(arguments, item.name) in ("None", "null"):
+            setattr(arguments, item.name, None)
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
@@ -103,6 +111,7 @@ class ModelArguments:
                                                            "projector with the vision width, 1152)."})
 
     def __post_init__(self):
+        _none_from_text(self)
         if isinstance(self.model_preset_kwargs, dict):  # a YAML mapping
             self.model_preset_kwargs = json.dumps(self.model_preset_kwargs)
         sources = {
@@ -173,6 +182,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        _none_from_text(self)
         if not self.dataset_name_or_path:
             raise ValueError("dataset_name_or_path is required (a packed corpus folder or hub dataset id)")
         _check_choice("attention", self.attention, ATTENTION_MODES)
@@ -205,7 +215,7 @@ class PretrainArguments:
     adam_fused: bool | None = field(
         default=None,
         metadata={"help": "torch's fused AdamW kernel (one kernel for all parameters); default: on when training on "
-                  "CUDA or CPU, off elsewhere (the per-tensor loop)."},
+                  "CUDA or CPU, off elsewhere (the per-tensor loop).", "nargs": "?", "const": True},
     )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers.get_scheduler name."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup steps = int(ratio * total steps)."})
@@ -248,7 +258,10 @@ class PretrainArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Continue from this checkpoint."})
     logging_steps: int = field(default=1, metadata={"help": "Log to trackers every N steps (metrics.jsonl: all)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, none (comma-separated)."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "tensorboard, trackio, none (several: space- or comma-separated).", "nargs": "+"},
+    )
     run_name: str | None = field(default=None, metadata={"help": "Tracker project name (default: output dir name)."})
     peak_tflops: float | None = field(
         default=None, metadata={"help": "Peak dense TFLOP/s of one device for MFU (default: known GPUs)."}
@@ -259,6 +272,9 @@ class PretrainArguments:
     )
 
     def __post_init__(self):
+        _none_from_text(self)
+        if isinstance(self.report_to, (list, tuple)):  # a YAML list, or several names on the command line
+            self.report_to = ",".join(str(name) for name in self.report_to)
         _check_choice("stage", self.stage, STAGES)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         if self.mixed_precision is not None:
@@ -297,6 +313,8 @@ def _unknown_key_error(unknown: list[str], dataclass_types, where: str) -> Value
     return ValueError(f"unknown configuration key(s) {where}: {'; '.join(hints)}")
 
 
+CONFIG_HELP = ("Settings: --config PATH (or --config=PATH) reads a YAML file of the keys below; any key given as "
+               "--key value on the command line overrides the file.")
 PretrainConfig = tuple[ModelArguments, DataArguments, PretrainArguments]
 DATACLASSES = (ModelArguments, DataArguments, PretrainArguments)
 
@@ -312,6 +330,7 @@ def parse_pretrain_args(argv: list[str] | None = None) -> PretrainConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     path, argv = _pop_config_path(argv)
     parser = TrlParser(DATACLASSES, allow_abbrev=False)  # a misspelt key must not match a longer one
+    parser.description = CONFIG_HELP  # --config is read above, not by the parser: --help names it here
     if path is not None:
         content = _read_config_file(path)
         for key, value in (content.pop("env", None) or {}).items():
