@@ -21,7 +21,7 @@ from datatrove.utils.logging import logger
 
 from .accounting import Accounting, collect, write_accounting
 from .selection import SelectionRules, require_finalized, resolve_thresholds
-from .shards import list_shards, open_folder
+from .shards import list_shards, open_folder, read_parquet
 from .steps.decode import DecodeImages
 from .steps.reader import WebDatasetReader
 from .steps.reshard import ReshardWriter, plan_reshard, write_plan
@@ -252,10 +252,6 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     output shard exists and checked on reruns (a changed selection is refused rather than mixed into half-written
     output). ``verify_images``: "full" decodes every image (what guarantees the corpus loads), "quick" only checks
     headers and truncation (faster; corrupt scan data gets through)."""
-    import io
-
-    import pyarrow.parquet as pq
-
     config = config or ExecutorConfig()
     logging_dir = _stage_dir(output_folder, "reshard", config)
     plan = plan_reshard(input_folder, selection_folder, shard_size)
@@ -263,7 +259,7 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     previous = None
     if log_folder.exists("plan.parquet"):
         with log_folder.open("plan.parquet", "rb") as handle:
-            previous = pq.read_table(io.BytesIO(handle.read()))
+            previous = read_parquet(handle)
     if previous is None or not previous.equals(plan):
         # a plan no output was made from yet (the earlier run failed before writing any shard) binds nothing
         if previous is not None and (completed_tasks(logging_dir) or _shards_in(output_folder)):

@@ -16,12 +16,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from datatrove.io import DataFolderLike, get_datafolder
 
 from .images import BadImage, open_image
 from .rules import Expression, ImageRules, RuleError, TextRules, resolve_top_threshold, top_key
-from .shards import Dropped, ShardProblem, iter_samples, list_shards, read_sidecar_parquet, shard_stem
+from .shards import (
+    Dropped,
+    ShardProblem,
+    iter_samples,
+    list_shards,
+    open_parquet,
+    read_parquet,
+    read_sidecar_parquet,
+    shard_stem,
+)
 from .uids import UidList, derive_uid, is_uid, uids_to_array
 
 SELECTION_SCHEMA = pa.schema(
@@ -132,7 +140,7 @@ def score_column_names(score_folder: DataFolderLike, shard: str) -> set[str]:
     if not folder.exists(name):
         raise FileNotFoundError(f"no scores for shard {shard} in {folder.path} (expected {name}); run the score stage")
     with folder.open(name, "rb") as handle:
-        return {column.name for column in pq.read_schema(handle) if _is_score_column(column)}
+        return {column.name for column in open_parquet(handle).schema_arrow if _is_score_column(column)}
 
 
 def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str]) -> dict[str, np.ndarray]:
@@ -142,7 +150,7 @@ def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str]
     if not folder.exists(name):
         raise FileNotFoundError(f"no scores for shard {shard} in {folder.path} (expected {name}); run the score stage")
     with folder.open(name, "rb") as handle:
-        table = pq.read_table(handle)
+        table = read_parquet(handle)
     position: dict[str, int] = {}
     for i, uid in enumerate(table.column("uid").to_pylist()):
         position.setdefault(uid, i)
@@ -182,7 +190,7 @@ def read_selection(selection_folder: DataFolderLike, shard: str) -> pa.Table:
     if not folder.exists(name):
         raise FileNotFoundError(f"selection {folder.path} has no decisions for shard {shard} (expected {name})")
     with folder.open(name, "rb") as handle:
-        return pq.read_table(handle)
+        return read_parquet(handle)
 
 
 @dataclass
@@ -275,11 +283,10 @@ def resolve_thresholds(rules: SelectionRules, input_folder: DataFolderLike) -> d
                 if not folder.exists(name):
                     raise FileNotFoundError(f"no scores for shard {shard} in {folder.path}; run the score stage")
                 with folder.open(name, "rb") as handle:
-                    schema = pq.read_schema(handle)
-                    if column not in schema.names:
+                    scores = open_parquet(handle)
+                    if column not in scores.schema_arrow.names:
                         break
-                    handle.seek(0)
-                    values.append(pq.read_table(handle, columns=[column]).column(column).to_numpy(zero_copy_only=False))
+                    values.append(scores.read(columns=[column]).column(column).to_numpy(zero_copy_only=False))
         if not values:
             raise RuleError(f"top({column}, {fraction}): no score folder has a column {column!r}")
         thresholds[top_key(column, fraction)] = resolve_top_threshold(

@@ -278,6 +278,22 @@ def iter_samples(
             yield parse_sample(item, shard, missing_uid=missing_uid) if isinstance(item, RawSample) else item
 
 
+def open_parquet(handle) -> pq.ParquetFile:
+    """A parquet file from an open (fsspec) file, read into memory first and parsed from there.
+
+    pyarrow reads a Python file object through its IO threads (``ReadAsync``); a read whose future is released when
+    the process exits wants the GIL during interpreter shutdown, and the process aborts ("terminate called without
+    an active exception", exit status 134) after its work is done. An in-memory buffer is read synchronously.
+    These files are small: one shard's rows or a footer.
+    """
+    return pq.ParquetFile(pa.BufferReader(handle.read()))
+
+
+def read_parquet(handle, columns: list[str] | None = None) -> pa.Table:
+    """The table (or some columns) of a parquet file given as an open (fsspec) file; see ``open_parquet``."""
+    return open_parquet(handle).read(columns=columns)
+
+
 def read_sidecar_parquet(folder: DataFolderLike, shard: str) -> pa.Table | None:
     """The img2dataset metadata parquet next to a shard, or None when there is none."""
     data_folder = open_folder(folder)
@@ -285,7 +301,7 @@ def read_sidecar_parquet(folder: DataFolderLike, shard: str) -> pa.Table | None:
     if not data_folder.exists(name):
         return None
     with data_folder.open(name, "rb") as handle:
-        return pq.read_table(handle)
+        return read_parquet(handle)
 
 
 def _temp_name(name: str) -> str:

@@ -281,3 +281,33 @@ def test_fast_jpeg_header_agrees_with_pil():
         else:
             assert fast is None, name  # anything else goes to PIL
         assert inspect_image(data) == inspect_image(data, full_decode=True), name
+
+
+def test_parquet_from_an_open_file_is_parsed_from_memory_not_through_the_file_object(tmp_path):
+    """pyarrow reading a Python file object does so on its IO threads; one such read released during interpreter
+    shutdown aborted `select` at exit (status 134). The file object must only ever be read whole, once."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataset_builders.shards import open_parquet, read_parquet
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"uid": ["a", "b"], "keep": [True, False]}), buffer)
+
+    class Recording(io.BytesIO):
+        calls: list = []
+
+        def read(self, *args):
+            self.calls.append(("read", args))
+            return super().read(*args)
+
+        def seek(self, *args):
+            self.calls.append(("seek", args))
+            return super().seek(*args)
+
+    handle = Recording(buffer.getvalue())
+    assert read_parquet(handle, ["keep"]).to_pydict() == {"keep": [True, False]}
+    assert handle.calls == [("read", ())]
+    assert open_parquet(Recording(buffer.getvalue())).metadata.num_rows == 2

@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.utils.logging import logger
@@ -23,7 +22,7 @@ from ..selection import (
     load_shard_metadata,
     mark_duplicates,
 )
-from ..shards import atomic_write, list_shards, shard_stem, write_parquet_atomic
+from ..shards import atomic_write, list_shards, read_parquet, shard_stem, write_parquet_atomic
 from ..uids import UidList, uids_to_array
 from .base import CountingStep
 
@@ -91,7 +90,7 @@ def selection_accounting(selection_folder: DataFolderLike, shards: list[str]) ->
     read = kept = 0
     for shard in shards:
         with folder.open(shard_stem(shard) + ".parquet", "rb") as handle:
-            table = pq.read_table(handle, columns=["keep", "reason"])
+            table = read_parquet(handle, ["keep", "reason"])
         keep = np.asarray(table.column("keep").to_pylist(), dtype=bool)
         read += len(keep)
         kept += int(keep.sum())
@@ -129,14 +128,14 @@ class SelectionFinalizer(CountingStep):
             uids, keeps = [], []
             for shard in tqdm(shards, desc="uid de-duplication", unit="shard", disable=len(shards) < 2):
                 with folder.open(shard_stem(shard) + ".parquet", "rb") as handle:
-                    table = pq.read_table(handle, columns=["uid", "keep"])
+                    table = read_parquet(handle, ["uid", "keep"])
                 uids.append(uids_to_array(table.column("uid").to_pylist())[0])  # 16 bytes a row, not a str
                 keeps.append(np.asarray(table.column("keep").to_pylist(), dtype=bool))
             for shard, duplicate in zip(shards, later_duplicates(uids, keeps)):
                 if duplicate.any():
                     name = shard_stem(shard) + ".parquet"
                     with folder.open(name, "rb") as handle:
-                        table = pq.read_table(handle)
+                        table = read_parquet(handle)
                     write_parquet_atomic(folder, name, mark_duplicates(table, duplicate))
                     self.count_event("duplicate_uid", int(duplicate.sum()))
         accounting = selection_accounting(folder, shards)
