@@ -27,7 +27,9 @@ demo: setup
 	$(PY) -m recipes.demo
 
 bench: setup
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	# Every benchmark script; _common.py is their shared module and profile_pretrain_step.py a profiler that needs
+	# a model and corpus (see its --help).
+	for f in bench/*.py; do case $$f in */_common.py|*/profile_*.py) continue;; esac; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output runs

@@ -14,7 +14,7 @@ The table reports samples/s, the speed-up of batch 8 over batch 1 (target >= 4x 
 of the two runs are identical. Run from the repository root: ``.venv/bin/python bench/eval_throughput.py``.
 
 ``--gpu`` (needs CUDA) runs the same comparison on the real 2B architecture (random init, bf16, sdpa) and stores it
-as a separate section; it has no target (the issue's target is the CPU figure).
+as a separate section; it has no target (the target is the CPU figure).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> int:
     verdict = "met" if min(speedups) >= TARGET_SPEEDUP else "NOT met"
     if gpu:
         body = (f"Card: {torch.cuda.get_device_name(0)}. The same comparison on the 2B architecture (random init, "
-                "bf16, sdpa): batch 8 with left padding vs batch 1. No target (the issue's target is the CPU figure "
+                "bf16, sdpa): batch 8 with left padding vs batch 1. No target (the target is the CPU figure "
                 "above); random weights answer at random, so identical predictions are not expected where bf16 "
                 f"rounding differs between batch shapes.\n\n{table}\n")
         print(body)

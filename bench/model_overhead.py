@@ -3,7 +3,7 @@
 Both models use the same SigLIP vision config and Qwen2 text config; LLaVA's projector is the same
 Linear-GELU-Linear, and the Open-Qwen2VL pooling is set to the full patch grid so both feed the same number of image
 tokens to the LLM. Measurements alternate between the two models so machine noise hits both alike.
-Targets (issue 2): time <= 1.05x LLaVA, tokens/s >= 0.95x LLaVA.
+Targets: time <= 1.05x LLaVA, tokens/s >= 0.95x LLaVA.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(repeats: int = 15) -> None:
         f"{repeats} alternating repeats; ratios: medians of the per-repeat ratios. Targets: time <= 1.05x, tokens/s "
         ">= 0.95x.\n\n" + table
     )
-    write_result("model_overhead", "Model overhead vs transformers LLaVA (issue 2)", body)
+    write_result("model_overhead", "Model overhead vs transformers LLaVA", body)
 
 
 if __name__ == "__main__":

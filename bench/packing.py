@@ -178,7 +178,7 @@ over all samples: {default[2]:.3%}), >= 50x faster than the original at the bett
 ({baseline_s / default[3]:.0f}x).
 """
     print(table)
-    write_result("packing", "Multimodal sequence packing (issue 5)", body)
+    write_result("packing", "Multimodal sequence packing", body)
 
 
 if __name__ == "__main__":
