@@ -144,6 +144,22 @@ def test_default_beats_ffd_fill_on_caption_lengths():
     assert_valid(pack_lengths(lengths, 4096), lengths, 4096)
 
 
+@pytest.mark.parametrize("budget", [0, 3])
+def test_a_spent_pattern_search_budget_hands_the_rest_to_ffd(monkeypatch, budget):
+    """Lengths spread over the whole capacity would cost one subset-sum search per bin: past the budget the rest is
+    packed first-fit decreasing, still valid and never worse than FFD."""
+    import dataset_builders.packing as packing
+
+    lengths = np.random.default_rng(1).integers(1, 4097, 3_000).tolist()
+    monkeypatch.setattr(packing, "MAX_PATTERN_SEARCHES", budget)
+    bins = pack_lengths(lengths, 4096)
+    assert_valid(bins, lengths, 4096)
+    ffd = pack_lengths(lengths, 4096, "ffd")
+    assert len(bins) <= len(ffd)
+    if budget == 0:  # nothing searched: exactly the FFD packing
+        assert bins == ffd
+
+
 def test_deterministic_and_array_input_equal_list_input():
     lengths = caption_like_lengths(5_000, seed=3)
     assert pack_lengths(lengths) == pack_lengths(list(lengths)) == pack_lengths(np.array(lengths, dtype=np.int32))
