@@ -110,10 +110,19 @@ def _metadata_from_parquet(table: pa.Table, missing_uid: str) -> ShardMetadata:
     return meta
 
 
+def _rows_without_uid_or_url(table: pa.Table) -> bool:
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table.column("status"), "success"))
+    uids = _column(table, "uid") or [None] * table.num_rows
+    urls = _column(table, "url") or [None] * table.num_rows
+    return any(not is_uid(uid) and not url for uid, url in zip(uids, urls))
+
+
 def load_shard_metadata(folder: DataFolderLike, shard: str, *, source: str = "auto", missing_uid: str = "derive",
                         need_size: bool = False) -> ShardMetadata:
     """Metadata of one shard from its img2dataset parquet (``source="parquet"``), a tar scan ("tar") or either
-    ("auto": the parquet when present and, if image rules need them, carrying image sizes)."""
+    ("auto": the parquet when present, carrying image sizes if image rules need them, and giving every row a uid or
+    a url to derive one from). With ``source="parquet"`` a row with neither is a ``missing_uid`` drop."""
     if source not in ("auto", "parquet", "tar"):
         raise ValueError(f"metadata source must be auto, parquet or tar, got {source!r}")
     if source != "tar":
@@ -122,7 +131,11 @@ def load_shard_metadata(folder: DataFolderLike, shard: str, *, source: str = "au
             raise FileNotFoundError(f"no metadata parquet {shard_stem(shard)}.parquet beside {shard}")
         has_keys = table is not None and "key" in table.column_names
         has_size = table is not None and any(c in table.column_names for c in ("width", "original_width"))
-        if has_keys and (has_size or not need_size):
+        # The tar scan derives the uid of a sample with neither uid nor url from its image bytes, which the parquet
+        # does not hold: "auto" reads such a shard from the tar, so both sources decide alike.
+        image_uids = table is not None and source == "auto" and missing_uid == "derive" and _rows_without_uid_or_url(
+            table)
+        if has_keys and (has_size or not need_size) and not image_uids:
             return _metadata_from_parquet(table, missing_uid)
         if source == "parquet":
             raise ValueError(f"{shard_stem(shard)}.parquet lacks 'key'" + (" or image sizes" if need_size else ""))

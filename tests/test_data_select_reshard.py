@@ -147,6 +147,31 @@ def test_select_from_tar_scan_equals_select_from_parquet(pool, tmp_path):
     assert _decisions(tmp_path / "p") == _decisions(tmp_path / "t")
 
 
+def test_a_sample_without_uid_or_url_gets_the_same_decision_from_either_metadata_source(tmp_path):
+    """The tar scan derives its uid from the image bytes; with metadata="auto" the parquet shard is read from the
+    tar then, so it is kept either way; metadata="parquet" cannot derive it and drops it, counted."""
+    import pyarrow.parquet as pq
+
+    from dataset_builders.synthetic import clean_sample, encode, sample_members, shape_image, write_metadata_parquet
+
+    rng = random.Random(0)
+    members, good = clean_sample(rng, "good")
+    caption = "a caption without uid or url"
+    members += sample_members("nouid", encode(shape_image(rng)), caption, {"caption": caption})
+    (tmp_path / "in").mkdir()
+    write_shard(str(tmp_path / "in" / "00000.tar"), members)
+    write_metadata_parquet(str(tmp_path / "in" / "00000.parquet"),
+                           [good, {"key": "nouid", "caption": caption, "width": 64, "height": 48, "status": "success"}])
+    decisions = {}
+    for source in ("auto", "tar", "parquet"):
+        accounting = run_select(str(tmp_path / "in"), str(tmp_path / source), SelectionRules(), metadata_source=source)
+        table = pq.read_table(tmp_path / source / "00000.parquet").to_pylist()
+        decisions[source] = {row["key"]: (row["keep"], row["reason"]) for row in table}
+        assert accounting.balanced
+    assert decisions["auto"] == decisions["tar"] == {"good": (True, None), "nouid": (True, None)}
+    assert decisions["parquet"]["nouid"] == (False, "missing_uid")
+
+
 def _tree(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
             if not name.startswith(".")}
