@@ -1,18 +1,16 @@
 """End-to-end offline demo (README command 1: `make demo`).
 
 The paper's pipeline at tiny scale on real data from the `easy-vqa` package, each stage through the kit's own entry
-points:
+points: caption shards in the img2dataset layout from easy-vqa training images (captions from ground-truth answers,
+plus a few broken web-style samples); the data stages `python -m dataset_builders select` (text and image rules) and
+`reshard`; `python -m dataset_builders pack` (16 image tokens per image, 512-position packs);
+`accelerate launch recipes/pretrain.py` (low resolution: 16 image tokens, vision tower trained too);
+`accelerate launch recipes/sft.py` on easy-vqa training questions (high resolution: 64 image tokens);
+`recipes/eval.py --benchmarks easy_vqa` (multiple choice, majority baseline beside it); a reload with
+`AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)` in a fresh process that answers a question
+about a test image; and `report.md` with the accounting, the pack-fill histogram and the loss curves.
 
-1. caption shards in the img2dataset layout from easy-vqa training images (captions from ground-truth answers, plus
-   a few broken web-style samples);
-2. data stages: `python -m dataset_builders select` (text and image rules) and `reshard`;
-3. `python -m dataset_builders pack` (16 image tokens per image, 512-position packs);
-4. `accelerate launch recipes/pretrain.py` (low resolution: 16 image tokens, vision tower trained too);
-5. `accelerate launch recipes/sft.py` on easy-vqa training questions (high resolution: 64 image tokens);
-6. `recipes/eval.py --benchmarks easy_vqa` (multiple choice, majority baseline beside it);
-7. reload with `AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)` in a fresh process and
-   answer a question about a test image;
-8. `report.md` with the accounting, the pack-fill histogram and the loss curves.
+A failed step ends the run with a message naming the step, its exit code and the last lines of its error output.
 """
 
 from __future__ import annotations
@@ -21,14 +19,16 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from recipes.demo_steps import PYTHON, StepRunner, run_command  # noqa: E402
+from recipes.demo_steps import PYTHON, CommandError, DemoStepError, StepRunner, run_command  # noqa: E402
 
 RELOAD_AND_ANSWER = textwrap.dedent(
     """
@@ -52,6 +52,27 @@ RELOAD_AND_ANSWER = textwrap.dedent(
     """
 )
 
+# The steps in run order. main() adds each under its title here and --help lists them from here, so the numbers
+# --help shows are the numbers a run prints.
+STEPS = {
+    "shards": "build caption shards from easy-vqa (img2dataset layout)",
+    "select": "data stage: select (text and image rules, uid de-duplication)",
+    "reshard": "data stage: reshard the selection into a corpus with a dataset card",
+    "pack": "pack captions into sequences (offline packer)",
+    "pretrain": "pretrain at low resolution (accelerate launch recipes/pretrain.py)",
+    "sft_data": "write easy-vqa training questions as SFT conversations",
+    "sft": "SFT at high resolution (accelerate launch recipes/sft.py)",
+    "eval": "evaluate on the easy-vqa test split (recipes/eval.py)",
+    "reload": "reload in a fresh process with trust_remote_code and answer a test question",
+    "report": "write report.md (data accounting, pack-fill histogram, loss curves)",
+}
+
+
+def steps_help() -> str:
+    """The numbered step list that --help shows."""
+    return "steps:\n" + "\n".join(f"  {number}. {title}" for number, title in enumerate(STEPS.values(), start=1))
+
+
 SETTINGS = {
     "seed": 0,
     "pretrain_image_tokens": 16,
@@ -66,7 +87,9 @@ SETTINGS = {
 
 
 def accelerate_launch(script: str, args: list[str]) -> list[str]:
-    return [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+    # --quiet: on failure the launcher exits without its own traceback, so the script's error ends the stderr
+    # (the lines a failed step's message quotes) instead of the launcher's CalledProcessError.
+    return [PYTHON, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", script, *args]
 
 
@@ -114,7 +137,8 @@ def prepare_output(parser: argparse.ArgumentParser, out: Path, settings: dict, k
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=steps_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("demo_output"),
                         help="output folder; an existing one is deleted first only if it is empty or a demo output")
     parser.add_argument("--seed", type=int, default=SETTINGS["seed"])
@@ -145,19 +169,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{data['shards']['shards']} shards to {paths['raw']}")
 
     runner = StepRunner()
-    runner.add("build caption shards from easy-vqa (img2dataset layout)", build_shards)
-    runner.add("data stage: select (text and image rules, uid de-duplication)", lambda: run_command(
+    runner.add(STEPS["shards"], build_shards)
+    runner.add(STEPS["select"], lambda: run_command(
         [PYTHON, "-m", "dataset_builders", "select", "--input", str(paths["raw"]), "--output",
          str(paths["selection"]), "--min-words", "2", "--drop-boilerplate", "--min-side", "16"]))
-    runner.add("data stage: reshard the selection into a corpus with a dataset card", lambda: run_command(
+    runner.add(STEPS["reshard"], lambda: run_command(
         [PYTHON, "-m", "dataset_builders", "reshard", "--input", str(paths["raw"]), "--selection",
          str(paths["selection"]), "--output", str(paths["corpus"]), "--subset", "easy_vqa_captions",
          "--shard-size", "1000"]))
-    runner.add("pack captions into sequences (offline packer)", lambda: run_command(
+    runner.add(STEPS["pack"], lambda: run_command(
         [PYTHON, "-m", "dataset_builders", "pack", "--input", str(subset_dir), "--output", str(paths["packed"]),
          "--num-image-tokens", str(settings["pretrain_image_tokens"]), "--capacity", str(settings["capacity"]),
          "--tasks", "1"]))
-    runner.add("pretrain at low resolution (accelerate launch recipes/pretrain.py)", lambda: run_command(
+    runner.add(STEPS["pretrain"], lambda: run_command(
         accelerate_launch("recipes/pretrain.py", [
             "--config", "recipes/configs/pretrain_tiny.yaml", "--dataset_name_or_path", str(paths["packed"]),
             "--dataset_config_name", packed_config, "--num_image_tokens", str(settings["pretrain_image_tokens"]),
@@ -172,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_easy_vqa_sft(paths["sft_data"], split="train")
         print(f"wrote {sum(1 for _ in path.open())} training conversations to {path}")
 
-    runner.add("write easy-vqa training questions as SFT conversations", write_sft_data)
-    runner.add("SFT at high resolution (accelerate launch recipes/sft.py)", lambda: run_command(
+    runner.add(STEPS["sft_data"], write_sft_data)
+    runner.add(STEPS["sft"], lambda: run_command(
         accelerate_launch("recipes/sft.py", [
             "--config", "recipes/configs/sft_tiny.yaml",
             "--model_name_or_path", str(paths["pretrain"] / "final_model"),
@@ -186,17 +210,38 @@ def main(argv: list[str] | None = None) -> int:
                  "--prompt", "chat", "--batch-size", "16", "--output", str(paths["eval"])]
     if args.eval_limit is not None:
         eval_args += ["--limit", str(args.eval_limit)]
-    runner.add("evaluate on the easy-vqa test split (recipes/eval.py)", lambda: run_command(eval_args))
-    runner.add("reload in a fresh process with trust_remote_code and answer a test question", lambda: run_command(
+    runner.add(STEPS["eval"], lambda: run_command(eval_args))
+    runner.add(STEPS["reload"], lambda: run_command(
         [PYTHON, "-c", RELOAD_AND_ANSWER, str(paths["sft"]), str(answer_file), "0"]))
-    runner.run()
 
-    report = _report(out, paths, subset_dir, packed_config, settings, runner.timings, answer_file)
+    # A step like the others, so a failure while writing the report is named too; its table times the steps before it.
+    def write_report_step() -> None:
+        data["report"] = _report(out, paths, subset_dir, packed_config, settings, runner.timings, answer_file)
+        print(f"wrote {data['report']}")
+
+    runner.add(STEPS["report"], write_report_step)
+    try:
+        runner.run()
+    except DemoStepError as err:
+        return _failed(err)
+
+    report = data["report"]
     summary = json.loads((paths["eval"] / "summary.json").read_text())["benchmarks"]["easy_vqa"]
     print(f"\neasy-vqa accuracy {100 * summary['accuracy']:.1f}% vs majority baseline "
           f"{100 * summary['majority_baseline']:.1f}% ({100 * (summary['accuracy'] - summary['majority_baseline']):+.1f}"
           f" points). Report: {report}")
     return 0
+
+
+def _failed(err: DemoStepError) -> int:
+    """End a failed run with one message saying which step failed and why; the runner's frames are no help.
+
+    A command's own output is already on screen; an in-process step's traceback is printed, from the step down."""
+    if not isinstance(err.error, CommandError):
+        error = err.error
+        traceback.print_exception(type(error), error, error.__traceback__ and error.__traceback__.tb_next)
+    print(f"\n{err}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _report(out: Path, paths: dict, subset_dir: Path, packed_config: str, settings: dict, timings: dict,
