@@ -6,8 +6,11 @@
 The repository content is first assembled and checked in a staging folder (``--staging``, default
 ``<folder>-release``; never the released folder or a folder around or inside it, and an existing one is only emptied
 when this tool made it): for a model, the safetensors weights, ``config.json`` with its ``auto_map``, the remote-code
-``.py`` files, the processor and tokenizer files, the generation config and a model card; for a dataset, the shards,
-the dataset card with its ``configs:`` block and the statistics files. The checks: a model loads with
+``.py`` files, the processor and tokenizer files, the generation config and a model card (with a Training section
+generated from what the training recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.yaml``
+and ``metrics.jsonl`` around a pretraining ``final_model``; ``--training-notes`` is appended to it); for a dataset,
+the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
+files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
 ``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
 recorded example counts match its files; no staged text file holds an absolute path of this machine (the eval table's
 model path becomes the repo id). Without ``--dry-run`` the staging folder is uploaded with huggingface_hub's
@@ -25,11 +28,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from enum import Enum
 from pathlib import Path
 
 import yaml
 
 from dataset_builders.cards import config_split_patterns
+from recipes.json_lines import read_json_lines
 
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
@@ -40,7 +45,17 @@ MODEL_OPTIONAL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "cha
 # Pickled weights the kit does not release. Other .bin files are fine: TRL's training_args.bin (pickled arguments,
 # not weights) is in every SFT folder, and only the allow-list above is copied anyway.
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "*.ckpt")
-DATASET_STATS_SUFFIXES = (".json", ".parquet", ".npy")
+# Statistics beside a released data folder, by the names the data stages write them: each stage's read = kept +
+# dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
+# <config>/packing_stats.json. Datatrove's own stats.json files there are timings and logs, not released.
+DATASET_STATS_FILES = (".datatrove/*/accounting.json", "packing_stats.json")
+# What the training recipes leave around a model folder (names as recipes/sft.py, Trainer.save_model,
+# recipes/training/trainer.py and run_logs.py write them): read for the card's Training section, never released.
+SFT_ARGS = "training_args.bin"
+SFT_LOG = "training_log.jsonl"
+PRETRAIN_CONFIG = "pretrain_config.yaml"
+PRETRAIN_LOG = "metrics.jsonl"
+PRETRAIN_FINAL_MODEL = "final_model"
 # Written into every staging folder this tool makes: only such a folder is ever deleted (never uploaded).
 STAGING_MARKER = ".open-qwen2vl-release-staging"
 # Staged text files scanned for local absolute paths; vocabulary files hold token strings, not paths.
@@ -149,7 +164,108 @@ def _check_model_folder(folder: Path) -> dict:
     return config
 
 
-def model_card(config: dict, repo_id: str, eval_table: str | None, training_notes: str | None) -> str:
+def _field(source, name: str):
+    """A value of a pickled TrainingArguments (an attribute) or of a plain mapping; None when absent."""
+    return source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unknown"
+    value = value.value if isinstance(value, Enum) else value  # TrainingArguments' SchedulerType
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _last_step(log: Path) -> int | None:
+    """The last optimizer step a run logged (its JSON-lines log), None without a log."""
+    if not log.is_file():
+        return None
+    steps = [record["step"] for _, record in read_json_lines(log) if isinstance(record.get("step"), int)]
+    return max(steps, default=None)
+
+
+def _hyperparameters(args, steps_done: int | None) -> list[str]:
+    """Length, learning rate, batch and seed as both recipes name them (TrainingArguments / PretrainArguments)."""
+    max_steps, epochs = _field(args, "max_steps"), _field(args, "num_train_epochs")
+    if isinstance(max_steps, int) and max_steps > 0:  # max_steps > 0 overrides the epochs in both recipes
+        length = f"{max_steps} optimizer steps"
+    else:
+        length = f"{_shown(epochs)} epochs"
+    if steps_done is not None:
+        length += f" ({steps_done} steps logged)"
+    return [
+        f"- length: {length}",
+        f"- learning rate: {_shown(_field(args, 'learning_rate'))} "
+        f"({_shown(_field(args, 'lr_scheduler_type'))} schedule)",
+        f"- batch: {_shown(_field(args, 'per_device_train_batch_size'))} per device x "
+        f"{_shown(_field(args, 'gradient_accumulation_steps'))} gradient accumulation steps",
+        f"- seed: {_shown(_field(args, 'seed'))}",
+    ]
+
+
+def _sft_facts(folder: Path) -> list[str] | None:
+    """From the SFT output's ``training_args.bin`` (a LoRA run keeps it with the adapter); None when there is none."""
+    found = [path for path in (folder / SFT_ARGS, folder / "adapter" / SFT_ARGS) if path.is_file()]
+    if not found:
+        return None
+    recipe = "supervised fine-tuning with TRL's `SFTTrainer` (`recipes/sft.py`)"
+    lines = [f"- recipe: {recipe}" + (", LoRA adapter merged into the weights" if found[0].parent != folder else "")]
+    try:
+        import torch
+
+        # Trainer pickles its SFTConfig (arguments, not weights); unpickling needs trl and may fail on another version.
+        args = torch.load(found[0], weights_only=False)
+    except Exception as err:  # noqa: BLE001 - an unreadable file leaves the facts unknown, not the release
+        return lines + [f"- hyperparameters: unknown (`{SFT_ARGS}` could not be read: {type(err).__name__})"]
+    return lines + _hyperparameters(args, _last_step(folder / SFT_LOG))
+
+
+def _published_source(source: str) -> str:
+    """A hub id or remote URL as it is; a local folder by its last component only (the card is public)."""
+    remote = re.match(r"^[a-z][\w+.-]*://", source) and not source.startswith("file://")
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) and not Path(source).exists()
+    return f"`{source}`" if remote or hub_id else f"a local folder named `{Path(source.rstrip('/')).name}`"
+
+
+def _read_yaml(path: Path) -> tuple[dict | None, str]:
+    """(mapping, "") or (None, why it could not be read)."""
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return None, type(err).__name__
+    return (content, "") if isinstance(content, dict) else (None, "not a mapping")
+
+
+def _pretrain_facts(folder: Path) -> list[str] | None:
+    """From ``pretrain_config.yaml`` in the folder or, for a ``final_model``, in the run folder around it."""
+    run_dirs = [folder] + ([folder.parent] if folder.name == PRETRAIN_FINAL_MODEL else [])
+    run_dir = next((d for d in run_dirs if (d / PRETRAIN_CONFIG).is_file()), None)
+    if run_dir is None:
+        return None
+    args, why = _read_yaml(run_dir / PRETRAIN_CONFIG)
+    if args is None:
+        return ["- recipe: pretraining (`recipes/pretrain.py`)",
+                f"- hyperparameters: unknown (`{PRETRAIN_CONFIG}` could not be read: {why})"]
+    dataset = args.get("dataset_name_or_path")
+    data = _published_source(str(dataset)) if dataset else "unknown"
+    if dataset and args.get("dataset_config_name"):
+        data += f", config `{args['dataset_config_name']}`"
+    return [f"- recipe: pretraining (`recipes/pretrain.py`), stage `{_shown(args.get('stage'))}`",
+            f"- data: {data}"] + _hyperparameters(args, _last_step(run_dir / PRETRAIN_LOG))
+
+
+def training_section(folder: Path, config: dict, notes: str | None = None) -> str:
+    """The model card's Training section body: facts from what the training recipes left around ``folder`` (unknown
+    when they left nothing), the config's image tokens, then the user's ``notes``."""
+    facts = _sft_facts(folder) or _pretrain_facts(folder) or [
+        f"- recipe: unknown (no `{SFT_ARGS}` of an SFT run in the folder and no `{PRETRAIN_CONFIG}` of a "
+        "pretraining run beside it)"]
+    facts.append(f"- image tokens: {_shown(config.get('num_image_tokens'))} per image (`num_image_tokens`)")
+    text = "\n".join(facts)
+    return text + ("\n\n" + notes.strip() if notes and notes.strip() else "")
+
+
+def model_card(config: dict, repo_id: str, eval_table: str | None, training: str | None) -> str:
     text, vision = config["text_config"], config["vision_config"]
     metadata = {
         "library_name": "transformers",
@@ -183,8 +299,8 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training_note
     ]
     if eval_table:
         lines += ["## Evaluation", "", eval_table.strip(), ""]
-    if training_notes:
-        lines += ["## Training", "", training_notes.strip(), ""]
+    if training:
+        lines += ["## Training", "", training.strip(), ""]
     return "\n".join(lines)
 
 
@@ -198,7 +314,7 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
     card = model_card(
         config, repo_id,
         _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,
-        training_notes.read_text() if training_notes else None,
+        training_section(folder, config, training_notes.read_text() if training_notes else None),
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
     check_no_local_paths(staging, folder)
@@ -291,9 +407,22 @@ def check_dataset_counts(folder: Path, staging: Path) -> None:
                                    f"files hold {found}; regenerate the card or restore the missing files")
 
 
+def _shard_metadata(files: set[Path]) -> set[Path]:
+    """The img2dataset metadata parquet beside each shard (``00000.tar`` -> ``00000.parquet``): the card promises
+    it, and it holds each shard's sample count and per-sample metadata."""
+    return {path.with_suffix(".parquet") for path in files
+            if path.suffix == ".tar" and path.with_suffix(".parquet").is_file()}
+
+
+def _statistics(files: set[Path]) -> set[Path]:
+    """The data stages' statistics (``DATASET_STATS_FILES``) of the folders that hold released data files."""
+    return {path for parent in {p.parent for p in files} for pattern in DATASET_STATS_FILES
+            for path in parent.glob(pattern) if path.is_file()}
+
+
 def build_dataset_repo(folder: Path, staging: Path) -> Path:
-    """Assemble a dataset repository (shards, card, statistics) in ``staging``; every config must match files, the
-    card's example counts must match them and no staged file may hold a local path."""
+    """Assemble a dataset repository (shards with their metadata parquets, card, statistics) in ``staging``; every
+    config must match files, the card's example counts must match them and no staged file may hold a local path."""
     card = folder / "README.md"
     if not card.is_file():
         raise ReleaseError(f"{folder} has no README.md dataset card")
@@ -306,8 +435,7 @@ def build_dataset_repo(folder: Path, staging: Path) -> Path:
                 raise ReleaseError(
                     f"config {config.get('config_name')!r}: pattern {pattern!r} matches no file in {folder}")
             files.update(matched)
-    files.update(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATASET_STATS_SUFFIXES
-                 and "stats" in p.name)
+    files |= _shard_metadata(files) | _statistics(files)
     prepare_staging(folder, staging)
     for path in sorted(files | {card}):
         target = staging / path.relative_to(folder)
@@ -323,9 +451,16 @@ def managed_patterns(staging: Path, repo_type: str) -> list[str]:
     writes: a release deletes those the staging folder no longer has, so the repo never mixes two releases."""
     if repo_type == "model":
         return list(MODEL_REQUIRED + MODEL_OPTIONAL_PATTERNS) + ["README.md"]
-    patterns = [pattern for config in _card_configs(staging / "README.md")
-                for _, pattern in config_split_patterns(config)]
-    return patterns + [f"*stats*{suffix}" for suffix in DATASET_STATS_SUFFIXES] + ["README.md"]
+    managed = {"README.md"}
+    for config in _card_configs(staging / "README.md"):
+        for _, pattern in config_split_patterns(config):
+            parent, _, name = pattern.rpartition("/")
+            prefix = f"{parent}/" if parent else ""
+            # the whole .datatrove folder: an earlier release may hold its timing logs, this one only accounting.json
+            managed |= {pattern, f"{prefix}packing_stats.json", f"{prefix}.datatrove/*"}
+            if name.endswith(".tar"):
+                managed.add(pattern[: -len(".tar")] + ".parquet")
+    return sorted(managed)
 
 
 def upload(staging: Path, repo_id: str, repo_type: str, private: bool) -> str:
@@ -354,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--staging", type=Path, help="where to assemble the repository (default <folder>-release)")
     parser.add_argument("--eval-table", type=Path, help="Markdown table for the model card (from recipes/eval.py)")
-    parser.add_argument("--training-notes", type=Path, help="Markdown describing how the model was trained")
+    parser.add_argument("--training-notes", type=Path,
+                        help="Markdown appended to the model card's generated Training section")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="only build the staging folder; upload nothing")
     args = parser.parse_args(argv)

@@ -10,10 +10,19 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
-from recipes.release import STAGING_MARKER, ReleaseError, build_dataset_repo, main, prepare_staging, upload
+from recipes.release import (
+    STAGING_MARKER,
+    ReleaseError,
+    build_dataset_repo,
+    main,
+    prepare_staging,
+    training_section,
+    upload,
+)
 
 LOAD_MODEL = textwrap.dedent(
     """
@@ -124,6 +133,80 @@ def test_sft_output_with_training_args_bin_is_released_but_pickle_weights_are_re
     assert "holds pickle weights (pytorch_model.bin)" in capsys.readouterr().err
 
 
+def _training_section(card):
+    return card.split("## Training\n\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_card_training_section_comes_from_the_sft_training_args_and_notes_are_appended(tmp_path, model_folder):
+    from trl import SFTConfig
+
+    folder, _ = model_folder
+    args = SFTConfig(output_dir=str(folder), max_steps=12, learning_rate=3e-5, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=4, seed=7, report_to="none", bf16=False, use_cpu=True)
+    torch.save(args, folder / "training_args.bin")  # as Trainer.save_model writes it
+    (folder / "training_log.jsonl").write_text("".join(
+        json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in (5, 10, 12)))
+    notes = tmp_path / "notes.md"
+    notes.write_text("Fine-tuned on the easy-vqa questions.\n")
+    staging = tmp_path / "staging"
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--training-notes",
+                 str(notes), "--dry-run"]) == 0
+    section = _training_section((staging / "README.md").read_text())
+    assert "- recipe: supervised fine-tuning with TRL's `SFTTrainer` (`recipes/sft.py`)\n" in section
+    for fact in ("- length: 12 optimizer steps (12 steps logged)", "- learning rate: 3e-05 (linear schedule)",
+                 "- batch: 2 per device x 4 gradient accumulation steps", "- seed: 7",
+                 "- image tokens: 16 per image (`num_image_tokens`)"):
+        assert fact + "\n" in section, (fact, section)
+    assert section.rstrip().endswith("- image tokens: 16 per image (`num_image_tokens`)\n\n"
+                                     "Fine-tuned on the easy-vqa questions.")
+
+    (folder / "training_args.bin").write_bytes(b"not a pickle")  # unreadable: unknown, not a failed release
+    config = json.loads((folder / "config.json").read_text())
+    assert "- hyperparameters: unknown (`training_args.bin` could not be read: UnpicklingError)" in \
+        training_section(folder, config)
+
+
+def test_card_training_section_of_a_pretraining_final_model(tmp_path, tiny_config, processor):
+    from recipes.training.arguments import config_as_dict, parse_pretrain_args
+    from recipes.training.run_logs import METRICS_FILE
+    from recipes.training.trainer import FINAL_MODEL, RESOLVED_CONFIG
+
+    run = tmp_path / "runs" / "pretrain"
+    folder = run / FINAL_MODEL  # as recipes/pretrain.py leaves it: the config and metrics one level up
+    OpenQwen2VLForConditionalGeneration(tiny_config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    corpus = tmp_path / "data" / "packed-corpus"
+    corpus.mkdir(parents=True)
+    config = parse_pretrain_args(["--config", "recipes/configs/pretrain_tiny.yaml", "--dataset_name_or_path",
+                                  str(corpus), "--dataset_config_name", "packed_16", "--output_dir", str(run),
+                                  "--max_steps", "7", "--learning_rate", "0.003", "--gradient_accumulation_steps",
+                                  "2", "--seed", "5"])
+    (run / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
+    (run / METRICS_FILE).write_text("".join(json.dumps({"step": s, "loss": 2.0}) + "\n" for s in range(1, 8)))
+    staging = tmp_path / "staging"
+    assert main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"]) == 0
+    section = _training_section((staging / "README.md").read_text())
+    assert section.splitlines() == [
+        "- recipe: pretraining (`recipes/pretrain.py`), stage `pretrain`",
+        "- data: a local folder named `packed-corpus`, config `packed_16`",  # not the machine's path
+        "- length: 7 optimizer steps (7 steps logged)",
+        "- learning rate: 0.003 (cosine schedule)",
+        "- batch: 1 per device x 2 gradient accumulation steps",
+        "- seed: 5",
+        "- image tokens: 16 per image (`num_image_tokens`)",
+    ]
+
+    card_config = json.loads((folder / "config.json").read_text())
+    (run / RESOLVED_CONFIG).write_text("stage: [unclosed")
+    assert "- hyperparameters: unknown (`pretrain_config.yaml` could not be read: ParserError)" in \
+        training_section(folder, card_config)
+    (run / RESOLVED_CONFIG).unlink()
+    assert training_section(folder, card_config, "Paper recipe.").splitlines() == [
+        "- recipe: unknown (no `training_args.bin` of an SFT run in the folder and no `pretrain_config.yaml` of a "
+        "pretraining run beside it)",
+        "- image tokens: 16 per image (`num_image_tokens`)", "", "Paper recipe."]
+
+
 def test_model_whose_weights_do_not_load_is_refused(tmp_path, model_folder, capsys):
     folder, _ = model_folder
     config = json.loads((folder / "config.json").read_text())
@@ -166,7 +249,11 @@ def _corpus(tmp_path):
     (folder / "ccs").mkdir(parents=True)
     _write_shard(folder / "ccs" / "00000.tar", ["a red circle", "a blue square"])
     _write_shard(folder / "ccs" / "00001.tar", ["a green triangle"])
-    (folder / "stats.json").write_text(json.dumps({"read": 3, "kept": 3}))
+    stage = folder / "ccs" / ".datatrove" / "reshard"  # as the reshard stage leaves it (dataset_builders.pipelines)
+    (stage / "stats").mkdir(parents=True)
+    (stage / "accounting.json").write_text(json.dumps({"read": 4, "kept": 3, "dropped": 1}))
+    (stage / "stats.json").write_text(json.dumps([{"name": "reshard", "time_stats": {"total": 0.1}}]))
+    (stage / "stats" / "00000.json").write_text(json.dumps([{"name": "reshard", "stats": {"read": 4}}]))
     (folder / "README.md").write_text(
         "---\nconfigs:\n- config_name: ccs\n  data_files:\n  - split: train\n    path: ccs/*.tar\n---\n# corpus\n")
     return folder
@@ -176,13 +263,44 @@ def test_dataset_release_dry_run_loads_with_load_dataset(tmp_path):
     folder = _corpus(tmp_path)
     staging = tmp_path / "ds-staging"
     assert main(["dataset", str(folder), "--repo-id", "org/corpus", "--staging", str(staging), "--dry-run"]) == 0
-    assert (staging / "stats.json").is_file() and (staging / "ccs" / "00001.tar").is_file()
+    assert (staging / "ccs" / ".datatrove" / "reshard" / "accounting.json").is_file()
+    assert (staging / "ccs" / "00001.tar").is_file() and not (staging / "ccs" / ".datatrove" / "reshard" /
+                                                              "stats.json").exists()
     result = subprocess.run([sys.executable, "-c", LOAD_DATASET, str(staging), "ccs"], capture_output=True,
                             text=True, check=True,
                             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                  "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")})
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == {"rows": 3, "captions": ["a blue square", "a green triangle", "a red circle"], "size": [12, 10]}
+
+
+def test_dataset_release_stages_the_data_stages_outputs_but_not_their_logs(tmp_path):
+    from dataset_builders.cards import write_dataset_card
+    from dataset_builders.pipelines import ExecutorConfig, run_reshard, run_select
+    from dataset_builders.rules import TextRules
+    from dataset_builders.selection import SelectionRules
+    from dataset_builders.synthetic import write_clean_shards
+
+    (tmp_path / "shards").mkdir()
+    write_clean_shards(str(tmp_path / "shards"), 2, 3, seed=1)
+    single = ExecutorConfig(tasks=1, workers=1)
+    run_select(str(tmp_path / "shards"), str(tmp_path / "sel"), SelectionRules(text=TextRules(min_words=4)), single)
+    folder = tmp_path / "corpus"
+    accounting = run_reshard(str(tmp_path / "shards"), str(tmp_path / "sel"), str(folder / "ccs_webdataset"), single,
+                             shard_size=2)
+    write_dataset_card(str(folder))
+    (folder / "ccs_webdataset" / "packing_stats.json").write_text(json.dumps({"packs": 0}))
+    stage = folder / "ccs_webdataset" / ".datatrove" / "reshard"
+    assert (stage / "stats.json").is_file() and (stage / "plan.parquet").is_file()  # logs the release leaves out
+    staging = build_dataset_repo(folder, tmp_path / "staging")
+    staged = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and p.name != STAGING_MARKER)
+    shards = sorted(p.stem for p in (folder / "ccs_webdataset").glob("*.tar"))
+    assert len(shards) > 1 and accounting.kept > 0
+    assert staged == sorted(["README.md", "ccs_webdataset/.datatrove/reshard/accounting.json",
+                             "ccs_webdataset/packing_stats.json"]
+                            + [f"ccs_webdataset/{stem}.{ext}" for stem in shards for ext in ("tar", "parquet")])
+    record = json.loads((staging / "ccs_webdataset/.datatrove/reshard/accounting.json").read_text())
+    assert record["read"] == record["kept"] + record["dropped"] == accounting.read
 
 
 def test_dataset_card_whose_config_matches_no_file_is_refused(tmp_path):
@@ -288,7 +406,7 @@ def test_re_release_deletes_files_of_the_earlier_release(tmp_path, monkeypatch, 
     corpus_hub = tmp_path / "corpus_hub"  # a dataset: a shard gone from the corpus goes from the repo too
     shutil.copytree(_corpus(tmp_path), corpus_hub)
     (tmp_path / "corpus" / "ccs" / "00001.tar").unlink()
-    (tmp_path / "corpus" / "stats.json").unlink()
+    (tmp_path / "corpus" / "ccs" / ".datatrove" / "reshard" / "accounting.json").unlink()
     _fake_hub(monkeypatch, corpus_hub)
     upload(build_dataset_repo(tmp_path / "corpus", tmp_path / "ds-staging"), "org/c", "dataset", private=False)
     assert sorted(str(p.relative_to(corpus_hub)) for p in corpus_hub.rglob("*") if p.is_file()) == [
