@@ -20,6 +20,8 @@ STAGES = {
     ("reshard",): ["--selection", "--subset", "--shard-size", "--verify-images"],
     ("card",): ["--path-hint"],
     ("stats",): ["--json"],
+    ("pack",): ["--num-image-tokens", "--capacity", "--algorithm", "--buffer-size", "--tokenizer", "--truncate",
+                "--image-column", "--text-column", "--uid-column", "--executor"],
 }
 
 
@@ -32,7 +34,7 @@ def _run(*args, cwd=None):
 def test_top_level_help_lists_every_stage():
     proc = _run("--help")
     assert proc.returncode == 0, proc.stderr
-    for stage in ("score", "select", "reshard", "card", "stats"):
+    for stage in ("score", "select", "reshard", "card", "stats", "pack"):
         assert f"    {stage} " in proc.stdout
 
 
