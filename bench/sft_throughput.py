@@ -182,7 +182,7 @@ def prepare(workdir: str, conversations: int, batch_size: int) -> dict:
     }
     return {
         "processor": processor, "raw": raw, "encoded": encoded, "packs": packs,
-        "batch": {"baseline": batch_size, "kit": batch_size, "kit + packing": 1},
+        "batch": {"baseline": batch_size, "kit": batch_size, "kit + packing": 1, COMPACT: batch_size},
         "per_pack": per_pack, "collate_ms": collate_ms,
         "encode_rate": encode_rate, "mean_length": mean_length, "capacity": capacity,
         "stats": {"baseline": _label_stats(baseline_batch), "kit": _label_stats(kit_batch)},
