@@ -17,6 +17,7 @@ Weighting of one optimizer step made of ``k`` micro-batches on ``w`` processes:
 from __future__ import annotations
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from .fused_cross_entropy import linear_cross_entropy_sum
 
@@ -30,14 +31,6 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values
 def supervised_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry a loss: labels shifted by one, not ``IGNORE_INDEX``."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (several processes without FSDP), whose methods the wrapper hides.
-    The forward still goes through the wrapper: that is where DDP hooks its gradient all-reduce."""
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -54,7 +47,9 @@ def summed_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = supervised
     inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
-    head = _unwrapped(model).get_output_embeddings()
+    # The head of the model inside DistributedDataParallel (several processes without FSDP), which hides its methods;
+    # the forward below still goes through the wrapper, where DDP hooks its gradient all-reduce.
+    head = extract_model_from_parallel(model).get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("the fused LM-head loss assumes an output embedding without bias")
     captured = {}
