@@ -35,6 +35,7 @@ import yaml
 
 from dataset_builders.cards import config_split_patterns
 from recipes.json_lines import read_json_lines
+from recipes.training.run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG
 
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
@@ -49,13 +50,10 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "
 # dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
 # <config>/packing_stats.json. Datatrove's own stats.json files there are timings and logs, not released.
 DATASET_STATS_FILES = (".datatrove/*/accounting.json", "packing_stats.json")
-# What the training recipes leave around a model folder (names as recipes/sft.py, Trainer.save_model,
-# recipes/training/trainer.py and run_logs.py write them): read for the card's Training section, never released.
+# What the SFT recipe leaves in a model folder (names as Trainer.save_model and recipes/sft.py write them; the
+# pretraining run folder's names come from recipes.training.run_logs): read for the card's Training section.
 SFT_ARGS = "training_args.bin"
 SFT_LOG = "training_log.jsonl"
-PRETRAIN_CONFIG = "pretrain_config.yaml"
-PRETRAIN_LOG = "metrics.jsonl"
-PRETRAIN_FINAL_MODEL = "final_model"
 # Written into every staging folder this tool makes: only such a folder is ever deleted (never uploaded).
 STAGING_MARKER = ".open-qwen2vl-release-staging"
 # Staged text files scanned for local absolute paths; vocabulary files hold token strings, not paths.
@@ -238,27 +236,27 @@ def _read_yaml(path: Path) -> tuple[dict | None, str]:
 
 def _pretrain_facts(folder: Path) -> list[str] | None:
     """From ``pretrain_config.yaml`` in the folder or, for a ``final_model``, in the run folder around it."""
-    run_dirs = [folder] + ([folder.parent] if folder.name == PRETRAIN_FINAL_MODEL else [])
-    run_dir = next((d for d in run_dirs if (d / PRETRAIN_CONFIG).is_file()), None)
+    run_dirs = [folder] + ([folder.parent] if folder.name == FINAL_MODEL else [])
+    run_dir = next((d for d in run_dirs if (d / RESOLVED_CONFIG).is_file()), None)
     if run_dir is None:
         return None
-    args, why = _read_yaml(run_dir / PRETRAIN_CONFIG)
+    args, why = _read_yaml(run_dir / RESOLVED_CONFIG)
     if args is None:
         return ["- recipe: pretraining (`recipes/pretrain.py`)",
-                f"- hyperparameters: unknown (`{PRETRAIN_CONFIG}` could not be read: {why})"]
+                f"- hyperparameters: unknown (`{RESOLVED_CONFIG}` could not be read: {why})"]
     dataset = args.get("dataset_name_or_path")
     data = _published_source(str(dataset)) if dataset else "unknown"
     if dataset and args.get("dataset_config_name"):
         data += f", config `{args['dataset_config_name']}`"
     return [f"- recipe: pretraining (`recipes/pretrain.py`), stage `{_shown(args.get('stage'))}`",
-            f"- data: {data}"] + _hyperparameters(args, _last_step(run_dir / PRETRAIN_LOG))
+            f"- data: {data}"] + _hyperparameters(args, _last_step(run_dir / METRICS_FILE))
 
 
 def training_section(folder: Path, config: dict, notes: str | None = None) -> str:
     """The model card's Training section body: facts from what the training recipes left around ``folder`` (unknown
     when they left nothing), the config's image tokens, then the user's ``notes``."""
     facts = _sft_facts(folder) or _pretrain_facts(folder) or [
-        f"- recipe: unknown (no `{SFT_ARGS}` of an SFT run in the folder and no `{PRETRAIN_CONFIG}` of a "
+        f"- recipe: unknown (no `{SFT_ARGS}` of an SFT run in the folder and no `{RESOLVED_CONFIG}` of a "
         "pretraining run beside it)"]
     facts.append(f"- image tokens: {_shown(config.get('num_image_tokens'))} per image (`num_image_tokens`)")
     text = "\n".join(facts)

@@ -19,6 +19,9 @@ from ..json_lines import read_json_lines
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# The run folder's other files that readers outside the loop need (the release tool's model card).
+FINAL_MODEL = "final_model"
+RESOLVED_CONFIG = "pretrain_config.yaml"
 SAMPLES_FILE = "samples.jsonl"
 
 

@@ -53,14 +53,12 @@ from .model_setup import (
     enable_activation_checkpointing,
 )
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
-from .run_logs import METRICS_FILE, SAMPLES_FILE, JsonLinesLog
+from .run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SAMPLES_FILE, JsonLinesLog
 
 logger = logging.getLogger("recipes.pretrain")
 
-FINAL_MODEL = "final_model"
 # Where torch's single-kernel AdamW runs by default: ~10x faster than the per-tensor loop on the tiny CPU model.
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
-RESOLVED_CONFIG = "pretrain_config.yaml"
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
