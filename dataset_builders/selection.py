@@ -83,9 +83,15 @@ def _column(table: pa.Table, *names: str):
     return None
 
 
-def _metadata_from_parquet(table: pa.Table, missing_uid: str) -> ShardMetadata:
-    if "status" in table.column_names:  # img2dataset also lists failed downloads, which have no tar member
+def _downloaded(table: pa.Table) -> pa.Table:
+    """The rows with a tar member: img2dataset also lists failed downloads."""
+    if "status" in table.column_names:
         table = table.filter(pc.equal(table.column("status"), "success"))
+    return table
+
+
+def _metadata_from_parquet(table: pa.Table, missing_uid: str) -> ShardMetadata:
+    table = _downloaded(table)
     meta = ShardMetadata(source="parquet")
     keys = _column(table, "key")
     captions = _column(table, "caption") or [None] * table.num_rows
@@ -111,8 +117,7 @@ def _metadata_from_parquet(table: pa.Table, missing_uid: str) -> ShardMetadata:
 
 
 def _rows_without_uid_or_url(table: pa.Table) -> bool:
-    if "status" in table.column_names:
-        table = table.filter(pc.equal(table.column("status"), "success"))
+    table = _downloaded(table)
     uids = _column(table, "uid") or [None] * table.num_rows
     urls = _column(table, "url") or [None] * table.num_rows
     return any(not is_uid(uid) and not url for uid, url in zip(uids, urls))
