@@ -246,9 +246,11 @@ def _failed(err: DemoStepError) -> int:
 
 def _report(out: Path, paths: dict, subset_dir: Path, packed_config: str, settings: dict, timings: dict,
             answer_file: Path) -> Path:
-    from recipes.demo_report import pack_fills, read_jsonl, write_report
+    from dataset_builders.commands.pack import STATS_FILE
+    from recipes.demo_report import pack_fills, write_report
+    from recipes.training.run_logs import METRICS_FILE, SFT_TRAINING_LOG, read_jsonl
 
-    pack_stats = json.loads((paths["packed"] / packed_config / "packing_stats.json").read_text())
+    pack_stats = json.loads((paths["packed"] / packed_config / STATS_FILE).read_text())
     accounting = {
         "select": json.loads((paths["selection"] / ".datatrove" / "select" / "accounting.json").read_text()),
         "reshard": json.loads((subset_dir / ".datatrove" / "reshard" / "accounting.json").read_text()),
@@ -256,8 +258,8 @@ def _report(out: Path, paths: dict, subset_dir: Path, packed_config: str, settin
                  "dropped": sum(pack_stats["dropped"].values()), "dropped_by_reason": pack_stats["dropped"]},
     }
     curves = {
-        "pretraining (packed captions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["pretrain"] / "metrics.jsonl")],
-        "SFT (easy-vqa questions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["sft"] / "training_log.jsonl")
+        "pretraining (packed captions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["pretrain"] / METRICS_FILE)],
+        "SFT (easy-vqa questions)": [(r["step"], r["loss"]) for r in read_jsonl(paths["sft"] / SFT_TRAINING_LOG)
                                      if "loss" in r],
     }
     return write_report(

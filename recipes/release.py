@@ -35,13 +35,13 @@ import yaml
 
 from dataset_builders.cards import config_split_patterns
 from recipes.json_lines import read_json_lines
-from recipes.training.run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG
+from recipes.training.run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SFT_TRAINING_LOG
 
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json") + REMOTE_CODE_FILES
 MODEL_OPTIONAL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "chat_template.jinja",
-                           "additional_chat_templates/*.jinja", "special_tokens_map.json", "training_log.jsonl",
+                           "additional_chat_templates/*.jinja", "special_tokens_map.json", SFT_TRAINING_LOG,
                            "*.md")
 # Pickled weights the kit does not release. Other .bin files are fine: TRL's training_args.bin (pickled arguments,
 # not weights) is in every SFT folder, and only the allow-list above is copied anyway.
@@ -50,10 +50,9 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "
 # dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
 # <config>/packing_stats.json. Datatrove's own stats.json files there are timings and logs, not released.
 DATASET_STATS_FILES = (".datatrove/*/accounting.json", "packing_stats.json")
-# What the SFT recipe leaves in a model folder (names as Trainer.save_model and recipes/sft.py write them; the
-# pretraining run folder's names come from recipes.training.run_logs): read for the card's Training section.
+# What Trainer.save_model leaves in an SFT model folder, read for the card's Training section (the recipe's
+# training log and the pretraining run folder's names come from recipes.training.run_logs).
 SFT_ARGS = "training_args.bin"
-SFT_LOG = "training_log.jsonl"
 # Written into every staging folder this tool makes: only such a folder is ever deleted (never uploaded).
 STAGING_MARKER = ".open-qwen2vl-release-staging"
 # Staged text files scanned for local absolute paths; vocabulary files hold token strings, not paths.
@@ -215,7 +214,7 @@ def _sft_facts(folder: Path) -> list[str] | None:
         args = torch.load(found[0], weights_only=False)
     except Exception as err:  # noqa: BLE001 - an unreadable file leaves the facts unknown, not the release
         return lines + [f"- hyperparameters: unknown (`{SFT_ARGS}` could not be read: {type(err).__name__})"]
-    return lines + _hyperparameters(args, _last_step(folder / SFT_LOG))
+    return lines + _hyperparameters(args, _last_step(folder / SFT_TRAINING_LOG))
 
 
 def _published_source(source: str) -> str:

@@ -46,6 +46,7 @@ from recipes.sft_data import (
 )
 from recipes.sft_cpu_head import enable_compact_lm_head_on_cpu
 from recipes.sft_model import build_lora_config, load_model_and_processor, set_trainable, trainable_counts
+from recipes.training.run_logs import SFT_TRAINING_LOG
 
 logger = logging.getLogger("recipes.sft")
 EASY_VQA = "easy_vqa"
@@ -100,14 +101,15 @@ class SkipReport(TrainerCallback):
 
 
 class TrainingLog(TrainerCallback):
-    """Appends every logged record (loss, learning rate, grad norm...) to ``output_dir/training_log.jsonl``.
+    """Appends every logged record (loss, learning rate, grad norm...) to ``output_dir/training_log.jsonl``
+    (``SFT_TRAINING_LOG``).
 
     Trainer keeps its log history only in checkpoints; this file is there even when nothing is saved (plots, demo).
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            path = Path(args.output_dir) / "training_log.jsonl"
+            path = Path(args.output_dir) / SFT_TRAINING_LOG
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
@@ -215,7 +217,7 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
                               pad_to_multiple_of=training_args.pad_to_multiple_of,
                               skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
     enable_compact_lm_head_on_cpu()  # TRL scores every position on CPU; only the supervised ones matter
-    log_file = Path(training_args.output_dir) / "training_log.jsonl"
+    log_file = Path(training_args.output_dir) / SFT_TRAINING_LOG
     if log_file.exists() and not training_args.resume_from_checkpoint:
         log_file.unlink()
     trainer = SFTTrainer(

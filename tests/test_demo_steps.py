@@ -149,3 +149,61 @@ def test_the_report_is_written_by_the_last_step(tmp_path, monkeypatch):
     with pytest.raises(Started):
         demo.main(["--output", str(tmp_path / "out")])
     assert written == [(tmp_path / "out").resolve()]
+
+
+def test_the_report_reads_every_stage_s_files_by_their_writers_names(tmp_path, monkeypatch):
+    """``_report`` on a folder laid out with the names the stages write (the data stages' accounting and packing
+    statistics, the pretraining metrics, the SFT recipe's training log, the eval summary): every figure lands in
+    report.md and both plots are written."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import recipes.demo_report as demo_report
+    from dataset_builders.commands.pack import STATS_FILE
+    from recipes.training.run_logs import METRICS_FILE, SFT_TRAINING_LOG
+
+    plotted = {}
+    plot_losses = demo_report.plot_losses
+    monkeypatch.setattr(demo_report, "plot_losses",
+                        lambda curves, path: plotted.update(curves) or plot_losses(curves, path))
+
+    paths = {name: tmp_path / name for name in ("selection", "packed", "pretrain", "sft", "eval")}
+    subset, config = tmp_path / "subset", "packed_16"
+    for folder, stage, counts in ((paths["selection"], "select", (10, 8, 2)), (subset, "reshard", (8, 8, 0))):
+        (folder / ".datatrove" / stage).mkdir(parents=True)
+        read, kept, dropped = counts
+        reasons = {"clip_score": dropped} if dropped else {}
+        (folder / ".datatrove" / stage / "accounting.json").write_text(json.dumps(
+            {"read": read, "kept": kept, "dropped": dropped, "dropped_by_reason": reasons}))
+    (paths["packed"] / config).mkdir(parents=True)
+    pq.write_table(pa.table({"lengths": [[10, 6], [12]]}), paths["packed"] / config / "00000.parquet")
+    (paths["packed"] / config / STATS_FILE).write_text(json.dumps(
+        {"read": 8, "documents": 3, "packs": 2, "dropped": {"too_long": 5}}))
+    paths["pretrain"].mkdir()
+    (paths["pretrain"] / METRICS_FILE).write_text("".join(
+        json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3)))
+    paths["sft"].mkdir()
+    (paths["sft"] / SFT_TRAINING_LOG).write_text(json.dumps({"step": 2, "loss": 1.5}) + "\n"
+                                                 + json.dumps({"step": 2, "train_runtime": 9.0}) + "\n")
+    paths["eval"].mkdir()
+    (paths["eval"] / "summary.json").write_text(json.dumps({"benchmarks": {"easy_vqa": {
+        "accuracy": 0.671, "majority_baseline": 0.435, "chance_baseline": 0.25, "per_kind": {"shape": 0.8},
+        "num_samples": 300}}}))
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps({"question": "What shape?", "answer": "triangle", "expected": "triangle"}))
+    settings = {"capacity": 16, "pretrain_image_tokens": 4, "stage": "pretrain", "pretrain_epochs": 2,
+                "sft_image_tokens": 16, "sft_steps": 2, "sft_batch": 4, "seed": 0}
+    out = tmp_path / "out"
+    out.mkdir()
+
+    report = demo._report(out, paths, subset, config, settings, {"select": 1.0, "pack": 2.5}, answer).read_text()
+
+    assert "| **tiny Open-Qwen2VL after the demo** | **67.1%** (+23.6 points) |" in report
+    assert "| select | 10 | 8 | 2 | clip_score: 2 |" in report and "| reshard | 8 | 8 | 0 | - |" in report
+    assert "| pack | 8 | 3 | 5 | too_long: 5 |" in report
+    assert f"mean fill {100 * (16 + 12) / 32:.2f}%" in report  # (10 + 6) / 16 and 12 / 16
+    assert "`triangle` (expected `triangle`)" in report and "Total: 4 s." in report
+    assert list(plotted.values()) == [[(1, 4.0), (2, 3.0), (3, 2.0)], [(2, 1.5)]]  # SFT: records with a loss
+    assert (out / "pack_fill.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0

@@ -23,6 +23,8 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL = "final_model"
 RESOLVED_CONFIG = "pretrain_config.yaml"
 SAMPLES_FILE = "samples.jsonl"
+# The SFT recipe's record of every Trainer log (recipes/sft.py), read by the demo's report and the release tool's card.
+SFT_TRAINING_LOG = "training_log.jsonl"
 
 
 class JsonLinesLog:
@@ -58,4 +60,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-__all__ = ["JsonLinesLog", "METRICS_FILE", "SAMPLES_FILE", "read_jsonl"]
+__all__ = ["JsonLinesLog", "METRICS_FILE", "SAMPLES_FILE", "SFT_TRAINING_LOG", "read_jsonl"]
