@@ -188,6 +188,8 @@ def tiny_kit_checkpoint(tmp_path_factory, tiny_model, processor):
 
 
 def test_mlm_filter_with_the_kits_tiny_model_counts_unparsable_answers(tiny_kit_checkpoint, shards, tmp_path):
+    # The random model's answers are (as far as seen) all unparsable, so the parsed branch below may not run here:
+    # test_mlm_filter_real_generation_of_parsable_and_unparsable_answers runs both branches with known answers.
     metrics = ("semantic_understanding", "caption_text_quality")
     scorer = MLMFilterScorer(tiny_kit_checkpoint, metrics=metrics, batch_size=4, max_new_tokens=3)
     accounting = run_score(shards, str(tmp_path / "mlm"), scorer)
@@ -202,6 +204,118 @@ def test_mlm_filter_with_the_kits_tiny_model_counts_unparsable_answers(tiny_kit_
             assert (score is None) == (not _independently_parsable(raw))
             if score is not None:
                 assert score == int(raw.strip().split("\n")[0].strip().rstrip(".,;:"))
+
+
+# A kit checkpoint that answers on purpose. Its decoder blocks write nothing back (o_proj / down_proj zeroed, layer
+# 0's attention excepted), so the residual stream at a position is that token's embedding, and the untied LM head
+# reads it through one-hot dimensions: the prompt's last token -> "8" -> "5" -> end of turn, i.e. "85". Layer 0 has
+# two hand-set attention heads, one that fires when a chosen caption word is anywhere in the prompt and one for a
+# word only one metric's instruction has; their flags turn the first answer token into "!" (then end of turn, an
+# unparsable answer) and "9" (then "7", end of turn: "97"). The answers are thus fixed by the prompt text alone.
+_START, _EIGHT, _FIVE, _NINE, _SEVEN, _BANG, _CAPTION_WORD, _METRIC_WORD, _CAPTION_FLAG, _METRIC_FLAG = range(10)
+
+
+def _scripted_kit_checkpoint(source: str, folder: str, *, last_prompt_token: int, end_token: int,
+                             caption_word: int, metric_word: int) -> str:
+    """Re-weights the checkpoint in ``source`` (saved with its processor into ``folder``) as described above."""
+    from transformers import AutoProcessor
+
+    from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
+
+    model = OpenQwen2VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoProcessor.from_pretrained(source).tokenizer
+    digit = {d: tokenizer.convert_tokens_to_ids(d) for d in "8597"}
+    bang = tokenizer.convert_tokens_to_ids("!")
+    text = model.model.language_model
+    hidden, head_dim = text.config.hidden_size, text.layers[0].self_attn.head_dim
+    kv_heads, q_heads = text.config.num_key_value_heads, text.config.num_attention_heads
+    assert head_dim >= 2 and kv_heads >= 2 and q_heads % kv_heads == 0 and hidden > _METRIC_FLAG
+    slow = head_dim // 2 - 1  # rotary pairs (i, i + head_dim/2): the last i turns slowest (< 0.3 rad over a prompt)
+    q_per_kv = q_heads // kv_heads
+    # Untie the LM head from the embedding (the tiny config ties them).
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros(text.config.vocab_size, hidden))
+    with torch.no_grad():
+        embed = text.embed_tokens.weight
+        embed[:, : _METRIC_FLAG + 1] = 0  # no other token (nor image feature) touches the scripted dimensions
+        rows = {last_prompt_token: _START, digit["8"]: _EIGHT, digit["5"]: _FIVE, digit["9"]: _NINE,
+                digit["7"]: _SEVEN, bang: _BANG, caption_word: _CAPTION_WORD, metric_word: _METRIC_WORD}
+        assert len(rows) == 8 and end_token not in rows, "scripted tokens must be distinct"
+        for token, dim in rows.items():
+            embed[token] = 0
+            embed[token, dim] = 1.0
+        projector = model.model.multi_modal_projector.linear_2
+        projector.weight[: _METRIC_FLAG + 1] = 0
+        projector.bias[: _METRIC_FLAG + 1] = 0
+        for layer in text.layers:
+            layer.mlp.down_proj.weight.zero_()
+            attention = layer.self_attn
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            layer.input_layernorm.weight.fill_(1.0)
+        text.norm.weight.fill_(1.0)
+        attention = text.layers[0].self_attn
+        # After RMSNorm a one-hot embedding is sqrt(hidden) = 8 in its dimension: scores 4 * 64 / 4 = 64 on the
+        # word's position, 0 elsewhere (softmax weight ~1 on the word); without the word the head reads zeros.
+        for kv_head, (word, flag) in enumerate([(_CAPTION_WORD, _CAPTION_FLAG), (_METRIC_WORD, _METRIC_FLAG)]):
+            q_head = kv_head * q_per_kv
+            attention.q_proj.weight[q_head * head_dim + slow, _START] = 2.0  # only the answer's start asks
+            attention.k_proj.weight[kv_head * head_dim + slow, word] = 2.0
+            attention.v_proj.weight[kv_head * head_dim, word] = 1.0
+            attention.o_proj.weight[flag, q_head * head_dim] = 0.25  # flag = 2 in the residual, twice the start
+        head = model.lm_head.weight
+        head[digit["8"], _START] = 1.0
+        head[digit["9"], _METRIC_FLAG] = 1.0  # start + metric flag: "9" (2) beats "8" (1)
+        head[bang, _CAPTION_FLAG] = 2.0  # start + caption flag: "!" (4) beats both
+        head[digit["5"], _EIGHT] = 1.0
+        head[digit["7"], _NINE] = 1.0
+        head[end_token, [_FIVE, _SEVEN, _BANG]] = 1.0
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def test_mlm_filter_real_generation_of_parsable_and_unparsable_answers(tiny_kit_checkpoint, shards, tmp_path):
+    """The whole path (prompt, processor, generate, decode, parse, count) with answers known in advance."""
+    from transformers import AutoModelForImageTextToText
+
+    probe = MLMFilterScorer(tiny_kit_checkpoint, metrics=("semantic_understanding",), device="cpu")
+    probe.setup(0)
+    tokenizer = probe._processor.tokenizer
+    (caption_word,) = tokenizer(" ellipse", add_special_tokens=False).input_ids
+    (metric_word,) = tokenizer(" Vocabulary", add_special_tokens=False).input_ids
+    prompt_ids = {(caption, metric): tokenizer(probe.prompt(caption, metric)).input_ids
+                  for caption in ("a grey ellipse on the beach", "a red square in a field")
+                  for metric in ("semantic_understanding", "caption_text_quality")}
+    (last_prompt_token,) = {ids[-1] for ids in prompt_ids.values()}  # the " " after "<|im_start|>assistant\n"
+    for (caption, metric), ids in prompt_ids.items():  # each trigger word is where the construction expects it
+        assert (caption_word in ids) == ("ellipse" in caption)
+        assert (metric_word in ids) == (metric == "caption_text_quality")
+    end_token = probe._model.generation_config.eos_token_id
+    assert end_token == tokenizer.convert_tokens_to_ids("<|im_end|>")  # generation stops at the end of the turn
+    folder = _scripted_kit_checkpoint(tiny_kit_checkpoint, str(tmp_path / "scripted"),
+                                      last_prompt_token=last_prompt_token, end_token=end_token,
+                                      caption_word=caption_word, metric_word=metric_word)
+    reloaded = AutoModelForImageTextToText.from_pretrained(folder)
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.get_input_embeddings().weight)  # stayed untied
+
+    metrics = ("semantic_understanding", "caption_text_quality")
+    scorer = MLMFilterScorer(folder, metrics=metrics, batch_size=4, device="cpu")  # default 4 new tokens
+    accounting = run_score(shards, str(tmp_path / "mlm"), scorer)
+    rows = _scores(tmp_path / "mlm")
+    assert len(rows) == accounting.kept == USABLE and accounting.balanced
+    captions = {s.uid: s.caption for s in _samples(shards)}
+    ellipses = {uid for uid in rows if "ellipse" in captions[uid]}
+    assert 0 < len(ellipses) < len(rows)  # both branches run
+    expected = {"semantic_understanding": ("85", 85), "caption_text_quality": ("97", 97)}
+    for uid, row in rows.items():
+        for metric in metrics:
+            want = ("!", None) if uid in ellipses else expected[metric]
+            assert (row[f"{metric}_raw"], row[f"{metric}_score"]) == want, (captions[uid], metric)
+    assert {m: accounting.events.get(f"unparsable/{m}", 0) for m in metrics} == {m: len(ellipses) for m in metrics}
 
 
 def test_mlm_filter_prompt_and_scripted_answers_land_in_their_columns(tiny_kit_checkpoint, shards, tmp_path,
