@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import yaml
 from datatrove.io import DataFolderLike, get_datafolder
 
-from .shards import SHARD_GLOB
+from .shards import SHARD_GLOB, parquet_on_this_thread
 
 RELEASE_REPO = "weizhiwang/Open-Qwen2VL-Data"
 
@@ -103,16 +103,14 @@ def card_configs(subsets: dict[str, str]) -> list[dict]:
 
 def _count(folder, subset_path: str) -> tuple[int, int | None]:
     """(shards, samples) of a subset folder; samples from the shards' metadata parquets when all exist."""
-    import pyarrow.parquet as pq
-
     tars = folder.glob(f"{subset_path}/{SHARD_GLOB}")
     samples = 0
     for tar in tars:
         parquet = tar[: -len(".tar")] + ".parquet"
         if not folder.exists(parquet):
             return len(tars), None
-        with folder.open(parquet, "rb") as handle:
-            samples += pq.ParquetFile(handle).metadata.num_rows
+        with folder.open(parquet, "rb") as handle, parquet_on_this_thread(handle) as parquet_file:
+            samples += parquet_file.metadata.num_rows  # the footer only
     return len(tars), samples
 
 

@@ -294,6 +294,26 @@ def read_parquet(handle, columns: list[str] | None = None) -> pa.Table:
     return open_parquet(handle).read(columns=columns)
 
 
+@contextmanager
+def parquet_on_this_thread(handle) -> Iterator[pq.ParquetFile]:
+    """A parquet file read through an open (fsspec) file in place, for files too large to read whole (a reshard
+    plan): the footer, then only the row groups asked for. Read them with ``read_row_group(i, use_threads=False)``.
+
+    Every read of ``handle`` happens on the calling thread, synchronously, so no arrow thread ever holds the Python
+    file or a buffer of it (see ``open_parquet``). ``pq.ParquetFile`` pre-buffers by default (``pre_buffer=True``),
+    which reads column chunks through ``ReadAsync`` on arrow's IO threads; with ``pre_buffer=False`` each column
+    chunk is read by ``ReadAt`` on the thread that reads the row group, and ``use_threads=False`` keeps that the
+    calling one. The reader is closed on exit (which closes ``handle`` too): a stray later use fails instead of
+    reaching Python.
+    """
+    parquet = pq.ParquetFile(handle, pre_buffer=False)
+    try:
+        yield parquet
+    finally:
+        # a ParquetFile given a file object leaves it open on close() unless forced
+        parquet.close(force=True)
+
+
 def read_sidecar_parquet(folder: DataFolderLike, shard: str) -> pa.Table | None:
     """The img2dataset metadata parquet next to a shard, or None when there is none."""
     data_folder = open_folder(folder)

@@ -590,3 +590,73 @@ def test_a_run_whose_tasks_all_failed_does_not_lock_its_output(pool, tmp_path, m
         run_reshard(shards, sel, out, shard_size=10)
     with pytest.raises(ValueError, match="different settings"):
         run_reshard(shards, sel, out, shard_size=7, verify_images="quick")
+
+
+def test_a_reshard_task_reads_the_plan_footer_and_only_its_row_groups_on_its_own_thread(tmp_path, monkeypatch):
+    """The plan (one row per selected sample, one row group per output shard) is read in place, not whole: a task
+    reads the footer and its own row groups, all on the task's thread (a read on pyarrow's IO threads can abort the
+    process at exit), and the plan is closed when the task returns."""
+    import threading
+    import types
+
+    import fsspec
+
+    import dataset_builders.steps.reshard as reshard
+    from dataset_builders.steps.reshard import PLAN_SCHEMA, ReshardWriter, write_plan
+
+    rng = random.Random(8)
+    size, shards = 1000, 6
+    plan = pa.table({"out_shard": [i // size for i in range(size * shards)],
+                     "src_shard": [f"{i // 500:05d}.tar" for i in range(size * shards)],
+                     "key": ["%032x" % rng.getrandbits(128) for _ in range(size * shards)],
+                     "uid": ["%032x" % rng.getrandbits(128) for _ in range(size * shards)]}, schema=PLAN_SCHEMA)
+    data = write_plan(plan, size)
+    (tmp_path / "plan.parquet").write_bytes(data)
+    reads, opened = [], []
+
+    class Recording:  # the plan file, recording each read's thread and byte range
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def read(self, *args):
+            start = self.handle.tell()
+            chunk = self.handle.read(*args)
+            reads.append((threading.get_ident(), start, start + len(chunk)))
+            return chunk
+
+    class Opener:
+        def __init__(self, path, mode):
+            self.file = fsspec.open(path, mode)
+
+        def __enter__(self):
+            opened.append(Recording(self.file.__enter__()))
+            return opened[-1]
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+    monkeypatch.setattr(reshard, "fsspec", types.SimpleNamespace(open=Opener))
+    written = {}
+    monkeypatch.setattr(ReshardWriter, "_write_shard", lambda self, index, num, rows: written.setdefault(index, rows))
+    writer = ReshardWriter(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "plan.parquet"))
+    list(writer.run(rank=1, world_size=2))
+
+    assert sorted(written) == [1, 3, 5]
+    for index, rows in written.items():
+        assert rows.equals(plan.slice(index * size, size))
+    assert {thread for thread, _, _ in reads} == {threading.get_ident()} and opened[0].closed
+    metadata = pq.ParquetFile(pa.BufferReader(data)).metadata
+    spans = []
+    for index in range(shards):
+        group = metadata.row_group(index)
+        columns = [group.column(c) for c in range(group.num_columns)]
+        starts = [min(c.data_page_offset, c.dictionary_page_offset or c.data_page_offset) for c in columns]
+        spans.append((min(starts), max(s + c.total_compressed_size for s, c in zip(starts, columns))))
+    footer_start = min(start for _, start, end in reads if end == len(data))  # the footer read, at the file's end
+    assert footer_start > spans[2][1]  # the plan is large enough for the other tasks' row groups to lie before it
+    for _, start, end in reads:
+        assert end == len(data) or any(spans[i][0] <= start and end <= spans[i][1] for i in written), (start, end)
+    assert sum(end - start for _, start, end in reads) < len(data) * 2 // 3

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 from collections import Counter
 
 import fsspec
@@ -311,3 +312,55 @@ def test_parquet_from_an_open_file_is_parsed_from_memory_not_through_the_file_ob
     assert read_parquet(handle, ["keep"]).to_pydict() == {"keep": [True, False]}
     assert handle.calls == [("read", ())]
     assert open_parquet(Recording(buffer.getvalue())).metadata.num_rows == 2
+
+
+class ThreadRecordingFile(io.BytesIO):
+    """An in-memory file that records, for every read, the thread it ran on and the byte range it read."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.reads: list[tuple[int, int, int]] = []  # (thread id, start, end)
+        self.threads: set[int] = set()
+
+    def _record(self, start: int, size: int) -> None:
+        self.reads.append((threading.get_ident(), start, start + size))
+
+    def seek(self, *args):
+        self.threads.add(threading.get_ident())
+        return super().seek(*args)
+
+    def tell(self):
+        self.threads.add(threading.get_ident())
+        return super().tell()
+
+    def read(self, *args):
+        start, data = super().tell(), super().read(*args)
+        self._record(start, len(data))
+        return data
+
+    def readinto(self, buffer):
+        start, size = super().tell(), super().readinto(buffer)
+        self._record(start, size)
+        return size
+
+
+def test_parquet_on_this_thread_reads_the_footer_and_row_groups_on_the_calling_thread_then_closes():
+    """pyarrow's ParquetFile pre-buffers by default, reading a Python file on its IO threads (a release of such a
+    read during interpreter shutdown aborts the process, status 134); this reader must touch the file only from the
+    calling thread, and close it on exit."""
+    import pyarrow as pa
+
+    from dataset_builders.shards import parquet_on_this_thread
+
+    rng = random.Random(4)
+    table = pa.table({"n": list(range(4000)), "text": ["%032x" % rng.getrandbits(128) for _ in range(4000)]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=1000)
+    handle = ThreadRecordingFile(buffer.getvalue())
+    with parquet_on_this_thread(handle) as parquet:
+        assert parquet.metadata.num_rows == 4000 and parquet.metadata.num_row_groups == 4
+        assert parquet.read_row_group(2, use_threads=False).equals(table.slice(2000, 1000))
+        assert parquet.read_row_group(0, columns=["text"], use_threads=False).column("text").to_pylist() == (
+            table.column("text").to_pylist()[:1000])
+    assert handle.reads and {thread for thread, _, _ in handle.reads} | handle.threads == {threading.get_ident()}
+    assert parquet.closed and handle.closed

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..images import DEFAULT_MAX_PIXELS, BadImage, inspect_image, normalize_for_corpus
 from ..selection import read_selection, require_finalized
-from ..shards import Dropped, ShardProblem, ShardWriter, iter_samples, list_shards
+from ..shards import Dropped, ShardProblem, ShardWriter, iter_samples, list_shards, parquet_on_this_thread
 from .base import CountingStep
 
 PLAN_SCHEMA = pa.schema([("out_shard", pa.int64()), ("src_shard", pa.string()), ("key", pa.string()),
@@ -91,12 +91,12 @@ class ReshardWriter(CountingStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        with fsspec.open(self.plan_path, "rb") as handle:
-            plan = pq.ParquetFile(handle)  # one row group per output shard: a task reads only its own
+        # one row group per output shard: a task reads the footer and its own row groups, on this thread
+        with fsspec.open(self.plan_path, "rb") as handle, parquet_on_this_thread(handle) as plan:
             num_shards = plan.metadata.num_row_groups if plan.metadata.num_rows else 0
             mine = range(rank, num_shards, world_size)
             for index in tqdm(mine, desc=f"reshard (task {rank})", unit="shard", disable=len(mine) < 2):
-                rows = plan.read_row_group(index)
+                rows = plan.read_row_group(index, use_threads=False)
                 if set(rows.column("out_shard").to_pylist()) != {index}:
                     raise ValueError(f"{self.plan_path}: row group {index} is not output shard {index}")
                 with self.track_time("shard"):
