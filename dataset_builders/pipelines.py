@@ -21,7 +21,7 @@ from datatrove.utils.logging import logger
 
 from .accounting import Accounting, collect, write_accounting
 from .selection import SelectionRules, require_finalized, resolve_thresholds
-from .shards import list_shards, open_folder, read_parquet
+from .shards import atomic_write, list_shards, open_folder, read_parquet
 from .steps.decode import DecodeImages
 from .steps.reader import WebDatasetReader
 from .steps.reshard import ReshardWriter, plan_reshard, write_plan
@@ -144,7 +144,7 @@ def _check_settings(logging_dir: str, settings: dict) -> None:
             raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}); use another "
                              f"output folder, or delete that one to start over")
         logger.info(f"{folder.path}: no task of the earlier run completed; its settings are replaced")
-    with folder.open(STAGE_SETTINGS, "wt") as handle:
+    with atomic_write(folder, STAGE_SETTINGS, "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)
 
 
@@ -265,7 +265,7 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
         if previous is not None and (completed_tasks(logging_dir) or _shards_in(output_folder)):
             raise ValueError(f"{output_folder} was resharded from a different selection or shard size; "
                              "use another output folder")
-        with log_folder.open("plan.parquet", "wb") as handle:
+        with atomic_write(log_folder, "plan.parquet") as handle:  # read back by every rerun
             handle.write(write_plan(plan, shard_size))
     num_shards = -(-plan.num_rows // shard_size)
     if num_shards == 0:

@@ -148,6 +148,8 @@ def _shards_or_none(input_path: str, list_shards) -> list[str]:
 def _check_settings(folder, recorded: dict, started: bool = True) -> None:
     """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently once
     ``started`` (some task completed or wrote its file); before that, the new settings replace the old."""
+    from ..shards import atomic_write
+
     text = json.dumps(recorded, sort_keys=True, default=str)
     if folder.exists("settings.json"):
         with folder.open("settings.json", "rt") as handle:
@@ -157,7 +159,7 @@ def _check_settings(folder, recorded: dict, started: bool = True) -> None:
         if started:
             raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
                              "--config-name or output folder, or delete it to start over")
-    with folder.open("settings.json", "wt") as handle:
+    with atomic_write(folder, "settings.json", "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)
 
 
@@ -221,7 +223,7 @@ def write_card(output_folder: str, config_name: str) -> None:
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from ..cards import content_fingerprint, fingerprint_info
-    from ..shards import open_folder
+    from ..shards import atomic_write, open_folder
 
     folder = open_folder(output_folder)
     pattern = f"{config_name}/*.parquet"
@@ -246,5 +248,5 @@ def write_card(output_folder: str, config_name: str) -> None:
     else:
         card = DatasetCard.from_template(DatasetCardData(configs=[entry], dataset_info=[info]),
                                          template_str="---\n{{ card_data }}\n---\n" + CARD_BODY)
-    with folder.open("README.md", "wt") as handle:
+    with atomic_write(folder, "README.md", "wt") as handle:  # the next pack merges into it: never half-written
         handle.write(str(card))
