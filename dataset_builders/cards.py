@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import yaml
 from datatrove.io import DataFolderLike, get_datafolder
 
-from .shards import SHARD_GLOB, parquet_on_this_thread
+from .shards import SHARD_GLOB, atomic_write, parquet_on_this_thread
 
 RELEASE_REPO = "weizhiwang/Open-Qwen2VL-Data"
 
@@ -248,7 +248,7 @@ def write_dataset_card(root: DataFolderLike, subsets: dict[str, str] | None = No
     if folder.exists("README.md"):
         with folder.open("README.md", "rt") as handle:
             text = _merge_existing(text, handle.read())
-    with folder.open("README.md", "wt") as handle:
+    with atomic_write(folder, "README.md", "wt") as handle:  # the next stage merges into it: never half-written
         handle.write(text)
     return text
 

@@ -5,7 +5,6 @@ and task 1 dies after writing some of its output: score, select (a per-shard tas
 (reshard's tasks: test_data_select_reshard.py). The records a rerun reads back (select's and pack's settings,
 reshard's plan, pack's dataset card) are killed while being written too."""
 
-import functools
 import json
 import os
 import random
@@ -227,16 +226,46 @@ def test_reshard_killed_writing_its_plan_reruns_to_the_uninterrupted_output(pool
     assert rerun.to_dict() == uninterrupted.to_dict() and rerun.balanced and rerun.kept
 
 
+
+RESHARD_CARD = """
+    from dataset_builders.cards import write_dataset_card
+
+    die_writing_file("README.md")
+    write_dataset_card(sys.argv[1])
+"""
+
+
+def test_dataset_card_killed_while_rewritten_keeps_the_other_stages_configs(pool, tmp_path):  # noqa: F811
+    """The corpus card is rewritten after each reshard and merged with what other stages (pack) put in it: a kill
+    while writing must leave the previous card whole, and the rerun gives the card an unbroken run gives."""
+    from dataset_builders.cards import write_dataset_card
+    from dataset_builders.commands.pack import write_card as write_pack_card
+
+    root, _, _, _ = pool
+    run_select(str(root / "shards"), str(tmp_path / "sel"), SelectionRules())
+    corpora = {}
+    for name in ("killed", "clean"):
+        corpus = tmp_path / name
+        run_reshard(str(root / "shards"), str(tmp_path / "sel"), str(corpus / "ccs_webdataset"), shard_size=50)
+        (corpus / "packed_144").mkdir()
+        write_pack_card(str(corpus), "packed_144")
+        corpora[name] = corpus
+    before = (corpora["killed"] / "README.md").read_bytes()
+    run_killed(tmp_path, RESHARD_CARD, corpora["killed"])
+    assert (corpora["killed"] / "README.md").read_bytes() == before  # the torn text went to a temp file only
+    write_dataset_card(str(corpora["killed"]))
+    write_dataset_card(str(corpora["clean"]))
+    cards = {name: corpus / "README.md" for name, corpus in corpora.items()}
+    # the two corpora's shards differ only in their files' times, which the content fingerprint covers
+    fingerprint = re.compile(r"content fingerprint [0-9a-f]{32}")
+    assert fingerprint.sub("", cards["killed"].read_text()) == fingerprint.sub("", cards["clean"].read_text())
+    assert cards["killed"].read_text().count("config_name: packed_144") == 2  # the pack stage's config and info
+    assert not temps(corpora["killed"])
+
 PACK = """
     from dataset_builders.commands.pack import PackSettings, run_pack
     from dataset_builders.pipelines import ExecutorConfig
 
-    if sys.argv[4] != "settings.json":  # its tasks run: one tokenizer build per process, as in the tests
-        import functools
-        import modeling_open_qwen2vl
-
-        modeling_open_qwen2vl.build_open_qwen2vl_tokenizer = functools.cache(
-            modeling_open_qwen2vl.build_open_qwen2vl_tokenizer)
     if sys.argv[4] == "task":
         die_after_first_row_group("train-00001-of-")
     else:
@@ -258,18 +287,6 @@ configs:
 """
 
 
-@pytest.fixture(scope="module")
-def one_tokenizer_build():
-    """PackWriter builds the tokenizer in every task (seconds each); one build per process keeps the tests fast and
-    changes no pack (the same tokenizer every time)."""
-    import modeling_open_qwen2vl
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling_open_qwen2vl, "build_open_qwen2vl_tokenizer",
-                      functools.cache(modeling_open_qwen2vl.build_open_qwen2vl_tokenizer))
-        yield
-
-
 def corpus_folder(path):
     os.makedirs(path)
     with open(os.path.join(path, "README.md"), "w") as handle:
@@ -278,7 +295,7 @@ def corpus_folder(path):
 
 
 @pytest.fixture(scope="module")
-def packed(corpus, one_tokenizer_build, tmp_path_factory):
+def packed(corpus, tmp_path_factory):
     """The uninterrupted run: (output folder, packing statistics)."""
     clean = corpus_folder(tmp_path_factory.mktemp("packed") / "clean")
     return clean, run_pack(corpus, clean, PACK_SETTINGS, ExecutorConfig(tasks=TASKS))

@@ -219,19 +219,18 @@ def _summary(metric) -> dict:
 def write_card(output_folder: str, config_name: str) -> None:
     """Add (or refresh) the ``config_name`` entry of the folder's dataset card and its ``dataset_info`` (pack count
     and content fingerprint, see ``cards.fingerprint_info``); other configs are kept."""
-    import pyarrow.parquet as pq
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from ..cards import content_fingerprint, fingerprint_info
-    from ..shards import atomic_write, open_folder
+    from ..shards import atomic_write, open_folder, parquet_on_this_thread
 
     folder = open_folder(output_folder)
     pattern = f"{config_name}/*.parquet"
     entry = {"config_name": config_name, "data_files": [{"split": "train", "path": pattern}]}
     packs = 0
     for name in folder.glob(pattern):  # rows = packs, from the parquet footers
-        with folder.open(name, "rb") as handle:
-            packs += pq.ParquetFile(handle).metadata.num_rows
+        with folder.open(name, "rb") as handle, parquet_on_this_thread(handle) as parquet_file:
+            packs += parquet_file.metadata.num_rows
     # Without it, re-packing into the same path (or packing another corpus whose folder has the same name) loads
     # the old rows from datasets' cache.
     info = fingerprint_info(config_name, content_fingerprint(folder, [pattern]), packs)

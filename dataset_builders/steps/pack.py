@@ -19,6 +19,7 @@ mean, min, max of each).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import fsspec
@@ -53,6 +54,15 @@ def packed_features():
 
 def packed_file_name(rank: int, world_size: int) -> str:
     return f"train-{rank:05d}-of-{world_size:05d}.parquet"
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(source: str | None):
+    """The kit's tokenizer, built once per process: it takes ~2 s, and a worker runs one task per shard, often
+    thousands (only read afterwards: ``PretrainingDocuments`` encodes and decodes with it)."""
+    from modeling_open_qwen2vl import build_open_qwen2vl_tokenizer
+
+    return build_open_qwen2vl_tokenizer(source)
 
 
 class PackWriter(CountingStep):
@@ -94,13 +104,11 @@ class PackWriter(CountingStep):
         self.truncate = truncate
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from modeling_open_qwen2vl import build_open_qwen2vl_tokenizer
-
         from ..packed_collator import PretrainingDocuments
         from ..streaming_packing import StreamingPacker
 
         documents = PretrainingDocuments(
-            build_open_qwen2vl_tokenizer(self.tokenizer), num_image_tokens=self.num_image_tokens,
+            _tokenizer(self.tokenizer), num_image_tokens=self.num_image_tokens,
             capacity=self.capacity, truncate=self.truncate,
         )
         packer = StreamingPacker(
