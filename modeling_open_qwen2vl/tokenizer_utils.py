@@ -86,5 +86,7 @@ def build_open_qwen2vl_tokenizer(
         raise ValueError(f"{source!r} is not a Qwen2-family tokenizer: it has no {IMAGE_PAD_TOKEN} token")
     tokenizer.add_special_tokens({"extra_special_tokens": [ENDOFCHUNK_TOKEN, BOS_TOKEN]})
     tokenizer.bos_token = BOS_TOKEN
-    tokenizer.padding_side = "right"
+    # Left: what batched generation needs, and pipeline("image-text-to-text") pads with this default. The kit's
+    # training collators pad explicitly (right), as does TRL's. init_kwargs: an attribute alone is not saved.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     return tokenizer
