@@ -140,7 +140,9 @@ class OpenQwen2VLConfig(PreTrainedConfig):
             "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
             "tie_word_embeddings": True,
-            "bos_token_id": PAD_TOKEN_ID,
+            # The processor's BOS (Qwen2.5's config says 151643; the original prepends "<s>"): Trainer would
+            # otherwise "align" the config to the tokenizer and warn on every SFT run.
+            "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID,
             "pad_token_id": PAD_TOKEN_ID,
             "max_window_layers": 21,
@@ -183,6 +185,7 @@ class OpenQwen2VLConfig(PreTrainedConfig):
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
             "tie_word_embeddings": True,
+            "bos_token_id": BOS_TOKEN_ID if vocab_size > BOS_TOKEN_ID else None,
             "eos_token_id": EOS_TOKEN_ID if vocab_size > EOS_TOKEN_ID else None,
             "pad_token_id": PAD_TOKEN_ID if vocab_size > PAD_TOKEN_ID else None,
         }

@@ -521,8 +521,8 @@ def generation_config_for(config: OpenQwen2VLConfig) -> GenerationConfig:
     text = config.text_config
     eos = text.eos_token_id if text.eos_token_id is not None else EOS_TOKEN_ID
     pad = text.pad_token_id if text.pad_token_id is not None else PAD_TOKEN_ID
-    return GenerationConfig(eos_token_id=eos, pad_token_id=pad, suppress_tokens=[config.image_token_id],
-                            **GENERATION_DEFAULTS)
+    return GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=eos, pad_token_id=pad,
+                            suppress_tokens=[config.image_token_id], **GENERATION_DEFAULTS)
 
 
 def _sha256(path: Path) -> str:

@@ -61,3 +61,24 @@ def test_config_round_trip_keeps_auto_map(tmp_path, tiny_config):
     assert loaded.num_image_tokens == tiny_config.num_image_tokens
     assert loaded.vision_config.hidden_act == "gelu"
     assert loaded.auto_map["AutoModelForImageTextToText"].endswith("OpenQwen2VLForConditionalGeneration")
+
+
+def test_special_token_ids_match_the_processor_so_trainer_changes_nothing(processor):
+    """transformers' Trainer (and so TRL's SFTTrainer) rewrites a config's BOS/EOS/PAD ids that differ from the
+    tokenizer's, with a warning; the presets declare the processor's ids ("<s>" as BOS), so nothing changes."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import align_special_tokens
+
+    from modeling_open_qwen2vl.convert_prismatic_to_hf import generation_config_for
+
+    tokenizer = processor.tokenizer
+    for config in (OpenQwen2VLConfig.tiny(), OpenQwen2VLConfig.open_qwen2vl_2b()):
+        text = config.text_config
+        assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
+            tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        model = SimpleNamespace(config=config, generation_config=generation_config_for(config))
+        before = (config.to_dict(), model.generation_config.to_dict())
+        align_special_tokens(model, processor)
+        assert (config.to_dict(), model.generation_config.to_dict()) == before

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration
+from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
 from recipes.training import checkpointing as ckpt
 from recipes.training.data import GlobalMicroBatchSampler, StreamingMicroBatches, check_dataset_source
 from recipes.training.flops import StepWork, attention_pairs_for_batch, causal_pairs, training_flops
@@ -484,6 +484,7 @@ def test_paper_init_from_a_siglip_and_a_qwen2_checkpoint(tmp_path):
     model = build_model(args)
     assert model.config.vision_config.hidden_act == "gelu" and model.config.num_image_tokens == 16
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.config.text_config.bos_token_id == build_processor(model.config).tokenizer.bos_token_id  # "<s>"
     vision_source = siglip.vision_model.state_dict()
     for name, value in model.model.vision_tower.state_dict().items():
         torch.testing.assert_close(value, vision_source[name], rtol=0, atol=0)

@@ -267,6 +267,7 @@ def test_tiny_config_runs_from_the_command_line(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Updated tokens" not in result.stderr  # Trainer found the config's BOS/EOS/PAD ids equal to the processor's
     assert (tmp_path / "tiny" / "model.safetensors").exists()
     assert (tmp_path / "tiny" / "easy_vqa_data" / "train.jsonl").exists()
 

@@ -19,6 +19,7 @@ from modeling_open_qwen2vl import (
     OpenQwen2VLProcessor,
     build_processor,
 )
+from modeling_open_qwen2vl.configuration_open_qwen2vl import BOS_TOKEN_ID
 
 from .arguments import ModelArguments
 
@@ -48,6 +49,7 @@ def _from_parts(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
     text_config = AutoConfig.from_pretrained(args.text_model_name_or_path)
     if text_config.model_type != "qwen2":
         raise ValueError(f"{args.text_model_name_or_path} is not a Qwen2 checkpoint ({text_config.model_type!r})")
+    text_config.bos_token_id = BOS_TOKEN_ID  # the kit processor's "<s>", as in the presets (Qwen's config: 151643)
     config = OpenQwen2VLConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
