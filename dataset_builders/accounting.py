@@ -20,6 +20,11 @@ READ = "read"
 KEPT = "kept"
 DROPPED = "dropped/"
 EVENT = "event/"
+# The statistics files the stages leave beside their outputs, read by the demo's report and the release tool: each
+# stage's read = kept + dropped in its executor folder (<output>/.datatrove/<stage>/), and the pack stage's
+# <config>/packing_stats.json (fill, packs, drops by reason).
+ACCOUNTING_FILE = "accounting.json"
+PACKING_STATS_FILE = "packing_stats.json"
 
 
 @dataclass
@@ -105,7 +110,7 @@ def collect(logging_dir: DataFolderLike) -> Accounting:
     return total
 
 
-def write_accounting(folder: DataFolderLike, name: str, accounting: Accounting, **extra) -> None:
-    """Store the stage's accounting as json (``name``) in ``folder``."""
-    with get_datafolder(folder).open(name, "wt") as handle:
+def write_accounting(folder: DataFolderLike, accounting: Accounting, **extra) -> None:
+    """Store the stage's accounting as json (``ACCOUNTING_FILE``) in ``folder``."""
+    with get_datafolder(folder).open(ACCOUNTING_FILE, "wt") as handle:
         json.dump({**accounting.to_dict(), **extra}, handle, indent=2)

@@ -152,7 +152,7 @@ def _finish(logging_dir: str, finished: bool) -> Accounting | None:
     if not finished:
         return None
     accounting = collect(logging_dir)
-    write_accounting(logging_dir, "accounting.json", accounting)
+    write_accounting(logging_dir, accounting)
     logger.info(accounting.summary())
     return accounting
 
@@ -234,7 +234,7 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
     if not run_executor(finalizer, finalizer_config):
         return None
     accounting = selection_accounting(output_folder, list_shards(input_folder))
-    write_accounting(logging_dir, "accounting.json", accounting)
+    write_accounting(logging_dir, accounting)
     logger.info(f"selection: {accounting.summary()}")
     return accounting
 
@@ -271,7 +271,7 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     if num_shards == 0:
         logger.warning("the selection keeps no sample: nothing to reshard")
         accounting = Accounting()
-        write_accounting(logging_dir, "accounting.json", accounting)
+        write_accounting(logging_dir, accounting)
         return accounting
     tasks = min(config.tasks or num_shards, num_shards)
     _check_settings(logging_dir, {"stage": "reshard", "input": input_folder, "selection": selection_folder,

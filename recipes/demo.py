@@ -246,14 +246,14 @@ def _failed(err: DemoStepError) -> int:
 
 def _report(out: Path, paths: dict, subset_dir: Path, packed_config: str, settings: dict, timings: dict,
             answer_file: Path) -> Path:
-    from dataset_builders.commands.pack import STATS_FILE
+    from dataset_builders.accounting import ACCOUNTING_FILE, PACKING_STATS_FILE
     from recipes.demo_report import pack_fills, write_report
     from recipes.training.run_logs import METRICS_FILE, SFT_TRAINING_LOG, read_jsonl
 
-    pack_stats = json.loads((paths["packed"] / packed_config / STATS_FILE).read_text())
+    pack_stats = json.loads((paths["packed"] / packed_config / PACKING_STATS_FILE).read_text())
     accounting = {
-        "select": json.loads((paths["selection"] / ".datatrove" / "select" / "accounting.json").read_text()),
-        "reshard": json.loads((subset_dir / ".datatrove" / "reshard" / "accounting.json").read_text()),
+        "select": json.loads((paths["selection"] / ".datatrove" / "select" / ACCOUNTING_FILE).read_text()),
+        "reshard": json.loads((subset_dir / ".datatrove" / "reshard" / ACCOUNTING_FILE).read_text()),
         "pack": {"read": pack_stats["read"], "kept": pack_stats["documents"],
                  "dropped": sum(pack_stats["dropped"].values()), "dropped_by_reason": pack_stats["dropped"]},
     }

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from dataset_builders.accounting import ACCOUNTING_FILE, PACKING_STATS_FILE
 from dataset_builders.cards import config_split_patterns
 from recipes.json_lines import read_json_lines
 from recipes.training.run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SFT_TRAINING_LOG
@@ -49,7 +50,7 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "
 # Statistics beside a released data folder, by the names the data stages write them: each stage's read = kept +
 # dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
 # <config>/packing_stats.json. Datatrove's own stats.json files there are timings and logs, not released.
-DATASET_STATS_FILES = (".datatrove/*/accounting.json", "packing_stats.json")
+DATASET_STATS_FILES = (f".datatrove/*/{ACCOUNTING_FILE}", PACKING_STATS_FILE)
 # What Trainer.save_model leaves in an SFT model folder, read for the card's Training section (the recipe's
 # training log and the pretraining run folder's names come from recipes.training.run_logs).
 SFT_ARGS = "training_args.bin"
@@ -454,7 +455,7 @@ def managed_patterns(staging: Path, repo_type: str) -> list[str]:
             parent, _, name = pattern.rpartition("/")
             prefix = f"{parent}/" if parent else ""
             # the whole .datatrove folder: an earlier release may hold its timing logs, this one only accounting.json
-            managed |= {pattern, f"{prefix}packing_stats.json", f"{prefix}.datatrove/*"}
+            managed |= {pattern, f"{prefix}{PACKING_STATS_FILE}", f"{prefix}.datatrove/*"}
             if name.endswith(".tar"):
                 managed.add(pattern[: -len(".tar")] + ".parquet")
     return sorted(managed)

@@ -161,7 +161,7 @@ def test_the_report_reads_every_stage_s_files_by_their_writers_names(tmp_path, m
     import pyarrow.parquet as pq
 
     import recipes.demo_report as demo_report
-    from dataset_builders.commands.pack import STATS_FILE
+    from dataset_builders.accounting import PACKING_STATS_FILE
     from recipes.training.run_logs import METRICS_FILE, SFT_TRAINING_LOG
 
     plotted = {}
@@ -179,7 +179,7 @@ def test_the_report_reads_every_stage_s_files_by_their_writers_names(tmp_path, m
             {"read": read, "kept": kept, "dropped": dropped, "dropped_by_reason": reasons}))
     (paths["packed"] / config).mkdir(parents=True)
     pq.write_table(pa.table({"lengths": [[10, 6], [12]]}), paths["packed"] / config / "00000.parquet")
-    (paths["packed"] / config / STATS_FILE).write_text(json.dumps(
+    (paths["packed"] / config / PACKING_STATS_FILE).write_text(json.dumps(
         {"read": 8, "documents": 3, "packs": 2, "dropped": {"too_long": 5}}))
     paths["pretrain"].mkdir()
     (paths["pretrain"] / METRICS_FILE).write_text("".join(

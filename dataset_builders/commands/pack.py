@@ -17,10 +17,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..accounting import PACKING_STATS_FILE
 from ..packing import ALGORITHMS, DEFAULT_CAPACITY
 from .common import add_executor_arguments, executor_config
 
-STATS_FILE = "packing_stats.json"
 CARD_BODY = """
 # Packed Open-Qwen2VL pretraining corpus
 
@@ -132,7 +132,7 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
         return None
     stats = packing_statistics(logging_dir, settings, recorded)
     folder = open_folder(output_folder)
-    with folder.open(f"{settings.config_name}/{STATS_FILE}", "wt") as handle:
+    with folder.open(f"{settings.config_name}/{PACKING_STATS_FILE}", "wt") as handle:
         json.dump(stats, handle, indent=2)
     write_card(output_folder, settings.config_name)
     return stats
