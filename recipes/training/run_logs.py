@@ -60,4 +60,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-__all__ = ["JsonLinesLog", "METRICS_FILE", "SAMPLES_FILE", "SFT_TRAINING_LOG", "read_jsonl"]
+__all__ = ["FINAL_MODEL", "JsonLinesLog", "METRICS_FILE", "RESOLVED_CONFIG", "SAMPLES_FILE", "SFT_TRAINING_LOG", "read_jsonl"]
