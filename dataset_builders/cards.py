@@ -134,26 +134,36 @@ def config_patterns(config: dict) -> list[str]:
     return [pattern for _, pattern in config_split_patterns(config)]
 
 
-def content_fingerprint(root: DataFolderLike, patterns: list[str]) -> str:
-    """md5 over the name, size and modification time (or ETag, blob id) of every file matching ``patterns`` under
-    ``root``: rewriting any file changes it, even when the sample count stays the same."""
+def _matching_files(root: DataFolderLike, patterns: list[str]) -> list[tuple[str, dict]]:
+    """(name, fsspec info) of every file matching ``patterns`` under ``root``, in a stable order."""
     folder = get_datafolder(root)
+    return [item for pattern in patterns for item in sorted(folder.glob(pattern, detail=True).items())]
+
+
+def _fingerprint(files: list[tuple[str, dict]]) -> str:
+    """md5 over the name, size and modification time (or ETag, blob id) of every file: rewriting any file changes
+    it, even when the sample count stays the same."""
     digest = hashlib.md5()
-    for pattern in patterns:
-        for name, info in sorted(folder.glob(pattern, detail=True).items()):
-            identity = [str(info.get(key)) for key in _FILE_IDENTITY if info.get(key) is not None]
-            digest.update("\x1f".join([name, *identity]).encode("utf-8", "backslashreplace") + b"\x1e")
+    for name, info in files:
+        identity = [str(info.get(key)) for key in _FILE_IDENTITY if info.get(key) is not None]
+        digest.update("\x1f".join([name, *identity]).encode("utf-8", "backslashreplace") + b"\x1e")
     return digest.hexdigest()
 
 
-def fingerprint_info(name: str, fingerprint: str, num_examples: int | None = None) -> dict:
-    """A card ``dataset_info`` entry. datasets caches a local folder under its name and a hash of the card's
-    ``dataset_info`` and configs only (not file paths or times), so the content fingerprint (in ``description``,
-    the one free-text field) is what keeps a rewritten corpus, or another corpus of the same folder name, from
-    loading stale rows; ``num_examples`` is also checked by datasets after building."""
-    info: dict = {"config_name": name, "description": f"content fingerprint {fingerprint}"}
+def fingerprint_info(name: str, root: DataFolderLike, patterns: list[str], num_examples: int | None = None) -> dict:
+    """A card ``dataset_info`` entry for the config ``name`` whose files match ``patterns`` under ``root``.
+
+    datasets caches a local folder under its name and a hash of the card's ``dataset_info`` and configs only (not
+    file paths or times), so the content fingerprint (in ``description``, the one free-text field) is what keeps a
+    rewritten corpus, or another corpus of the same folder name, from loading stale rows. ``num_examples`` is
+    checked by datasets after building (NonMatchingSplitsSizesError). datasets reads a ``splits`` entry only with
+    ``num_bytes`` too (else it warns "Ignoring part of dataset_info" on every load); ours is the total size of the
+    files (datasets compares only ``num_examples`` and records its own Arrow size once built)."""
+    files = _matching_files(root, patterns)
+    info: dict = {"config_name": name, "description": f"content fingerprint {_fingerprint(files)}"}
     if num_examples is not None:
-        info["splits"] = [{"name": "train", "num_examples": num_examples}]
+        num_bytes = sum(int(details.get("size") or 0) for _, details in files)
+        info["splits"] = [{"name": "train", "num_bytes": num_bytes, "num_examples": num_examples}]
     return info
 
 
@@ -165,7 +175,7 @@ def _dataset_info(configs: list[dict], subsets: dict[str, str], counts: dict, ro
         parts = MIXTURES.get(name, (name,))
         samples = [counts[p][1] for p in parts if p in subsets]
         total = sum(samples) if samples and all(n is not None for n in samples) else None
-        infos.append(fingerprint_info(name, content_fingerprint(root, config_patterns(config)), total))
+        infos.append(fingerprint_info(name, root, config_patterns(config), total))
     return infos
 
 

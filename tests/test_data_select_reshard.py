@@ -325,6 +325,39 @@ def test_corpus_card_loads_with_datasets_map_style_and_streaming(pool, tmp_path)
                                                           split="train").num_rows
 
 
+def card_splits_as_datasets_reads_them(folder, config, cache_dir):
+    """(split infos, warnings) of ``load_dataset_builder(folder, config)`` on an empty cache: what datasets takes
+    from the card (once built, the cache holds datasets' own counts and Arrow size)."""
+    import logging
+
+    from datasets import load_dataset_builder
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("datasets")
+    logger.addHandler(handler)
+    try:
+        builder = load_dataset_builder(str(folder), config, cache_dir=str(cache_dir))
+    finally:
+        logger.removeHandler(handler)
+    return builder.info.splits, [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def test_corpus_card_split_sizes_are_read_by_datasets_without_warnings(pool, tmp_path):
+    root, _, _, _ = pool
+    run_select(str(root / "shards"), str(tmp_path / "sel"), SelectionRules(image=ImageRules(min_side=50)))
+    corpus = tmp_path / "corpus"
+    run_reshard(str(root / "shards"), str(tmp_path / "sel"), str(corpus / "ccs_webdataset"), shard_size=7)
+    write_dataset_card(str(corpus))
+    splits, warnings = card_splits_as_datasets_reads_them(corpus, "ccs", tmp_path / "hf_cache")
+    assert warnings == []  # was: "Ignoring part of dataset_info from the dataset card" on every load
+    kept = sum(pq.ParquetFile(p).metadata.num_rows for p in (corpus / "ccs_webdataset").glob("*.parquet"))
+    tars = list((corpus / "ccs_webdataset").glob("*.tar"))
+    assert splits["train"].num_examples == kept > 0
+    assert splits["train"].num_bytes == sum(os.path.getsize(t) for t in tars)
+
+
 def test_card_configs_and_hub_data_files():
     configs = card_configs({"ccs": "ccs_webdataset", "laion": "laion_webdataset"})
     assert [c["config_name"] for c in configs] == ["ccs", "laion", "pretraining"]

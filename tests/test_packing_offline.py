@@ -174,6 +174,20 @@ def test_webdataset_shards_through_the_cli(tmp_path, easy_vqa_images):
         cli_main(args[:-1] + ["16"])
 
 
+def test_card_split_sizes_are_read_by_datasets_without_warnings(packed, tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+    from test_data_select_reshard import card_splits_as_datasets_reads_them
+
+    output, _, _ = packed
+    splits, warnings = card_splits_as_datasets_reads_them(output, "packed_16", tmp_path)
+    assert warnings == []
+    files = list((output / "packed_16").glob("*.parquet"))
+    assert splits["train"].num_examples == sum(pq.ParquetFile(f).metadata.num_rows for f in files) > 0
+    assert splits["train"].num_bytes == sum(os.path.getsize(f) for f in files)
+
+
 def test_card_keeps_other_configs(packed, tmp_path):
     from dataset_builders.commands.pack import write_card
 

@@ -221,7 +221,7 @@ def write_card(output_folder: str, config_name: str) -> None:
     and content fingerprint, see ``cards.fingerprint_info``); other configs are kept."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from ..cards import content_fingerprint, fingerprint_info
+    from ..cards import fingerprint_info
     from ..shards import atomic_write, open_folder, parquet_on_this_thread
 
     folder = open_folder(output_folder)
@@ -233,7 +233,7 @@ def write_card(output_folder: str, config_name: str) -> None:
             packs += parquet_file.metadata.num_rows
     # Without it, re-packing into the same path (or packing another corpus whose folder has the same name) loads
     # the old rows from datasets' cache.
-    info = fingerprint_info(config_name, content_fingerprint(folder, [pattern]), packs)
+    info = fingerprint_info(config_name, folder, [pattern], packs)
     if folder.exists("README.md"):
         with folder.open("README.md", "rt") as handle:
             card = DatasetCard(handle.read())

@@ -100,7 +100,7 @@ def write_card(folder: str | Path) -> None:
     fingerprint, without which a corpus rewritten in place loads its old rows from datasets' cache."""
     import yaml
 
-    from dataset_builders.cards import content_fingerprint, fingerprint_info
+    from dataset_builders.cards import fingerprint_info
 
     configs, infos = [], []
     for config in sorted(p for p in (Path(folder) / "data").iterdir() if p.is_dir()):
@@ -109,7 +109,7 @@ def write_card(folder: str | Path) -> None:
             continue
         configs.append({"config_name": config.name, "data_files": [
             {"split": split, "path": f"data/{config.name}/{split}-*.parquet"} for split in splits]})
-        infos.append(fingerprint_info(config.name, content_fingerprint(str(folder), [f"data/{config.name}/*.parquet"])))
+        infos.append(fingerprint_info(config.name, str(folder), [f"data/{config.name}/*.parquet"]))
     header = yaml.safe_dump({"configs": configs, "dataset_info": infos}, sort_keys=False)
     text = "Toy caption corpus from easy-vqa (MIT), written by recipes/training/toy_corpus.py."
     (Path(folder) / "README.md").write_text(f"---\n{header}---\n\n{text}\n", encoding="utf-8")
