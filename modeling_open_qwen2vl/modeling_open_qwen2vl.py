@@ -62,7 +62,7 @@ class OpenQwen2VLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # the placeholder checks trace (torch._check) when compiled
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -116,14 +116,23 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         features = self.get_vision_features(pixel_values)
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, num_image_features: int) -> torch.Tensor:
+    def placeholder_positions(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """Boolean [batch, seq] mask of the image placeholders, from ``input_ids`` or else ``inputs_embeds``."""
         if input_ids is None:
             token = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
             )
-            mask = (inputs_embeds == token).all(-1)
-        else:
-            mask = input_ids == self.config.image_token_id
+            return (inputs_embeds == token).all(-1)
+        return input_ids == self.config.image_token_id
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, num_image_features: int) -> torch.Tensor:
+        mask = self.placeholder_positions(input_ids, inputs_embeds)
+        if torch.compiler.is_compiling():
+            # The checks below read the counts on the host: a graph break (an error with fullgraph=True). Compiled,
+            # only the total is checked, as a traceable assertion.
+            torch._check_tensor_all(mask.sum() == num_image_features,
+                                    lambda: "Image features and image tokens do not match")
+            return mask
         per_row = mask.reshape(-1, mask.shape[-1]).sum(-1).tolist()  # one device sync for both checks
         num_placeholders = sum(per_row)
         per_image = self.config.num_image_tokens
@@ -169,7 +178,11 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features.shape[0])
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), image_features)
-        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+        elif (
+            input_ids is not None
+            and not torch.compiler.is_compiling()  # compiled decoding steps: a static cache's length is a tensor
+            and (cache is None or cache.get_seq_length() == 0)
+        ):
             # Prefill without images: placeholders would silently keep their (meaningless) embedding.
             self.get_placeholder_mask(input_ids, inputs_embeds, 0)
         return self.language_model(
@@ -211,6 +224,74 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Beams and ``num_return_sequences`` copy each row ``expand_size`` times; each copy needs all its row's images.
+
+        transformers repeats every tensor row by row (``repeat_interleave``), which is right for ``pixel_values`` only
+        with one image per row: a row with images [A, B] would become copies reading [A, A] and [B, B]. The images
+        are repeated here as whole per-row groups ([A, B, A, B]).
+        """
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None and expand_size > 1 and pixel_values.shape[0] > 0:
+            pixel_values = self._repeat_images_per_row(pixel_values, input_ids, model_kwargs, expand_size)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, pixel_values=None, is_first_iteration=False, **kwargs):
+        """Continuing from a filled cache (``generate(full_ids, pixel_values=..., cache=earlier_cache)``), only the
+        uncached tail of ``input_ids`` runs: the images whose placeholders are already in the cache are left out of
+        ``pixel_values``, those of the tail (a new turn's image) are kept."""
+        if (
+            pixel_values is not None
+            and is_first_iteration
+            and next_sequence_length is not None
+            and inputs_embeds is None
+            and 0 < next_sequence_length < input_ids.shape[1]
+        ):
+            pixel_values = self._images_of_the_tail(pixel_values, input_ids, input_ids.shape[1] - next_sequence_length)
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, pixel_values=pixel_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+
+    def _images_of_the_tail(self, pixel_values, input_ids, cached_length: int) -> torch.Tensor:
+        per_image = self.config.num_image_tokens
+        mask = input_ids == self.config.image_token_id
+        total = (mask.sum(-1) // per_image).tolist()
+        cached_placeholders = mask[:, :cached_length].sum(-1).tolist()
+        if sum(total) != pixel_values.shape[0]:
+            return pixel_values  # a count mismatch: the forward raises, naming it
+        split = [row for row, count in enumerate(cached_placeholders) if count % per_image]
+        if split:
+            raise ValueError(
+                f"the cache ({cached_length} tokens) ends inside an image's {per_image} placeholders in row(s) "
+                f"{split}: continue from a cache that holds whole images"
+            )
+        keep, start = [], 0
+        for row_total, row_cached in zip(total, cached_placeholders):
+            keep.extend(range(start + row_cached // per_image, start + row_total))
+            start += row_total
+        return pixel_values[torch.tensor(keep, dtype=torch.long, device=pixel_values.device)]
+
+    def _repeat_images_per_row(self, pixel_values, expanded_ids, model_kwargs, expand_size: int) -> torch.Tensor:
+        embeds = model_kwargs.get("inputs_embeds")
+        ids = expanded_ids if expanded_ids is not None and expanded_ids.shape[-1] > 0 else None
+        if ids is None and embeds is None:
+            return pixel_values.repeat_interleave(expand_size, dim=0)
+        # The rows are already expanded: every expand_size-th one is an original row.
+        mask = self.model.placeholder_positions(ids, embeds)[::expand_size]
+        images_per_row = (mask.sum(-1) // self.config.num_image_tokens).tolist()
+        if sum(images_per_row) != pixel_values.shape[0]:  # a count mismatch: the forward raises, naming it
+            return pixel_values.repeat_interleave(expand_size, dim=0)
+        groups = torch.split(pixel_values, images_per_row)
+        return torch.cat([group for group in groups for _ in range(expand_size)])
 
     def forward(
         self,
