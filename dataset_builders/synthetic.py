@@ -202,7 +202,7 @@ def save_tiny_clip(path: str, image_size: int = 32, seed: int = 0) -> str:
     CLIP image processor, saved as a normal checkpoint folder loadable with AutoModel + AutoProcessor."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
     words = sorted({w for phrase in COLORS + SHAPES + PLACES for w in phrase.split()} | {"a", "an"})
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
@@ -213,8 +213,8 @@ def save_tiny_clip(path: str, image_size: int = 32, seed: int = 0) -> str:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>",
                                         eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]",
                                         model_max_length=32)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import SiglipImageProcessor
+from transformers import SiglipImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
@@ -12,12 +12,14 @@ from .processing_open_qwen2vl import OpenQwen2VLProcessor, chat_templates
 from .tokenizer_utils import build_open_qwen2vl_tokenizer
 
 
-def build_image_processor(image_size: int = 384) -> SiglipImageProcessor:
+def build_image_processor(image_size: int = 384) -> SiglipImageProcessorPil:
     """The original's `resize-naive` transform: squash to image_size^2, bicubic, [-1, 1] (mean = std = 0.5).
 
-    Without torchvision transformers returns its PIL/numpy backend (SiglipImageProcessorPil), same parameters.
+    transformers' PIL backend, as the original (torchvision's `Resize` on a PIL image is PIL's bicubic resize); the
+    kit does not use torchvision. A saved processor loaded where torchvision is installed gets transformers' default
+    torchvision backend (same parameters, resized on tensors).
     """
-    return SiglipImageProcessor(
+    return SiglipImageProcessorPil(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=PILImageResampling.BICUBIC,

@@ -60,6 +60,21 @@ def test_pixel_values_are_a_bicubic_squash_to_minus_one_one(processor):
     assert float(torch.as_tensor(got).min()) >= -1.0 and float(torch.as_tensor(got).max()) <= 1.0
 
 
+def test_processor_is_built_on_the_pil_backend_without_a_torchvision_warning():
+    """The original resizes PIL images with PIL; transformers warned on every build that torchvision is missing."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from modeling_open_qwen2vl import OpenQwen2VLConfig, build_processor; "
+            "print(type(build_processor(OpenQwen2VLConfig.tiny()).image_processor).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["SiglipImageProcessorPil"]
+    assert "torchvision" not in result.stderr
+
+
 def test_grayscale_and_rgba_images_are_converted(processor):
     for mode in ("L", "RGBA", "P", "CMYK"):
         out = processor(text="<image>", images=[Image.new(mode, (30, 20))])
