@@ -40,7 +40,7 @@ def _peak_rss_bytes() -> int:
 
 def _released_config():
     from modeling_open_qwen2vl import OpenQwen2VLConfig
-    from modeling_open_qwen2vl.convert_prismatic_to_hf import derive_config
+    from modeling_open_qwen2vl.conversion_config import derive_config
 
     return derive_config(OpenQwen2VLConfig.open_qwen2vl_2b(num_image_tokens=729), vision_use_head=True)
 
@@ -49,7 +49,8 @@ def child_build(workdir: Path) -> dict:
     """The original-layout checkpoint, generated tensor by tensor in bf16 from the architecture's shapes."""
     import torch
 
-    from modeling_open_qwen2vl.convert_prismatic_to_hf import convert_to_prismatic, expected_state_dict_shapes
+    from modeling_open_qwen2vl.conversion_config import expected_state_dict_shapes
+    from modeling_open_qwen2vl.weight_mapping import convert_to_prismatic
 
     config = _released_config()
     shapes = expected_state_dict_shapes(config)
@@ -74,7 +75,7 @@ def child_build(workdir: Path) -> dict:
 
 
 def child_kit(workdir: Path) -> dict:
-    from modeling_open_qwen2vl.convert_prismatic_to_hf import convert_checkpoint
+    from modeling_open_qwen2vl.hf_folder import convert_checkpoint
 
     start = time.perf_counter()
     convert_checkpoint(workdir / "run", workdir / "out_kit")
@@ -85,7 +86,7 @@ def child_baseline(workdir: Path) -> dict:
     import torch
 
     from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
-    from modeling_open_qwen2vl.convert_prismatic_to_hf import convert_state_dict
+    from modeling_open_qwen2vl.weight_mapping import convert_state_dict
 
     start = time.perf_counter()
     original = torch.load(workdir / "run" / "checkpoints" / "latest-checkpoint.pt", weights_only=True)["model"]

@@ -38,6 +38,8 @@ from dataset_builders.cards import config_split_patterns
 from recipes.json_lines import read_json_lines
 from recipes.training.run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SFT_TRAINING_LOG
 
+# The only kit code a model folder carries (what save_pretrained copies); the converter's modules, factory.py and
+# tokenizer_utils.py are kit-only and never staged.
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json") + REMOTE_CODE_FILES

@@ -70,7 +70,7 @@ def test_special_token_ids_match_the_processor_so_trainer_changes_nothing(proces
 
     from transformers.trainer_utils import align_special_tokens
 
-    from modeling_open_qwen2vl.convert_prismatic_to_hf import generation_config_for
+    from modeling_open_qwen2vl.hf_folder import generation_config_for
 
     tokenizer = processor.tokenizer
     for config in (OpenQwen2VLConfig.tiny(), OpenQwen2VLConfig.open_qwen2vl_2b()):

@@ -95,7 +95,12 @@ def test_cli_writes_sharded_safetensors_and_the_release_files(cli_run):
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) > 1 and all(n.startswith("model-0") for n in shards)
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
-    assert "convert_prismatic_to_hf.py" not in names and "prismatic_layout.py" not in names  # kit-only code
+    # Only the remote code (recipes.release.REMOTE_CODE_FILES) is copied; the converter's modules are kit-only.
+    converter = {"convert_prismatic_to_hf.py", "prismatic_layout.py", "conversion_errors.py", "original_checkpoint.py",
+                 "conversion_config.py", "weight_mapping.py", "hf_folder.py", "model_card.py", "prismatic_export.py"}
+    assert not converter & names
+    assert {n for n in names if n.endswith(".py")} == {"configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py",
+                                                       "processing_open_qwen2vl.py"}
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert "lm_head.weight" not in index["weight_map"]  # tied to the embeddings, stored once

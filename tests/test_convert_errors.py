@@ -8,15 +8,12 @@ import pytest
 import torch
 from test_convert_reference import build_reference, run_config, tiny_base_config
 
-from modeling_open_qwen2vl.convert_prismatic_to_hf import (
-    CheckpointError,
-    config_from_run,
-    convert_state_dict,
-    derive_config,
-    load_prismatic_checkpoint,
-    main,
-)
+from modeling_open_qwen2vl.conversion_config import config_from_run, derive_config
+from modeling_open_qwen2vl.conversion_errors import CheckpointError
+from modeling_open_qwen2vl.convert_prismatic_to_hf import main
+from modeling_open_qwen2vl.original_checkpoint import load_prismatic_checkpoint
 from modeling_open_qwen2vl.prismatic_layout import num_image_tokens_from_arch_specifier
+from modeling_open_qwen2vl.weight_mapping import convert_state_dict
 
 
 @pytest.fixture(scope="module")

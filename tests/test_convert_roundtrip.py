@@ -10,13 +10,10 @@ from test_convert_reference import PrismaticReference, build_reference, run_conf
 from transformers import AutoModelForImageTextToText
 
 from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
-from modeling_open_qwen2vl.convert_prismatic_to_hf import (
-    CheckpointError,
-    convert_state_dict,
-    convert_to_prismatic,
-    derive_config,
-    main,
-)
+from modeling_open_qwen2vl.conversion_config import derive_config
+from modeling_open_qwen2vl.conversion_errors import CheckpointError
+from modeling_open_qwen2vl.convert_prismatic_to_hf import main
+from modeling_open_qwen2vl.weight_mapping import convert_state_dict, convert_to_prismatic
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 from test_convert_reference import build_reference, run_config, tiny_base_config
 from transformers import AutoModelForImageTextToText, SiglipConfig, SiglipModel
 
-from modeling_open_qwen2vl.convert_prismatic_to_hf import CheckpointError, convert_checkpoint, main
+from modeling_open_qwen2vl.conversion_errors import CheckpointError
+from modeling_open_qwen2vl.convert_prismatic_to_hf import main
+from modeling_open_qwen2vl.hf_folder import convert_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,200 @@
+"""Reading the original inputs: prismatic checkpoints and run configs, timm or transformers SigLIP vision weights.
+
+Torch files are read with ``torch.load(weights_only=True)`` (memory-mapped), never by running pickled code; a file
+that cannot be read raises ``CheckpointError`` naming it. Kit-only, not copied into checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .configuration_open_qwen2vl import OpenQwen2VLConfig
+from .conversion_errors import CheckpointError, format_keys
+from .prismatic_layout import timm_vision_to_hf
+
+
+def load_torch_file(path: str | Path) -> dict:
+    """``torch.load`` with ``weights_only=True`` (memory-mapped for zip-format files), with errors naming the file.
+
+    Raises ``FileNotFoundError`` for a missing path and ``CheckpointError`` for a file that is not a PyTorch
+    checkpoint or whose pickle would need to run code (custom classes, functions).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        # mmap keeps tensors on disk until touched; it needs the zip format (the default since torch 1.6).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the bytes
+        message = str(error)
+        unsupported = re.search(r"Unsupported global: (?:GLOBAL )?([^\s]+)", message)
+        code = [unsupported.group(1)] if unsupported else _pickle_globals(path)
+        if code:
+            raise CheckpointError(
+                f"{path}: refusing to load: its pickle needs code execution ({', '.join(code[:5])}). Only plain "
+                "tensor checkpoints are read (torch.load(weights_only=True)); re-save the state dicts as plain tensors."
+            ) from error
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        detail = detail.group(1).strip() if detail else (message.splitlines()[0] if message else "")
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail})"
+        ) from error
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names a pickle would import (GLOBAL / STACK_GLOBAL), read with pickletools without running anything.
+
+    Looks at a plain pickle file or the ``data.pkl`` of a zip checkpoint; returns [] when the bytes are no pickle.
+    """
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        return found
+    except Exception:  # not a pickle stream: the caller reports an unreadable file
+        return []
+
+
+def load_prismatic_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``["model"]`` dict of a prismatic checkpoint: ``{"projector", "llm_backbone", "vision_backbone"?}``.
+
+    A dict holding those groups directly (no ``"model"`` wrapper) is accepted too.
+    """
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
+    original = checkpoint.get("model", checkpoint)
+    if not isinstance(original, dict):
+        raise CheckpointError(
+            f"{path}: checkpoint['model'] must be a dict of state dicts, got {type(original).__name__}"
+        )
+    validate_original_groups(original, source=str(path))
+    return original
+
+
+def validate_original_groups(original: Mapping, source: str = "checkpoint") -> None:
+    """Require ``projector`` and ``llm_backbone`` (and nothing unknown), each a mapping of tensors."""
+    missing = [group for group in ("projector", "llm_backbone") if group not in original]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing {' and '.join(repr(m) for m in missing)} in checkpoint['model'] (found keys: "
+            f"{sorted(map(str, original))}); a prismatic checkpoint holds 'projector', 'llm_backbone' and optionally "
+            "'vision_backbone'"
+        )
+    unknown = sorted(set(map(str, original)) - {"projector", "llm_backbone", "vision_backbone"})
+    if unknown:
+        raise CheckpointError(f"{source}: unknown checkpoint['model'] entries {unknown}")
+    for group, state in original.items():
+        if not isinstance(state, Mapping):
+            raise CheckpointError(
+                f"{source}: checkpoint['model'][{group!r}] is a {type(state).__name__}, not a state dict"
+            )
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{source}: {group}/{key} is a {type(value).__name__}, not a tensor")
+
+
+def read_prismatic_run_config(path: str | Path) -> dict:
+    """The ``model`` section of a prismatic run's ``config.json`` (a folder holding it is accepted too)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prismatic config not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "arch_specifier" not in model:
+        raise CheckpointError(f"{path}: expected a prismatic run config with model.arch_specifier")
+    return model
+
+
+def _strip_timm_prefix(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keys of the one timm ViT inside ``state`` (prismatic ``featurizer.``, open_clip ``visual.trunk.``, bare...)."""
+    marker = "patch_embed.proj.weight"
+    prefixes = sorted({key[: -len(marker)] for key in state if key.endswith(marker)})
+    if len(prefixes) != 1:
+        raise CheckpointError(
+            f"{source}: expected exactly one timm ViT (a '...{marker}' key), found prefixes {prefixes or 'none'}"
+        )
+    prefix = prefixes[0]
+    return {key[len(prefix) :]: tensor for key, tensor in state.items() if key.startswith(prefix)}
+
+
+def load_timm_vision_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A timm SigLIP state dict from ``.safetensors`` or a torch file, converted to SiglipVisionModel keys."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    else:
+        state = load_torch_file(path)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    converted = timm_vision_to_hf(_strip_timm_prefix(state, str(path)))
+    if converted.unknown:
+        raise CheckpointError(
+            f"{path}: timm keys without an equivalent in the vision tower: {format_keys(converted.unknown)}"
+        )
+    return converted.tensors
+
+
+def load_hf_siglip_vision(source: str | Path, config: OpenQwen2VLConfig) -> dict[str, torch.Tensor]:
+    """SiglipVisionModel weights from a transformers SigLIP folder or hub id (full SiglipModel checkpoints work too).
+
+    The architecture must match ``config.vision_config``; the source's activation is ignored because the kit keeps
+    the original's exact GELU (HF SigLIP checkpoints declare the tanh approximation).
+    """
+    from transformers import SiglipVisionModel
+
+    try:
+        model, info = SiglipVisionModel.from_pretrained(str(source), dtype="auto", output_loading_info=True)
+    except (OSError, ValueError) as error:  # not found offline / on the hub, or not a SigLIP checkpoint
+        raise CheckpointError(f"cannot load SigLIP vision weights from {str(source)!r}: {error}") from error
+    if info["missing_keys"]:
+        raise CheckpointError(
+            f"{source}: the SigLIP checkpoint lacks vision weights {format_keys(sorted(info['missing_keys']))}; "
+            "refusing to use randomly initialised vision weights"
+        )
+    ours, theirs = config.vision_config, model.config
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+              "patch_size")
+    mismatched = {f: (getattr(theirs, f), getattr(ours, f)) for f in fields if getattr(theirs, f) != getattr(ours, f)}
+    if mismatched:
+        raise CheckpointError(
+            f"{source}: SigLIP architecture differs from the model config (theirs, ours): {mismatched}"
+        )
+    return dict(model.state_dict())
+
+
+def load_vision_weights(source: str | Path, config: OpenQwen2VLConfig) -> dict[str, torch.Tensor]:
+    """Vision tower weights (SiglipVisionModel keys) from a timm file, or a transformers SigLIP folder / hub id."""
+    if Path(source).is_file():
+        return load_timm_vision_file(source)
+    return load_hf_siglip_vision(source, config)
