@@ -86,11 +86,20 @@ SETTINGS = {
 }
 
 
+def cpu_threads() -> int:
+    """What accelerate would pick for one CPU process (OMP_NUM_THREADS, else the physical cores), passed explicitly
+    so the launcher does not warn that it chose a default."""
+    import psutil
+
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or psutil.cpu_count(logical=False) or 1
+
+
 def accelerate_launch(script: str, args: list[str]) -> list[str]:
     # --quiet: on failure the launcher exits without its own traceback, so the script's error ends the stderr
     # (the lines a failed step's message quotes) instead of the launcher's CalledProcessError.
     return [PYTHON, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", script, *args]
+            "--num_cpu_threads_per_process", str(cpu_threads()), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--cpu", script, *args]
 
 
 # Written into the output folder at start: it marks the folder as the demo's (only such a folder, or an empty one,

@@ -116,3 +116,26 @@ def test_eval_limit_reaches_the_eval_command(tmp_path, monkeypatch, extra, expec
     (command,) = commands
     assert "recipes/eval.py" in command
     assert (command[command.index("--limit") + 1] if "--limit" in command else None) == expected
+
+
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_accelerate_launch_runs_with_accelerates_default_threads_and_no_warning(tmp_path, monkeypatch, omp):
+    """The demo's launches pass the CPU thread count accelerate would choose itself (OMP_NUM_THREADS, else the
+    physical cores), so the launcher no longer warns that it picked a default."""
+    import os
+    import subprocess
+
+    import psutil
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    script = tmp_path / "threads.py"
+    script.write_text("import torch; print(torch.get_num_threads())\n")
+    result = subprocess.run(demo.accelerate_launch(str(script), []), capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = int(omp) if omp else psutil.cpu_count(logical=False)
+    assert int(result.stdout.split()[-1]) == expected
+    assert "were not passed to `accelerate launch`" not in result.stderr
