@@ -103,15 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.evaluation.model_loading import load_model_and_processor
     from recipes.evaluation.paper_scores import is_release
     from recipes.evaluation.report import write_reports
-    from recipes.evaluation.resume import close_spool, open_spool
+    from recipes.evaluation.resume import close_spool, model_fingerprint, open_spool
     from recipes.evaluation.runner import EvalOptions, evaluate_model, process_state, stop_token_ids
 
     state = process_state()
     model, processor = load_model_and_processor(args.model, device=state.device, dtype=args.dtype)
     # What the predictions depend on: a resumed run reuses earlier ones only when all of it is unchanged.
     prediction_settings = {
-        "model": str(args.model), "data_dir": args.data_dir, "limit": args.limit, "prompt_format": args.prompt,
-        "chat_template": args.chat_template, "max_new_tokens": args.max_new_tokens, "dtype": str(model.dtype),
+        **model_fingerprint(args.model), "data_dir": args.data_dir and args.data_dir.resolve(), "limit": args.limit,
+        "prompt_format": args.prompt, "chat_template": args.chat_template, "max_new_tokens": args.max_new_tokens,
+        "dtype": str(model.dtype),
         "num_image_tokens": getattr(processor, "num_image_tokens", None),
     }
     spool = open_spool(args.output, prediction_settings, args.resume, state)
@@ -158,4 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Data-quoting text (drop reasons, answers) must not crash a finished run under a non-UTF-8 locale.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
     sys.exit(main())

@@ -8,16 +8,19 @@ Files written under the output folder:
 - ``summary.json``: run settings and, under ``benchmarks.<name>``:
   ``accuracy`` (fraction, harness rules; the headline number), ``accuracy_strict`` (fraction or null),
   ``original`` / ``strict`` (all metric numbers), ``num_samples`` (scored), ``num_rows`` (read), ``dropped``
-  (``total``, ``by_reason``, ``examples``), ``seconds``, ``samples_per_second``, ``error`` (null, or why the
+  (``total``, ``by_reason``, ``examples``: ``id``, ``reason`` and, for an undecodable row, ``detail``), ``seconds``, ``samples_per_second``, ``error`` (null, or why the
   benchmark could not run), ``paper`` (percentage or null, with the paper column) and benchmark extras
   (easy_vqa: ``majority_baseline``, ``chance_baseline``, ``majority_answers``, ``per_kind``).
 - ``results.md``: the table.
+
+Each file is replaced atomically (written beside it, then renamed), in UTF-8.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -114,16 +117,30 @@ def markdown_table(model: str, settings: dict, benchmarks: dict, with_paper: boo
     return "\n".join(lines) + "\n"
 
 
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) beside ``path`` and move it into place: a reader (or a run killed mid-write) sees the
+    old file or the new one, never a torn one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_reports(output: Path, model: str, settings: dict, results: list, with_paper: bool) -> dict:
-    """Write the three outputs and return the summary."""
+    """Write the three outputs and return the summary. Everything is rendered before any file is replaced, and each
+    file is replaced atomically, so a failure while reporting leaves the previous reports as they were."""
     output = Path(output)
-    (output / "samples").mkdir(parents=True, exist_ok=True)
-    benchmarks = {}
+    texts, benchmarks = {}, {}
     for result in results:
         name = result.benchmark.name
-        with open(output / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as handle:
-            for record in sample_records(result):
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        texts[Path("samples") / f"{name}.jsonl"] = "".join(
+            json.dumps(record, ensure_ascii=False) + "\n" for record in sample_records(result)
+        )
         benchmarks[name] = benchmark_summary(result, with_paper)
     summary = {
         "model": model,
@@ -132,6 +149,9 @@ def write_reports(output: Path, model: str, settings: dict, results: list, with_
         "paper_column": with_paper,
         "benchmarks": benchmarks,
     }
-    (output / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n")
-    (output / "results.md").write_text(markdown_table(model, settings, benchmarks, with_paper), encoding="utf-8")
+    texts[Path("summary.json")] = json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n"
+    texts[Path("results.md")] = markdown_table(model, settings, benchmarks, with_paper)
+    (output / "samples").mkdir(parents=True, exist_ok=True)
+    for relative, text in texts.items():
+        _replace_atomically(output / relative, text)
     return summary

@@ -2,13 +2,16 @@
 stopped instead of generating every answer again.
 
 ``<output>/.partial/settings.json`` records what the predictions depend on (model, prompt format, token budget...);
-``<output>/.partial/<benchmark>.rank<k>.jsonl`` holds ``{"row": index, "output": ...}`` lines appended chunk by
-chunk by process ``k``. Rows are keyed by their index in the benchmark, so a resumed run may use another number of
-processes. The folder is removed once the reports are written.
+``<output>/.partial/<benchmark>.rank<k>.jsonl`` holds ``{"row": index, "key": ..., "output": ...}`` lines appended
+chunk by chunk by process ``k``. Rows are keyed by their index in the benchmark, so a resumed run may use another
+number of processes; ``key`` (``sample_key``: the row's id and prompt) must also match for a prediction to be reused,
+so a row whose data changed in between (a fixed benchmark file) is predicted again. The folder is removed once the
+reports are written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -30,20 +33,54 @@ class PredictionSpool:
         self.folder = Path(folder)
         self.rank = rank
 
-    def append(self, benchmark: str, predictions: list[tuple[int, Any]]) -> None:
+    def append(self, benchmark: str, predictions: list[tuple[int, str, Any]]) -> None:
+        """Append ``(row index, sample key, output)`` records for ``benchmark``."""
         if not predictions:
             return
-        with (self.folder / f"{benchmark}.rank{self.rank}.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps({"row": row, "output": output}) + "\n" for row, output in predictions))
+        path = self.folder / f"{benchmark}.rank{self.rank}.jsonl"
+        # A kill mid-write can leave a torn last line without its newline: start on a fresh line, or the first
+        # record written now would be glued to the torn one and lost with it.
+        torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(("\n" if torn else "")
+                         + "".join(json.dumps({"row": row, "key": key, "output": output}) + "\n"
+                                   for row, key, output in predictions))
             handle.flush()
 
-    def done(self, benchmark: str) -> dict[int, Any]:
-        """Row index -> output of every prediction already made for ``benchmark`` (by any process)."""
+    def done(self, benchmark: str) -> dict[int, tuple[str | None, Any]]:
+        """Row index -> (sample key, output) of every prediction already made for ``benchmark`` (by any process)."""
         found = {}
         for path in sorted(self.folder.glob(f"{benchmark}.rank*.jsonl")):
             for _, record in read_json_lines(path):  # a torn last write is skipped: predicted again
-                found[int(record["row"])] = record["output"]
+                found[int(record["row"])] = (record.get("key"), record["output"])
         return found
+
+
+def sample_key(sample) -> str:
+    """What a spooled prediction must still match to be reused: the row's id and its prompt."""
+    return hashlib.sha256(f"{sample.sample_id}\0{sample.prompt}".encode()).hexdigest()[:16]
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1)
+
+
+def model_fingerprint(model_id: str) -> dict:
+    """What identifies the weights being evaluated, for the ``--resume`` check: a local folder by its resolved path and
+    the name, size and modification time of each file in it (so a folder overwritten by a later training run is not
+    taken for the one the spooled predictions came from); a Hub id by the snapshot (commit) of the local cache that
+    loading it used."""
+    path = Path(model_id)
+    if path.is_dir():
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        return {"model": str(path.resolve()), "model_files": digest}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(model_id), "config.json")
+    return {"model": str(model_id), "model_files": Path(cached).parent.name if isinstance(cached, str) else None}
 
 
 def open_spool(output: Path, settings: dict, resume: bool, state) -> PredictionSpool:
@@ -79,4 +116,4 @@ def close_spool(spool: PredictionSpool, state) -> None:
         shutil.rmtree(spool.folder, ignore_errors=True)
 
 
-__all__ = ["PARTIAL_DIR", "PredictionSpool", "close_spool", "open_spool"]
+__all__ = ["PARTIAL_DIR", "PredictionSpool", "close_spool", "model_fingerprint", "open_spool", "sample_key"]

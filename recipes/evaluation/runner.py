@@ -19,7 +19,7 @@ from .loading import select_rows
 from .original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS
 from .prompts import PromptFormatter
 from .registry import CANDIDATES, GENERATE, LETTER_PROBS, Benchmark, Scores, parse_benchmark_list
-from .resume import PredictionSpool
+from .resume import PredictionSpool, sample_key
 from .samples import DropLog, EvalSample, SampleError
 
 logger = logging.getLogger(__name__)
@@ -95,16 +95,30 @@ def build_sample(benchmark: Benchmark, dataset, index: int, formatter: PromptFor
     try:
         row = dataset[index]
     except Exception as err:  # noqa: BLE001 - a corrupt row (undecodable image, bad bytes) is dropped, not fatal
-        drops.drop(str(index), f"unreadable row: {type(err).__name__}: {err}")
+        # Counted under the error's type (messages name a file or an object address, different for every row) and
+        # named by the row's own id, read without the columns that failed to decode.
+        row_id = benchmark.row_id(_undecoded_row(dataset, index), index)
+        drops.drop(row_id, f"unreadable row: {type(err).__name__}", detail=str(err))
         return None
     try:
         sample = benchmark.to_sample(row, index)
     except SampleError as err:
-        drops.drop(benchmark.row_id(row, index), str(err))
+        drops.drop(benchmark.row_id(row, index), str(err), err.detail)
         return None
     sample.prompt = formatter(sample.text, sample.chat_text)
     sample.meta["row_index"] = index
     return sample
+
+
+def _undecoded_row(dataset, index: int) -> dict:
+    """Row ``index`` without its image (and other decoded) columns, for its id; {} when even that cannot be read."""
+    from datasets.features.features import require_decoding
+
+    try:
+        plain = [name for name, feature in dataset.features.items() if not require_decoding(feature)]
+        return dataset.select_columns(plain)[index]
+    except Exception:  # noqa: BLE001 - only used to name the dropped row
+        return {}
 
 
 def evaluate_benchmark(
@@ -124,22 +138,28 @@ def evaluate_benchmark(
     done = options.spool.done(benchmark.name) if options.spool else {}  # predicted before an interruption
     if done:
         logger.info("%s: %d rows already predicted (--resume)", benchmark.name, len(done))
+    stale = 0
     with tqdm(total=len(shard), desc=benchmark.name, unit="row", disable=not show) as bar:
         for begin in range(0, len(shard), chunk):
             indices = shard[begin : begin + chunk]
             samples = [build_sample(benchmark, dataset, i, formatter, drops) for i in indices]
             samples = [s for s in samples if s is not None]
-            fresh = [s for s in samples if s.meta["row_index"] not in done]
+            keys = {s.meta["row_index"]: sample_key(s) for s in samples}
+            fresh = [s for s in samples if done.get(s.meta["row_index"], (None,))[0] != keys[s.meta["row_index"]]]
+            stale += sum(s.meta["row_index"] in done for s in fresh)  # the row changed since it was predicted
             predicted = predict(benchmark, predictor, fresh, options) if fresh else []
             new = {s.meta["row_index"]: output for s, output in zip(fresh, predicted, strict=True)}
             if options.spool:
-                options.spool.append(benchmark.name, list(new.items()))
-            outputs = [new[i] if i in new else done[i] for i in (s.meta["row_index"] for s in samples)]
+                options.spool.append(benchmark.name, [(i, keys[i], output) for i, output in new.items()])
+            outputs = [new[i] if i in new else done[i][1] for i in (s.meta["row_index"] for s in samples)]
             for sample, output in zip(samples, outputs):
                 sample.meta["num_images"] = len(sample.images)
                 sample.images = []  # release decoded images; the reports do not need them
                 local.append((sample, output))
             bar.update(len(indices))
+    if stale:
+        logger.warning("%s: %d earlier prediction(s) were for rows that have changed since; predicted again",
+                       benchmark.name, stale)
     pairs, drops = _gather(local, drops, state)
     pairs.sort(key=lambda pair: pair[0].meta["row_index"])
     samples = [s for s, _ in pairs]

@@ -13,8 +13,14 @@ logger = logging.getLogger(__name__)
 class SampleError(ValueError):
     """A row the harness cannot evaluate (missing image, unsupported option count, unreadable field ...).
 
-    The message says why; the caller adds which benchmark and row. Such rows are dropped and counted, never fatal.
+    The message says why (rows dropped for the same cause share it: they are counted by message); ``detail`` holds
+    what differs from row to row (a decoder's message), shown with the row's example. The caller adds which benchmark
+    and row. Such rows are dropped and counted, never fatal.
     """
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass
@@ -46,11 +52,13 @@ class DropLog:
     reasons: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
 
-    def drop(self, row_id: str, reason: str) -> None:
+    def drop(self, row_id: str, reason: str, detail: str | None = None) -> None:
+        """Count a dropped row under ``reason`` (shared by rows dropped for the same cause, so the counts add up);
+        ``detail`` (e.g. the decoder's message) goes with the row's example only."""
         self.reasons[reason] += 1
         if len(self.examples) < self.max_examples:
-            self.examples.append({"id": row_id, "reason": reason})
-            logger.warning("%s: dropped row %s: %s", self.benchmark, row_id, reason)
+            self.examples.append({"id": row_id, "reason": reason, **({"detail": detail} if detail else {})})
+            logger.warning("%s: dropped row %s: %s%s", self.benchmark, row_id, reason, f": {detail}" if detail else "")
             if len(self.examples) == self.max_examples:
                 logger.warning("%s: further dropped rows are counted in the summary, not logged", self.benchmark)
 

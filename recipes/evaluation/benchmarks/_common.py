@@ -45,7 +45,7 @@ def image_field(value, field: str = "image") -> Image.Image:
         if isinstance(value, str) and value:
             return Image.open(value).convert("RGB")
     except (OSError, ValueError) as err:
-        raise SampleError(f"unreadable image ({field}): {err}") from err
+        raise SampleError(f"unreadable image ({field}): {type(err).__name__}", detail=str(err)) from err
     raise SampleError(f"missing image ({field})")
 
 
