@@ -76,7 +76,7 @@ def _args(output_dir: str, steps: int, batch_size: int, kit: bool):
 
     extra = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}} if kit else {}
     return SFTConfig(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
-                     learning_rate=1e-4, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none",
+                     learning_rate=1e-4, bf16=False, use_cpu=True, activation_checkpointing=False, report_to="none",
                      save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, max_length=1024,
                      dataloader_num_workers=0, **extra)
 

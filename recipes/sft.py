@@ -46,7 +46,7 @@ from recipes.sft_data import (
 )
 from recipes.sft_cpu_head import enable_compact_lm_head_on_cpu
 from recipes.sft_model import build_lora_config, load_model_and_processor, set_trainable, trainable_counts
-from recipes.training.run_logs import SFT_TRAINING_LOG
+from recipes.training.run_logs import SFT_TRAINING_LOG, JsonLinesLog
 
 logger = logging.getLogger("recipes.sft")
 EASY_VQA = "easy_vqa"
@@ -157,12 +157,37 @@ def _skip_log(training_args) -> SkipLog:
 
 
 def _resume_path(training_args) -> str | None:
+    """The checkpoint to resume from: ``latest`` (or ``true``) is the newest ``checkpoint-*`` of ``output_dir``
+    (None, a fresh start, when there is none yet); a given folder must exist (checked before any data is encoded)."""
     resume = training_args.resume_from_checkpoint
+    if resume in (None, "", "false", "False", "0"):
+        return None
     if resume in ("latest", "true", "True", "1"):
-        resume = get_last_checkpoint(training_args.output_dir)
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
         if resume is None:
             logger.warning("resume requested but %s holds no checkpoint-*; starting fresh", training_args.output_dir)
+        return resume
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a Trainer checkpoint folder (no trainer_state.json)")
     return resume
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def _reset_training_log(training_args) -> None:
+    """A fresh run starts an empty ``training_log.jsonl``; a resumed one keeps the records up to its checkpoint's step
+    (an interrupted run logged steps past its last checkpoint, and the resumed run logs them again)."""
+    if not PartialState().is_main_process:
+        return
+    log = JsonLinesLog(Path(training_args.output_dir) / SFT_TRAINING_LOG)
+    if training_args.resume_from_checkpoint:
+        dropped = log.truncate_after(_checkpoint_step(training_args.resume_from_checkpoint))
+        if dropped:
+            logger.info("dropped %d %s record(s) written after the checkpoint", dropped, SFT_TRAINING_LOG)
+    else:
+        log.reset()
 
 
 def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
@@ -172,6 +197,8 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
     quantization = get_quantization_config(model_args)
     if quantization is not None and not model_args.use_peft:
         raise ValueError("load_in_4bit / load_in_8bit (QLoRA) needs --use_peft")
+    # Resolved once: `latest` becomes a checkpoint folder, or None (a fresh start) when output_dir has none yet.
+    training_args.resume_from_checkpoint = _resume_path(training_args)
     _maybe_write_easy_vqa(script_args, training_args)
     if not script_args.dataset_name:
         raise ValueError("set --dataset_name (a data file, folder or hub id, or easy_vqa)")
@@ -217,9 +244,7 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
                               pad_to_multiple_of=training_args.pad_to_multiple_of,
                               skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
     enable_compact_lm_head_on_cpu()  # TRL scores every position on CPU; only the supervised ones matter
-    log_file = Path(training_args.output_dir) / SFT_TRAINING_LOG
-    if log_file.exists() and not training_args.resume_from_checkpoint:
-        log_file.unlink()
+    _reset_training_log(training_args)
     trainer = SFTTrainer(
         model=model, args=training_args, data_collator=collator, train_dataset=train_dataset,
         eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config,
@@ -282,7 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prepare_cpu_training(training_args.device, "bf16" if training_args.bf16 else None)
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=_resume_path(training_args))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # resolved by build_trainer
     out = save_outputs(trainer, script_args, model_args)
     trainer.accelerator.print(f"SFT done; model saved to {out}")
     return out

@@ -27,5 +27,6 @@ def enable_compact_lm_head_on_cpu() -> bool:
         return device.type == "cpu" or current(device)
 
     compact_scoring._compact_on_cpu = True
+    compact_scoring.__wrapped__ = current  # TRL's own decision, for callers that need it back
     trl_utils._use_triton = compact_scoring
     return True

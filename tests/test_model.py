@@ -263,7 +263,7 @@ def _count_mlp_forwards(model):
     return calls
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
     """Checkpointing recomputes the layers of both towers in backward and gives every parameter the same gradient."""
     torch.manual_seed(0)
     model = OpenQwen2VLForConditionalGeneration(tiny_config).train()
@@ -274,7 +274,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
     for checkpointing in (False, True):
         model.zero_grad(set_to_none=True)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         calls.update(dict.fromkeys(calls, 0))
         model(input_ids=ids, pixel_values=pixels, labels=ids.masked_fill(ids == IMG, -100)).loss.backward()
         counts.append(dict(calls))

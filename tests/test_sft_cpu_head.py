@@ -30,11 +30,14 @@ def test_compact_scoring_matches_full_scoring(tiny_config, monkeypatch):
     batch = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 64, 64), "labels": labels,
              "attention_mask": torch.ones_like(ids)}
 
+    # Start from TRL's own decision even when an earlier test in this process built an SFT trainer (which patches).
+    original = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)
+    monkeypatch.setattr(trl_utils, "_use_triton", original)  # restored after the test
+    assert original(torch.device("cpu")) is False
     full_model = copy.deepcopy(base)
     add_fused_lm_head(full_model, outputs=("log_probs", "entropy"))
     full_loss, full_grads = _loss_and_grads(full_model, batch)
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
     assert enable_compact_lm_head_on_cpu() is True
     assert enable_compact_lm_head_on_cpu() is False  # idempotent
     assert trl_utils._use_triton(torch.device("cpu")) is True

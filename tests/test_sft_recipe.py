@@ -59,7 +59,7 @@ def _argv(output_dir, dataset, image_root, *extra, model=None):
     argv = ["--output_dir", str(output_dir), "--dataset_name", str(dataset), "--image_root", str(image_root),
             "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
             "--max_length", "256", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
-            "--save_strategy", "no", "--logging_steps", "1", "--seed", "0", "--gradient_checkpointing", "false"]
+            "--save_strategy", "no", "--logging_steps", "1", "--seed", "0", "--activation_checkpointing", "false"]
     if model is not None:
         argv += ["--model_name_or_path", str(model)]
     return argv + [str(x) for x in extra]
@@ -168,7 +168,7 @@ def test_lora_on_the_language_model_reloads_and_merges(base_dir, data, tmp_path)
     from transformers import AutoModelForImageTextToText
 
     argv = _argv(tmp_path / "out", data["llava"], data["folder"], "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
-                 "--gradient_checkpointing", "true", model=base_dir)
+                 "--activation_checkpointing", "true", model=base_dir)
     trainer, script_args, model_args = _train(argv)
     names = [n for n, _ in trainer.model.named_modules() if n.endswith("lora_A")]
     assert len(names) == 2 * 7 and all(".language_model.layers." in n for n in names)  # 2 layers x 7 linears

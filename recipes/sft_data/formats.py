@@ -22,8 +22,10 @@ Accepted layouts (one JSON object per sample; JSON array, JSONL or parquet files
      "images": ["images/0.png"]}
 
   ``content`` may be a string (``<image>`` tags mark images) or a list of ``text``/``image`` parts. ``images``
-  holds paths, ``datasets`` Image values or PIL images. As in TRL, when no message marks an image, the images are
-  placed at the start of the first user message.
+  holds paths, ``datasets`` Image values or PIL images; without an ``images`` column, the images may sit in their
+  parts as in transformers' chat convention (``{"type": "image", "image" | "path" | "url": <local path or PIL
+  image>}``). As in TRL, when no message marks an image, the images are placed at the start of the first user
+  message.
 """
 
 from __future__ import annotations
@@ -139,6 +141,24 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
+IMAGE_PAYLOAD_KEYS = ("image", "path", "url")
+
+
+def _inline_images(messages: list[dict]) -> list:
+    """Images carried inside the image parts of the messages, in order (empty when no part carries one)."""
+    found = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if part.get("type") == "image":
+                payload = next((part[k] for k in IMAGE_PAYLOAD_KEYS if part.get(k) is not None), None)
+                if payload is not None:
+                    found.append(payload)
+    return found
+
+
 def _strip_image_payloads(messages: list[dict]) -> list[dict]:
     """Image parts without their payload: the template only needs to know where images go."""
     out = []
@@ -189,6 +209,8 @@ def to_sft_sample(
         messages = [{"role": ROLE_ALIASES.get(m.get("role"), m.get("role")), "content": m.get("content")}
                     for m in row.get("messages") or []]
         images = _as_list(row.get("images", row.get("image")))
+        if not images:  # transformers' chat convention: the image inside its part ({"type": "image", "image": ...})
+            images = _inline_images(messages)
         unknown = sorted({m["role"] for m in messages} - {"user", "assistant", "system"})
         if unknown:
             raise BadSampleError(sample_id, "bad_role", f"unsupported message role(s) {unknown}")

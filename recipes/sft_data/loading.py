@@ -42,7 +42,8 @@ def load_raw_sft_dataset(
     config_name: str | None = None,
 ) -> Dataset | IterableDataset:
     """Raw rows from a file (``.json`` array or JSONL, ``.jsonl``, ``.parquet``), a glob of such files, a folder
-    loadable by ``datasets`` (a card with ``configs:``, or data files) or a hub dataset id.
+    loadable by ``datasets`` (a card with ``configs:``, data files, or written by ``save_to_disk``: read with
+    ``load_from_disk``, a ``DatasetDict`` giving ``split``) or a hub dataset id.
 
     Image columns typed ``datasets.Image`` are left undecoded (``decode=False``): images are opened by the
     collator, so preparing a 10M-sample corpus never decodes 10M images.
@@ -51,9 +52,23 @@ def load_raw_sft_dataset(
     if suffix in _BUILDERS and not os.path.isdir(source):
         dataset = datasets.load_dataset(_BUILDERS[suffix], data_files={split: source}, split=split,
                                         streaming=streaming)
+    elif _saved_to_disk(source):  # `load_dataset` refuses a `save_to_disk` folder
+        dataset = datasets.load_from_disk(source)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{source} (saved with save_to_disk) has splits {sorted(dataset)}, not {split!r}")
+            dataset = dataset[split]
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
     else:
         dataset = datasets.load_dataset(source, name=config_name, split=split, streaming=streaming)
     return undecoded_images(dataset)
+
+
+def _saved_to_disk(source: str) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    folder = Path(source)
+    return folder.is_dir() and ((folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file())
 
 
 def undecoded_images(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
@@ -113,6 +128,12 @@ def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_for
     return out
 
 
+def _counted(reasons: list[str]) -> SkipLog:
+    log = SkipLog()
+    log.counts.update(reason.split("|", 1)[0] for reason in reasons)
+    return log
+
+
 class _KeepAndCount:
     """Streaming filter: drops rows with a ``skip_reason`` and records them in a :class:`SkipLog`."""
 
@@ -162,5 +183,6 @@ def encode_sft_dataset(
     if reasons:
         encoded = encoded.filter(lambda reason: reason is None, input_columns="skip_reason", num_proc=num_proc,
                                  desc="Dropping bad samples")
-        logger.warning("%s of %d", skip_log.summary(), len(dataset))
+        # this dataset's skips only: the run's log also holds the other split's (train and eval share it)
+        logger.warning("%s of %d", _counted(reasons).summary(), len(dataset))
     return encoded.remove_columns("skip_reason")
