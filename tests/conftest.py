@@ -36,6 +36,18 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """A saved tiny 'pretrained' checkpoint with 16 visual tokens (the 144-token stage in miniature), read-only:
+    the starting point of the SFT tests."""
+    folder = tmp_path_factory.mktemp("base")
+    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
+    torch.manual_seed(0)
+    OpenQwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    build_processor(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def easy_vqa_images():
     """A few real images from the easy-vqa package (64x64 PNG shapes)."""
     import easy_vqa

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
 from recipes.sft import SFTScriptArguments, build_trainer, main
 from recipes.sft_data import BadSampleError, SFTCollator
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
@@ -23,16 +22,6 @@ from recipes.training.run_logs import SFT_TRAINING_LOG, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 IM_START, IM_END, ASSISTANT, NEWLINE = 151644, 151645, 77091, 198
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
-    torch.manual_seed(0)
-    OpenQwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    build_processor(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
 from recipes.sft import SFTScriptArguments, build_trainer, save_outputs
 from recipes.sft_data import BadSampleError
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 
 IMG = 151655
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A saved tiny 'pretrained' checkpoint with 16 visual tokens (the 144-token stage in miniature)."""
-    folder = tmp_path_factory.mktemp("base")
-    config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
-    torch.manual_seed(0)
-    OpenQwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    build_processor(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
