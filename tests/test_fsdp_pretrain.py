@@ -114,6 +114,18 @@ def test_fsdp_sharded_training_matches_one_process(corpus, tmp_path):
     assert [r["step"] for r in after] == [3]
     assert after[0]["loss"] == pytest.approx(expected[2]["loss"], rel=1e-5)
 
+    # And the other way: the 1-process checkpoint scales out to 2 FSDP processes (the new process starts from the
+    # global data position of process 0, the only one the checkpoint holds).
+    single_2, scaled = single / "checkpoints" / "step-00000002", tmp_path / "scaled"
+    assert not (single_2 / "data_rank1.json").exists()
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29535", str(ROOT / "recipes" / "pretrain.py"),
+          *_args(corpus, scaled, "--cpu_fsdp", "true", "--per_device_train_batch_size", 1,
+                 "--resume_from_checkpoint", single_2)])
+    after = read_jsonl(scaled / "metrics.jsonl")
+    assert [r["step"] for r in after] == [3]
+    assert after[0]["loss"] == pytest.approx(expected[2]["loss"], rel=1e-5)
+    assert after[0]["tokens"] == expected[2]["tokens"]
+
 
 @pytest.mark.slow
 def test_plain_data_parallel_under_torchrun_matches_one_process(corpus, tmp_path):

@@ -457,6 +457,19 @@ def test_only_complete_checkpoints_are_resumable(tmp_path):
         ckpt.read_trainer_state(ckpt.checkpoint_path(tmp_path, 12))
 
 
+def test_more_processes_share_a_global_map_position_but_not_a_streaming_one(tmp_path):
+    """A checkpoint of 1 process scaled out to 2: map-style positions count global micro-batches (the same on every
+    process), so process 1 takes process 0's; a streaming position is per process, so it is refused by name."""
+    map_state = {"kind": "map", "micro_batches": 6, "per_device": 2, "world": 1, "seed": 0, "shuffle": True,
+                 "num_rows": 40}
+    (tmp_path / "data_rank0.json").write_text(json.dumps(map_state))
+    assert ckpt._data_position(tmp_path, 1, {"world_size": 1}) == map_state
+    (tmp_path / "data_rank0.json").write_text(json.dumps({"kind": "stream", "epoch": 0, "world": 1}))
+    with pytest.raises(FileNotFoundError, match=r"no data position for process 1 \(data_rank1.json\): it was "
+                                                r"written by 1 processes, and a streaming position"):
+        ckpt._data_position(tmp_path, 1, {"world_size": 1})
+
+
 # ---------------------------------------------------------------- model sources
 
 

@@ -215,11 +215,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     rank = _rank()
-    data_file = path / f"data_rank{rank}.json"
-    if not data_file.is_file():
-        raise FileNotFoundError(f"{path} has no data position for process {rank} ({data_file.name}): it was written "
-                                f"by {trainer_state.get('world_size')} processes")
-    data_state = json.loads(data_file.read_text(encoding="utf-8"))
+    data_state = _data_position(path, rank, trainer_state)
     rng_file = path / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         from safetensors import safe_open
@@ -228,6 +224,23 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
             metadata = handle.metadata()
         set_rng_state(load_file(str(rng_file)), metadata)
     return trainer_state, data_state
+
+
+def _data_position(path: Path, rank: int, trainer_state: dict) -> dict:
+    """This process's data position. A map-style position counts global micro-batches, the same on every process,
+    so a run scaled out to more processes (same global micro-batch) starts the new ones from process 0's; a
+    streaming position is per process and cannot be shared."""
+    data_file = path / f"data_rank{rank}.json"
+    if data_file.is_file():
+        return json.loads(data_file.read_text(encoding="utf-8"))
+    first = path / "data_rank0.json"
+    if rank > 0 and first.is_file():
+        state = json.loads(first.read_text(encoding="utf-8"))
+        if state.get("kind") == "map":
+            return state
+    raise FileNotFoundError(f"{path} has no data position for process {rank} ({data_file.name}): it was written "
+                            f"by {trainer_state.get('world_size')} processes, and a streaming position resumes only "
+                            "with as many")
 
 
 def save_final_model(model, processor, directory: str | Path, is_main: bool) -> Path | None:
