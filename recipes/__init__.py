@@ -1,1 +1,1 @@
-"""Entry points users launch: pretrain.py, sft.py, eval.py, demo.py, release.py (see README)."""
+"""Entry points users launch: pretrain.py, sft.py, eval.py, demo.py, release/ (see README)."""

@@ -1,0 +1,55 @@
+"""Build (and upload) Hugging Face repositories for a kit model or a kit corpus.
+
+    python -m recipes.release model <folder> --repo-id <org/name> [--eval-table table.md] [--dry-run]
+    python -m recipes.release dataset <folder> --repo-id <org/name> [--dry-run]
+
+The command line and its full description (what is staged, what is checked, what is uploaded) are in ``cli``;
+each other module holds one part of a release:
+
+- ``staging``: the staging folder (made empty only where that is safe), copying into it, the local-path check
+- ``training_facts``: the model card's Training section from what the training recipes left
+- ``model_repo``: model folder checks, the model card, assembly and the load check in a fresh process
+- ``dataset_repo``: the dataset card's configs and example counts checked against the files, assembly
+- ``hub_upload``: the upload with huggingface_hub, deleting the files an earlier release left
+- ``errors``: ``ReleaseError``, raised for a folder that cannot be released as it is
+"""
+
+from .cli import main
+from .dataset_repo import DATASET_STATS_FILES, build_dataset_repo, check_dataset_counts
+from .errors import ReleaseError
+from .hub_upload import managed_patterns, upload
+from .model_repo import (
+    LOAD_CHECK,
+    MODEL_OPTIONAL_PATTERNS,
+    MODEL_REQUIRED,
+    PICKLE_WEIGHTS,
+    REMOTE_CODE_FILES,
+    build_model_repo,
+    model_card,
+)
+from .staging import STAGING_MARKER, TEXT_SUFFIXES, VOCABULARY_FILES, check_no_local_paths, prepare_staging
+from .training_facts import SFT_ARGS, training_section
+
+__all__ = [
+    "DATASET_STATS_FILES",
+    "LOAD_CHECK",
+    "MODEL_OPTIONAL_PATTERNS",
+    "MODEL_REQUIRED",
+    "PICKLE_WEIGHTS",
+    "REMOTE_CODE_FILES",
+    "SFT_ARGS",
+    "STAGING_MARKER",
+    "TEXT_SUFFIXES",
+    "VOCABULARY_FILES",
+    "ReleaseError",
+    "build_dataset_repo",
+    "build_model_repo",
+    "check_dataset_counts",
+    "check_no_local_paths",
+    "main",
+    "managed_patterns",
+    "model_card",
+    "prepare_staging",
+    "training_section",
+    "upload",
+]

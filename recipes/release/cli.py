@@ -1,0 +1,61 @@
+"""Build (and upload) Hugging Face repositories for a kit model or a kit corpus.
+
+    python -m recipes.release model <folder> --repo-id <org/name> [--eval-table table.md] [--dry-run]
+    python -m recipes.release dataset <folder> --repo-id <org/name> [--dry-run]
+
+The repository content is first assembled and checked in a staging folder (``--staging``, default
+``<folder>-release``; never the released folder or a folder around or inside it, and an existing one is only emptied
+when this tool made it): for a model, the safetensors weights, ``config.json`` with its ``auto_map``, the remote-code
+``.py`` files, the processor and tokenizer files, the generation config and a model card (with a Training section
+generated from what the training recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.yaml``
+and ``metrics.jsonl`` around a pretraining ``final_model``; ``--training-notes`` is appended to it); for a dataset,
+the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
+files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
+``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
+recorded example counts match its files; no staged text file holds an absolute path of this machine (the eval table's
+model path becomes the repo id). Without ``--dry-run`` the staging folder is uploaded with huggingface_hub's
+``upload_folder`` (needs a token and a network); repository files of the kinds the tool writes that the staging folder
+does not hold (an earlier release's weights or shards) are deleted in the same commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .dataset_repo import build_dataset_repo
+from .errors import ReleaseError
+from .hub_upload import upload
+from .model_repo import build_model_repo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes.release", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["model", "dataset"])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--staging", type=Path, help="where to assemble the repository (default <folder>-release)")
+    parser.add_argument("--eval-table", type=Path, help="Markdown table for the model card (from recipes/eval.py)")
+    parser.add_argument("--training-notes", type=Path,
+                        help="Markdown appended to the model card's generated Training section")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="only build the staging folder; upload nothing")
+    args = parser.parse_args(argv)
+    folder = args.folder.resolve()
+    if not folder.is_dir():
+        parser.error(f"{args.folder} is not a folder")
+    staging = (args.staging or folder.with_name(folder.name + "-release")).resolve()
+    try:
+        if args.kind == "model":
+            build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes)
+        else:
+            build_dataset_repo(folder, staging)
+        print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
+        if not args.dry_run:
+            print(f"uploaded: {upload(staging, args.repo_id, args.kind, args.private)}")
+    except ReleaseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
