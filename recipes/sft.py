@@ -215,6 +215,7 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
             r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules, modules_to_save=model_args.lora_modules_to_save,
             train_vision=script_args.train_vision, use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+            tied_embeddings=bool(model.config.tie_word_embeddings),
         )
         if training_args.world_size > 1 and script_args.merge_lora and not model_args.model_name_or_path:
             raise ValueError("merging LoRA after a multi-process run needs a saved base (--model_name_or_path)")

@@ -126,12 +126,19 @@ def build_lora_config(
     train_vision: bool = False,
     use_rslora: bool = False,
     use_dora: bool = False,
+    tied_embeddings: bool = False,
 ):
-    """LoRA on the language model; the projector (and, with ``train_vision``, the tower) trains fully."""
+    """LoRA on the language model; the projector (and, with ``train_vision``, the tower) trains fully.
+
+    With ``tied_embeddings`` (the model's input embeddings and LM head share one matrix), an ``lm_head`` or
+    ``embed_tokens`` module to save trains that one shared matrix, as full fine-tuning would, instead of splitting it
+    into a trained copy and a frozen one (peft's ``ensure_weight_tying``).
+    """
     from peft import LoraConfig
 
     if modules_to_save is None:
         modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
+    adapts_embeddings = any(name.split(".")[-1] in ("lm_head", "embed_tokens") for name in modules_to_save)
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -142,4 +149,5 @@ def build_lora_config(
         task_type="CAUSAL_LM",
         use_rslora=use_rslora,
         use_dora=use_dora,
+        ensure_weight_tying=tied_embeddings and adapts_embeddings,
     )
