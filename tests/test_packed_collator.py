@@ -293,7 +293,7 @@ def test_encoded_images_are_decoded_and_bad_ones_dropped_or_named(processor, row
     model = OpenQwen2VLForConditionalGeneration(OpenQwen2VLConfig.tiny()).train()
     loss_sum, num_tokens = summed_lm_loss(model, empty)
     loss_sum.backward()  # no loss, and no NaN from a row without documents
-    assert num_tokens == 0 and float(loss_sum) == 0.0
+    assert num_tokens == 0 and loss_sum.item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
     strict = PackedCollator(processor, on_bad_document="raise")

@@ -416,7 +416,7 @@ def test_checkpoint_restores_model_optimizer_scheduler(tmp_path, tiny_config, pr
         (loss_sum / n).backward()
         optimizer.step()
         scheduler.step()
-        return float(loss_sum / n)
+        return (loss_sum / n).item()
 
     model, optimizer, scheduler = make()
     train_step(model, optimizer, scheduler)

@@ -16,12 +16,14 @@ finished, so a run killed while saving leaves no half checkpoint that ``--resume
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +159,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / MODEL_OPTIMIZER))
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / MODEL_OPTIMIZER))
     rank = _rank()
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state), encoding="utf-8")
     tensors, metadata = rng_state()
@@ -175,6 +178,15 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
                     shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns on every save/load without a process group ("assuming the intent is to save in a single process"):
+    a one-process run is intended, so that warning is silenced here, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -211,7 +223,8 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
         raise ValueError(f"checkpoint {path} lacks model weights {missing[:5]} ({len(missing)} in all)")
     # Optimizer entries of parameters that never received a gradient are absent from the checkpoint; they keep the
     # fresh (zero) state, as they would have in an uninterrupted run.
-    dcp.load(state, checkpoint_id=str(path / MODEL_OPTIMIZER), planner=DefaultLoadPlanner(allow_partial_load=True))
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path / MODEL_OPTIMIZER), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     rank = _rank()

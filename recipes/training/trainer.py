@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -297,7 +296,6 @@ def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: boo
 def run_pretraining(config: PretrainConfig) -> dict:
     """Train; returns a summary (steps, last loss, paths). See the module docstring for the order of work."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     setup = _Setup(config)
     acc, args, data_args = setup.accelerator, setup.args, setup.data_args
     model, scheduler = setup.model, setup.scheduler
