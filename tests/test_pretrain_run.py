@@ -1,6 +1,7 @@
 """End-to-end pretraining on CPU with the tiny config: loss, outputs, exact resume after SIGKILL, bad input."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -247,6 +248,19 @@ def test_a_truncated_shard_is_named_before_training(corpus, tmp_path, in_process
 def test_streaming_needs_max_steps(corpus, tmp_path, in_process):
     with pytest.raises(ValueError, match="streaming=True needs max_steps > 0"):
         in_process(_args(corpus, tmp_path / "out", "--streaming", "true"))
+
+
+def test_an_fsdp_accelerate_config_on_cpu_says_the_run_is_not_sharded(corpus, tmp_path, in_process, monkeypatch,
+                                                                        caplog):
+    """`accelerate launch --config_file recipes/accelerate/fsdp2_1gpu.yaml` on a CPU: accelerate drops FSDP without a
+    word; the recipe says so and names the CPU way to shard."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for that yaml
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        in_process(_args(corpus, tmp_path / "out", "--max_steps", 1, "--save_final_model", "false",
+                         "--save_final_checkpoint", "false"))
+    (message,) = [r.getMessage() for r in caplog.records if "asks for FSDP" in r.getMessage()]
+    assert "does not apply it on cpu: this run is not sharded" in message and "--cpu_fsdp true" in message
+    assert read_jsonl(tmp_path / "out" / "metrics.jsonl")[0]["step"] == 1  # and it trains
 
 
 def test_trackio_tracker_logs_every_step_to_trackio_dir(corpus, tmp_path, in_process, monkeypatch):
