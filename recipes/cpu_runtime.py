@@ -1,4 +1,5 @@
-"""Process settings for training on a CPU: keep freed memory for reuse, and say when bf16 is emulated.
+"""Process settings for training on a CPU: keep freed memory for reuse, and say when bf16 is emulated or an
+accelerate FSDP config is dropped.
 
 A training step on a CPU allocates and frees the same large tensors every step (the tiny model's tied
 151,936 x 64 embedding gradient alone is 39 MB). glibc returns every freed block above its mmap threshold (at most
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 import torch
 
@@ -46,7 +48,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def prepare_cpu_training(device: torch.device, mixed_precision: str | None) -> None:
-    """On a CPU device: keep freed memory for reuse, and warn when bf16 mixed precision will be emulated."""
+    """On a CPU device: keep freed memory for reuse; warn when bf16 mixed precision will be emulated, and when an
+    accelerate FSDP config asks for sharding that accelerate drops on CPUs without a word."""
     if device.type != "cpu":
         return
     if keep_freed_memory_for_reuse():
@@ -55,6 +58,11 @@ def prepare_cpu_training(device: torch.device, mixed_precision: str | None) -> N
         logger.warning("mixed_precision bf16 on a CPU without native bf16 (%s): every matrix product is emulated and "
                        "several times slower than in fp32; use --mixed_precision no on this machine",
                        torch.backends.cpu.get_cpu_capability())
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by `accelerate launch` from the yaml
+        logger.warning("the accelerate config asks for FSDP, but accelerate does not apply it on a CPU: this run is "
+                       "not sharded, and the yaml's fsdp_activation_checkpointing does not apply (the recipes' "
+                       "--activation_checkpointing does); pretraining shards on CPUs under `torchrun "
+                       "--nproc_per_node N recipes/pretrain.py ... --cpu_fsdp true`")
 
 
 __all__ = ["cpu_has_native_bf16", "keep_freed_memory_for_reuse", "prepare_cpu_training"]

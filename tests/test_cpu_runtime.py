@@ -90,6 +90,16 @@ def test_no_warning_where_bf16_is_not_asked_for_or_native(monkeypatch, caplog, a
     assert allocator_calls == [True]
 
 
+def test_an_fsdp_accelerate_config_on_cpu_is_reported_and_not_on_gpu(monkeypatch, caplog, allocator_calls):
+    """`accelerate launch --config_file <fsdp yaml>` exports ACCELERATE_USE_FSDP; accelerate drops it on CPUs."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level(logging.INFO, logger="recipes.cpu_runtime"):
+        cpu_runtime.prepare_cpu_training(torch.device("cpu"), "no")
+        cpu_runtime.prepare_cpu_training(torch.device("cuda"), "no")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "asks for FSDP, but accelerate does not apply it on a CPU" in warning and "--cpu_fsdp true" in warning
+
+
 def test_gpu_runs_keep_the_default_allocator(monkeypatch, caplog, allocator_calls):
     monkeypatch.setattr(cpu_runtime, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level(logging.INFO, logger="recipes.cpu_runtime"):

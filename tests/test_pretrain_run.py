@@ -259,7 +259,7 @@ def test_an_fsdp_accelerate_config_on_cpu_says_the_run_is_not_sharded(corpus, tm
         in_process(_args(corpus, tmp_path / "out", "--max_steps", 1, "--save_final_model", "false",
                          "--save_final_checkpoint", "false"))
     (message,) = [r.getMessage() for r in caplog.records if "asks for FSDP" in r.getMessage()]
-    assert "does not apply it on cpu: this run is not sharded" in message and "--cpu_fsdp true" in message
+    assert "does not apply it on a CPU: this run is not sharded" in message and "--cpu_fsdp true" in message
     assert read_jsonl(tmp_path / "out" / "metrics.jsonl")[0]["step"] == 1  # and it trains
 
 

@@ -155,12 +155,6 @@ class _Setup:
         from accelerate.utils import DistributedType
 
         self.fsdp = acc.distributed_type == DistributedType.FSDP
-        if not self.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-            # accelerate applies its FSDP plugin on accelerators only; on a CPU the yaml's FSDP is silently dropped
-            logger.warning("the accelerate config asks for FSDP, but accelerate does not apply it on %s: this run "
-                           "is not sharded, and the yaml's fsdp_activation_checkpointing does not apply (the recipe's "
-                           "--activation_checkpointing does); on CPUs shard with `torchrun --nproc_per_node N "
-                           "recipes/pretrain.py ... --cpu_fsdp true`", acc.device.type)
         if args.activation_checkpointing and not self.fsdp:
             enable_activation_checkpointing(model)
         if args.compile_layers:
