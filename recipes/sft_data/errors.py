@@ -86,10 +86,15 @@ class SkipLog:
         self.examples = list(records.values())[: self.max_kept]
 
     def summary(self) -> str:
-        if not self.counts:
+        return self.describe(self.counts)
+
+    @staticmethod
+    def describe(counts: Counter) -> str:
+        """One line for skip counts by kind (this log's, or a part of them)."""
+        if not counts:
             return "no samples skipped"
-        parts = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts.items()))
-        return f"skipped {self.total} bad sample(s) ({parts})"
+        parts = ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items()))
+        return f"skipped {sum(counts.values())} bad sample(s) ({parts})"
 
     def write(self, path: str | Path) -> None:
         """Write the counts and examples as JSON (after merging the spool of all processes, if there is one)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -128,12 +129,6 @@ def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_for
     return out
 
 
-def _counted(reasons: list[str]) -> SkipLog:
-    log = SkipLog()
-    log.counts.update(reason.split("|", 1)[0] for reason in reasons)
-    return log
-
-
 class _KeepAndCount:
     """Streaming filter: drops rows with a ``skip_reason`` and records them in a :class:`SkipLog`."""
 
@@ -177,12 +172,12 @@ def encode_sft_dataset(
     encoded = dataset.map(_encode_batch, with_indices=True, batched=True, remove_columns=columns,
                           features=ENCODED_FEATURES, fn_kwargs=fn_kwargs, num_proc=num_proc,
                           desc=f"Encoding SFT samples ({data_format}, {encoder.chat_format})")
-    reasons = [reason for reason in encoded["skip_reason"] if reason is not None]
-    for reason in reasons:
-        skip_log.add(BadSampleError.from_reason(reason), stage="encode")
-    if reasons:
+    errors = [BadSampleError.from_reason(reason) for reason in encoded["skip_reason"] if reason is not None]
+    for error in errors:
+        skip_log.add(error, stage="encode")
+    if errors:
         encoded = encoded.filter(lambda reason: reason is None, input_columns="skip_reason", num_proc=num_proc,
                                  desc="Dropping bad samples")
         # this dataset's skips only: the run's log also holds the other split's (train and eval share it)
-        logger.warning("%s of %d", _counted(reasons).summary(), len(dataset))
+        logger.warning("%s of %d", SkipLog.describe(Counter(error.kind for error in errors)), len(dataset))
     return encoded.remove_columns("skip_reason")
