@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch recipes/sft.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accelerate import PartialState
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
@@ -167,13 +168,10 @@ def _resume_path(training_args) -> str | None:
         if resume is None:
             logger.warning("resume requested but %s holds no checkpoint-*; starting fresh", training_args.output_dir)
         return resume
-    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        raise ValueError(f"--resume_from_checkpoint {resume}: not a Trainer checkpoint folder (no trainer_state.json)")
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a Trainer checkpoint folder "
+                         f"(no {TRAINER_STATE_NAME})")
     return resume
-
-
-def _checkpoint_step(checkpoint: str) -> int:
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
 
 
 def _reset_training_log(training_args) -> None:
@@ -183,7 +181,8 @@ def _reset_training_log(training_args) -> None:
         return
     log = JsonLinesLog(Path(training_args.output_dir) / SFT_TRAINING_LOG)
     if training_args.resume_from_checkpoint:
-        dropped = log.truncate_after(_checkpoint_step(training_args.resume_from_checkpoint))
+        state = TrainerState.load_from_json(os.path.join(training_args.resume_from_checkpoint, TRAINER_STATE_NAME))
+        dropped = log.truncate_after(state.global_step)
         if dropped:
             logger.info("dropped %d %s record(s) written after the checkpoint", dropped, SFT_TRAINING_LOG)
     else:
@@ -299,11 +298,16 @@ def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_arg
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None = None) -> tuple[SFTScriptArguments, SFTConfig, ModelConfig]:
+    """The recipe's settings: ``--config PATH`` (YAML) overridden by ``--key value`` on the command line."""
     parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
     parser.description = ("Settings: --config PATH reads a YAML file of the keys below (TRL's TrlParser); any key "
                           "given as --key value on the command line overrides the file.")
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    return parser.parse_args_and_config(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prepare_cpu_training(training_args.device, "bf16" if training_args.bf16 else None)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.sft import SFTScriptArguments, build_trainer, main
+from recipes.sft import build_trainer, main, parse_args
 from recipes.sft_data import BadSampleError, SFTCollator
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 from recipes.training.run_logs import SFT_TRAINING_LOG, read_jsonl
@@ -39,14 +39,8 @@ def _argv(output_dir, dataset, image_root, model, *extra):
             "--activation_checkpointing", "false", *[str(x) for x in extra]]
 
 
-def _parse(argv):
-    from trl import ModelConfig, SFTConfig, TrlParser
-
-    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
-
-
 def _train(argv):
-    script_args, training_args, model_args = _parse(argv)
+    script_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
@@ -135,11 +129,11 @@ def accumulated_run(base_dir, data, mixed, tmp_path_factory):
 def test_bad_image_counts_and_empty_answers_stop_the_run_naming_the_sample(base_dir, data, mixed, tmp_path):
     with pytest.raises(BadSampleError, match=r"sample 'two-markers-one-image': 2 <image> marker\(s\) in the text "
                                              r"but 1 image\(s\) \[image_count_mismatch\]"):
-        build_trainer(*_parse(_argv(tmp_path / "out", mixed, data, base_dir)))
+        build_trainer(*parse_args(_argv(tmp_path / "out", mixed, data, base_dir)))
     only_empty = tmp_path / "empty.jsonl"
     only_empty.write_text(json.dumps(BAD_ROWS[1]) + "\n")
     with pytest.raises(BadSampleError, match=r"sample 'empty-answer': assistant turn \(message 1\) is empty"):
-        build_trainer(*_parse(_argv(tmp_path / "out2", only_empty, data, base_dir)))
+        build_trainer(*parse_args(_argv(tmp_path / "out2", only_empty, data, base_dir)))
 
 
 def test_skipped_samples_are_counted_and_named_in_the_report(accumulated_run):
@@ -152,7 +146,7 @@ def test_skipped_samples_are_counted_and_named_in_the_report(accumulated_run):
 
 def test_skip_warnings_name_the_sample_and_count_each_split_on_its_own(base_dir, data, mixed, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
-        build_trainer(*_parse(_argv(tmp_path / "out", mixed, data, base_dir, "--skip_bad_samples",
+        build_trainer(*parse_args(_argv(tmp_path / "out", mixed, data, base_dir, "--skip_bad_samples",
                                     "--eval_dataset_name", mixed)))
     messages = [r.getMessage() for r in caplog.records if r.name == "recipes.sft_data.errors"]
     assert any("'two-markers-one-image'" in m and "image_count_mismatch" in m for m in messages), messages
@@ -237,14 +231,14 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_a_wrong_path_fails_be
     out = tmp_path / "fresh"
     out.mkdir()
     (out / SFT_TRAINING_LOG).write_text(json.dumps({"step": 9, "loss": 1.0}) + "\n")  # a stale earlier run
-    script_args, training_args, model_args = _parse(_argv(out, data / "train.jsonl", data, base_dir,
+    script_args, training_args, model_args = parse_args(_argv(out, data / "train.jsonl", data, base_dir,
                                                           "--resume_from_checkpoint", "latest"))
     build_trainer(script_args, training_args, model_args)
     assert training_args.resume_from_checkpoint is None and not (out / SFT_TRAINING_LOG).exists()
 
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(ValueError, match="no-such-checkpoint: not a Trainer checkpoint folder"):
-        build_trainer(*_parse(_argv(tmp_path / "x", tmp_path / "no-data.jsonl", data, base_dir,
+        build_trainer(*parse_args(_argv(tmp_path / "x", tmp_path / "no-data.jsonl", data, base_dir,
                                     "--resume_from_checkpoint", missing)))
 
 
@@ -277,7 +271,7 @@ def test_paths_bytes_pil_and_inline_images_give_identical_batches(base_dir, data
     batches = {}
     for name, source in [("paths", paths), ("bytes", tmp_path / "bytes.parquet"), ("saved", tmp_path / "saved"),
                          ("saved_dict", tmp_path / "saved_dict"), ("inline", inline)]:
-        trainer = build_trainer(*_parse(_argv(tmp_path / name / "out", source, data, base_dir)))
+        trainer = build_trainer(*parse_args(_argv(tmp_path / name / "out", source, data, base_dir)))
         assert trainer.train_dataset["sample_id"] == [r["id"] for r in rows], name
         batches[name] = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     reference = batches.pop("paths")
@@ -344,7 +338,7 @@ def test_lora_modules_to_save_merged_folder_generates_like_the_adapter_in_a_fres
 def test_command_line_overrides_the_yaml_and_unknown_keys_fail_before_training(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text((ROOT / "recipes" / "configs" / "sft_tiny.yaml").read_text() + "lora_r: 3\n")
-    script_args, training_args, model_args = _parse(["--config", str(config), "--learning_rate", "0.25",
+    script_args, training_args, model_args = parse_args(["--config", str(config), "--learning_rate", "0.25",
                                                      "--chat_format", "compat", "--output_dir", str(tmp_path / "o")])
     assert (training_args.learning_rate, script_args.chat_format, training_args.max_steps, model_args.lora_r,
             script_args.num_image_tokens) == (0.25, "compat", 4, 3, 16)
@@ -361,5 +355,5 @@ def test_command_line_overrides_the_yaml_and_unknown_keys_fail_before_training(t
 
 def test_streaming_without_max_steps_is_refused(base_dir, data, tmp_path):
     with pytest.raises(ValueError, match="--dataset_streaming needs --max_steps"):
-        build_trainer(*_parse(_argv(tmp_path / "o", data / "train.jsonl", data, base_dir, "--dataset_streaming",
+        build_trainer(*parse_args(_argv(tmp_path / "o", data / "train.jsonl", data, base_dir, "--dataset_streaming",
                                     "--max_steps", "-1")))

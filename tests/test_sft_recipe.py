@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.sft import SFTScriptArguments, build_trainer, save_outputs
+from recipes.sft import build_trainer, parse_args, save_outputs
 from recipes.sft_data import BadSampleError
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 
@@ -53,14 +53,8 @@ def _argv(output_dir, dataset, image_root, *extra, model=None):
     return argv + [str(x) for x in extra]
 
 
-def _parse(argv):
-    from trl import ModelConfig, SFTConfig, TrlParser
-
-    return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
-
-
 def _train(argv):
-    script_args, training_args, model_args = _parse(argv)
+    script_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer, script_args, model_args
@@ -239,7 +233,7 @@ def test_eval_data_with_several_splits_gives_its_test_split(base_dir, tmp_path):
                                                    {"role": "assistant", "content": f"{split} answer"}]}
                 for i in range(3)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script_args, training_args, model_args = _parse(_argv(tmp_path / "out", folder, folder, "--eval_dataset_name",
+    script_args, training_args, model_args = parse_args(_argv(tmp_path / "out", folder, folder, "--eval_dataset_name",
                                                           folder, model=base_dir))
     trainer = build_trainer(script_args, training_args, model_args)
     assert trainer.train_dataset["sample_id"] == ["train-0", "train-1", "train-2"]
@@ -275,7 +269,7 @@ def test_resume_from_a_trainer_checkpoint_reproduces_the_losses(base_dir, data, 
 
 @pytest.mark.parametrize("name", ["sft_llava665k", "sft_mammoth"])
 def test_paper_configs_hold_the_paper_hyperparameters(name):
-    script_args, training_args, model_args = _parse(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml"),
+    script_args, training_args, model_args = parse_args(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml"),
                                                      "--bf16", "false"])  # bf16 needs a GPU to parse
     assert (training_args.learning_rate, training_args.weight_decay, training_args.warmup_steps) == (2e-5, 0.1, 0.03)
     assert training_args.lr_scheduler_type == "cosine" and training_args.max_length == 4096
