@@ -3,8 +3,10 @@
 Every step of the kit counts into datatrove's own per-step stats with three kinds of labels:
 ``read`` (samples a stage took in), ``kept`` (samples it wrote), ``dropped/<reason>`` (samples it lost, anywhere in
 the pipeline), plus ``event/<name>`` for things that are not samples (a corrupt shard, a derived uid, a re-encoded
-image, an unparsable score). Datatrove saves one stats file per completed task (``stats/00000.json``), so summing
-those files gives the whole stage even when a rerun skipped completed tasks.
+image, an unparsable score), and ``reclassified/<reason>`` for samples an earlier task of the stage counted as kept
+and a later single task dropped (select's uid de-duplication: kept minus, dropped plus). Datatrove saves one stats
+file per completed task (``stats/00000.json``), so summing those files gives the whole stage even when a rerun
+skipped completed tasks.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from datatrove.io import DataFolderLike, get_datafolder
+from datatrove.io import DataFolder, DataFolderLike, get_datafolder
 from datatrove.utils.stats import PipelineStats
 
 READ = "read"
 KEPT = "kept"
 DROPPED = "dropped/"
 EVENT = "event/"
+RECLASSIFIED = "reclassified/"
+# A stage's single follow-up task (select's uid de-duplication, pipelines.run_select) logs beside the stage's folder.
+FOLLOW_UP_SUFFIX = "-finalize"
 # The statistics files the stages leave beside their outputs, read by the demo's report and the release tool: each
 # stage's read = kept + dropped in its executor folder (<output>/.datatrove/<stage>/), and the pack stage's
 # <config>/packing_stats.json (fill, packs, drops by reason).
@@ -87,6 +92,9 @@ def from_pipeline_stats(stats: PipelineStats) -> Accounting:
                 dropped[label[len(DROPPED) :]] += total
             elif label.startswith(EVENT):
                 events[label[len(EVENT) :]] += total
+            elif label.startswith(RECLASSIFIED):
+                acc.kept -= total
+                dropped[label[len(RECLASSIFIED) :]] += total
     acc.dropped, acc.events = dict(dropped), dict(events)
     return acc
 
@@ -100,13 +108,24 @@ def _total(metric) -> int:
     return int(metric.total)
 
 
-def collect(logging_dir: DataFolderLike) -> Accounting:
-    """Sum the per-task stats files a datatrove executor wrote under ``logging_dir/stats``."""
-    folder = get_datafolder(logging_dir)
+def _sum_stats(folder: DataFolder) -> Accounting:
     total = Accounting()
     for name in folder.list_files("stats", glob_pattern="*.json") if folder.isdir("stats") else []:
         with folder.open(name, "rt") as handle:
             total = total + from_pipeline_stats(PipelineStats.from_json(json.load(handle)))
+    return total
+
+
+def collect(logging_dir: DataFolderLike) -> Accounting:
+    """Sum the per-task stats files a datatrove executor wrote under ``logging_dir/stats``, plus the drops of the
+    stage's follow-up task (``<logging_dir>-finalize``: select's uid de-duplication) when it has run; its task is
+    not counted in ``tasks``."""
+    folder = get_datafolder(logging_dir)
+    total = _sum_stats(folder)
+    follow_up = get_datafolder((folder.path.rstrip("/") + FOLLOW_UP_SUFFIX, folder.fs))
+    if not folder.path.rstrip("/").endswith(FOLLOW_UP_SUFFIX) and follow_up.isdir("stats"):
+        extra = _sum_stats(follow_up)
+        total = total + Accounting(kept=extra.kept, dropped=extra.dropped, events=extra.events)
     return total
 
 

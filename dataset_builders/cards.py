@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 from datatrove.io import DataFolderLike, get_datafolder
+from datatrove.utils.logging import logger
 
 from .shards import SHARD_GLOB, atomic_write, parquet_on_this_thread
 
@@ -101,9 +102,30 @@ def card_configs(subsets: dict[str, str]) -> list[dict]:
     return configs
 
 
-def _count(folder, subset_path: str) -> tuple[int, int | None]:
-    """(shards, samples) of a subset folder; samples from the shards' metadata parquets when all exist."""
+def _planned_shards(folder, subset_path: str) -> set[str] | None:
+    """The shards ``reshard`` planned for a subset folder (from the plan in its logging folder), None without one."""
+    plan = f"{subset_path}/.datatrove/reshard/plan.parquet"
+    if not folder.exists(plan):
+        return None
+    from .steps.reshard import output_stem
+
+    with folder.open(plan, "rb") as handle, parquet_on_this_thread(handle) as parquet_file:
+        num_shards = parquet_file.metadata.num_row_groups if parquet_file.metadata.num_rows else 0
+    return {f"{subset_path}/{output_stem(index, num_shards)}.tar" for index in range(num_shards)}
+
+
+def _count(folder, subset_path: str, planned_only: bool = False) -> tuple[int, int | None]:
+    """(shards, samples) of a subset folder; samples from the shards' metadata parquets when all exist.
+    ``planned_only``: count only the shards its reshard plan made, so that a stray shard in the folder makes the
+    card's count differ from what datasets loads (which then fails loudly) instead of being counted in."""
     tars = folder.glob(f"{subset_path}/{SHARD_GLOB}")
+    planned = _planned_shards(folder, subset_path) if planned_only else None
+    if planned is not None:
+        stray = sorted(set(tars) - planned)
+        if stray:
+            logger.warning(f"{subset_path}: {len(stray)} shard(s) not made by its reshard run are left out of the "
+                           f"card's counts: {', '.join(stray[:5])}")
+        tars = [tar for tar in tars if tar in planned]
     samples = 0
     for tar in tars:
         parquet = tar[: -len(".tar")] + ".parquet"
@@ -187,7 +209,7 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
     if not subsets:
         raise FileNotFoundError(f"no subset folders with *.tar shards under {folder.path}")
     configs = card_configs(subsets)
-    counts = {name: _count(folder, subset_path) for name, subset_path in subsets.items()}
+    counts = {name: _count(folder, subset_path, planned_only=True) for name, subset_path in subsets.items()}
     header = yaml.safe_dump({"configs": configs, "dataset_info": _dataset_info(configs, subsets, counts, folder),
                              "task_categories": ["image-to-text"]}, sort_keys=False)
     rows = ["| config | folder | shards | samples | content |", "|---|---|---|---|---|"]
@@ -217,16 +239,15 @@ def render_card(root: DataFolderLike, subsets: dict[str, str] | None = None, pat
 
 
 def _merge_existing(text: str, existing: str) -> str:
-    """Keep what other writers put in an existing card (e.g. the ``pack`` stage's ``packed_144`` config and its
-    section): their configs and dataset_info entries, and their top-level ``# `` sections."""
+    """Keep what others put in an existing card: other stages' configs and dataset_info entries (e.g. the ``pack``
+    stage's ``packed_144``), its other metadata (license, language...) and its top-level ``# `` sections (the
+    user's prose, the pack stage's section); ours are regenerated."""
     from huggingface_hub import DatasetCard
 
     new, old = DatasetCard(text), DatasetCard(existing)
     ours = {c["config_name"] for c in new.data.to_dict()["configs"]} | set(KNOWN_SUBSETS) | set(MIXTURES)
     old_data = old.data.to_dict()
     foreign = [c for c in old_data.get("configs") or [] if c.get("config_name") not in ours]
-    if not foreign:
-        return text
     configs = new.data.to_dict()["configs"]
     if any(c.get("default") for c in foreign):
         for config in configs:
@@ -237,6 +258,9 @@ def _merge_existing(text: str, existing: str) -> str:
     new.data.configs = configs + foreign
     new.data.dataset_info = (new.data.to_dict().get("dataset_info") or []) + [
         i for i in infos if i.get("config_name") in foreign_names]
+    for key, value in old_data.items():  # the card's own metadata: ours only where it has none
+        if key not in ("configs", "dataset_info") and key not in new.data.to_dict():
+            new.data[key] = value
     sections, current = [], []
     for line in old.text.splitlines(keepends=True):
         if line.startswith("# ") and current:
@@ -245,7 +269,8 @@ def _merge_existing(text: str, existing: str) -> str:
         current.append(line)
     sections.append("".join(current))
     kept = [section for section in sections if section.strip() and not section.startswith(CARD_TITLE)]
-    new.text = new.text.rstrip() + "\n\n" + "\n".join(section.rstrip() + "\n" for section in kept)
+    if kept:
+        new.text = new.text.rstrip() + "\n\n" + "\n".join(section.rstrip() + "\n" for section in kept)
     return str(new)
 
 

@@ -7,30 +7,36 @@ killed midway is redone from its start (outputs are written atomically under det
 gives the same files). Each stage keeps its datatrove logs, stats and completion markers in
 ``<output>/.datatrove/<stage>``, plus ``accounting.json`` (read = kept + dropped by reason) and the settings the
 output was made with: once a task has completed, rerunning into the same folder with different settings is refused.
+An output folder the stage reads from, or one holding shards (packs) the run does not make, is refused before anything
+is written.
 """
 
 from __future__ import annotations
 
 import json
+import keyword
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from datatrove.executor.base import PipelineExecutor
-from datatrove.io import get_datafolder
+from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.utils.logging import logger
 
-from .accounting import Accounting, collect, write_accounting
+from .accounting import FOLLOW_UP_SUFFIX, Accounting, collect, write_accounting
 from .selection import SelectionRules, require_finalized, resolve_thresholds
 from .shards import atomic_write, list_shards, open_folder, read_parquet
 from .steps.decode import DecodeImages
 from .steps.reader import WebDatasetReader
-from .steps.reshard import ReshardWriter, plan_reshard, write_plan
+from .steps.reshard import ReshardWriter, output_stem, plan_reshard, write_plan
 from .steps.score_writer import ScoreWriter
 from .steps.scoring import BatchScorer
 from .steps.select import SelectionFinalizer, ShardSelector, selection_accounting
 
 EXECUTORS = ("local", "slurm", "ray")
 STAGE_SETTINGS = "settings.json"
+# Columns of every score file (uid, key) and names every --where has (width, height): no score column may be one.
+RESERVED_SCORE_COLUMNS = ("uid", "key", "width", "height")
 
 
 @dataclass
@@ -130,9 +136,10 @@ def completed_tasks(logging_dir: str) -> int:
     return len(folder.list_files("completions")) if folder.isdir("completions") else 0
 
 
-def _check_settings(logging_dir: str, settings: dict) -> None:
+def _check_settings(logging_dir: str, settings: dict, outputs: str = "") -> None:
     """Refuse to resume a stage whose completed tasks were made with other settings (a rerun would skip them). A run
-    none of whose tasks completed (e.g. it failed on a mistyped --model) binds nothing: its settings are replaced."""
+    none of whose tasks completed (e.g. it failed on a mistyped --model) binds nothing: its settings are replaced.
+    ``outputs``: the files that run made, named in the error (deleting the logs alone would leave them behind)."""
     folder = get_datafolder(logging_dir)
     text = json.dumps(settings, sort_keys=True, default=str)
     if folder.exists(STAGE_SETTINGS):
@@ -141,11 +148,52 @@ def _check_settings(logging_dir: str, settings: dict) -> None:
         if json.loads(previous) == json.loads(text):
             return
         if completed_tasks(logging_dir):
+            also = f" and {outputs}" if outputs else ""
             raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}); use another "
-                             f"output folder, or delete that one to start over")
+                             f"output folder, or delete that folder{also} to start over")
         logger.info(f"{folder.path}: no task of the earlier run completed; its settings are replaced")
     with atomic_write(folder, STAGE_SETTINGS, "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)
+
+
+def _folder_identity(folder: DataFolderLike) -> tuple[str, str]:
+    """(protocol, normalised path) of a folder: two spellings of one place (relative, trailing slash, symlink) are
+    equal."""
+    data_folder = open_folder(folder)
+    protocol = data_folder.fs.protocol
+    protocol = protocol if isinstance(protocol, str) else protocol[0]
+    path = data_folder.path.rstrip("/") or "/"
+    return protocol, os.path.realpath(path) if protocol in ("file", "local") else path
+
+
+def refuse_writing_into_inputs(output_folder: DataFolderLike, inputs: dict[str, DataFolderLike | None]) -> None:
+    """Refuse an output folder that is one of the folders the stage reads (``inputs``: option -> folder): its
+    ``<shard>.parquet`` / ``<shard>.tar`` files would replace the input's (img2dataset metadata, scores, decisions,
+    shards) while later tasks still read them. Raised before anything is written."""
+    target = _folder_identity(output_folder)
+    for option, folder in inputs.items():
+        if folder is not None and _folder_identity(folder) == target:
+            raise ValueError(f"the output folder {open_folder(output_folder).path} is the {option} folder: writing "
+                             "there would overwrite the files this stage reads; choose another --output")
+
+
+def refuse_unplanned_files(folder: DataFolderLike, patterns: tuple[str, ...], planned: set[str], resumed: bool,
+                           logging_dir: str) -> None:
+    """Refuse an output folder holding shard or pack files (``patterns``) this run does not write: left there by an
+    earlier run (its logs deleted, or kept elsewhere), they would be loaded and published with the new corpus.
+    ``resumed``: ``logging_dir`` records an earlier run of this plan, so files named as ``planned`` are its own
+    (a rerun after an interruption completes them); otherwise no file there is this run's. Raised before anything
+    is written."""
+    data_folder = open_folder(folder)
+    existing = sorted({name for pattern in patterns for name in data_folder.glob(pattern)})
+    unexpected = [name for name in existing if not resumed or name not in planned]
+    if not unexpected:
+        return
+    shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+    origin = ("this run does not write (left by an earlier run with other settings)" if resumed else
+              f"not made by a run recorded in {get_datafolder(logging_dir).path}")
+    raise ValueError(f"{data_folder.path} holds {len(unexpected)} file(s) {origin}: {shown}; they would be "
+                     "published with the new ones. Delete them to start over, or use another output folder")
 
 
 def _finish(logging_dir: str, finished: bool) -> Accounting | None:
@@ -171,6 +219,18 @@ def _shard_count(folder: str) -> int:
     return len(shards)
 
 
+def check_score_columns(columns: Iterable[str]) -> None:
+    """Refuse score column names that collide with the score file's own columns or --where's builtins, or that
+    --where cannot name: checked before any sample is scored."""
+    for name in columns:
+        if name in RESERVED_SCORE_COLUMNS:
+            raise ValueError(f"score column {name!r} is reserved (score files have uid and key columns, --where has "
+                             "width and height); choose another name")
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"score column {name!r} cannot be used in --where: use letters, digits and "
+                             "underscores, not starting with a digit")
+
+
 def score_pipeline(input_folder: str, output_folder: str, scorer: BatchScorer, missing_uid: str = "derive",
                    max_pixels: int | None = None) -> list:
     """reader -> decode -> scorer -> one score parquet per input shard."""
@@ -188,12 +248,15 @@ def run_score(input_folder: str, output_folder: str, scorer: BatchScorer, config
               missing_uid: str = "derive", max_pixels: int | None = None) -> Accounting | None:
     """Score every sample of ``input_folder``; returns the stage accounting (None when submitted to Slurm)."""
     config = config or ExecutorConfig()
+    refuse_writing_into_inputs(output_folder, {"--input": input_folder})
+    check_score_columns(scorer.output_columns)
     tasks = config.tasks or _shard_count(input_folder)
     logging_dir = _stage_dir(output_folder, "score", config)
     pipeline = score_pipeline(input_folder, output_folder, scorer, missing_uid, max_pixels)
     scorer_settings = {k: v for k, v in pipeline[-1].info.items() if k not in ("batch_size", "device")}
     _check_settings(logging_dir, {"stage": "score", "input": input_folder, "tasks": tasks,
-                                  "missing_uid": missing_uid, "max_pixels": max_pixels, **scorer_settings})
+                                  "missing_uid": missing_uid, "max_pixels": max_pixels, **scorer_settings},
+                    outputs=f"the score files in {output_folder}")
     executor = make_executor(pipeline, config, tasks, logging_dir, job_name="score")
     return _finish(logging_dir, run_executor(executor, config))
 
@@ -204,11 +267,16 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
     """Decide keep/drop for every sample; ``top()`` thresholds are resolved over the whole pool before any task
     runs, uid de-duplication runs after all of them. Returns the selection's accounting (from its files)."""
     config = config or ExecutorConfig()
+    refuse_writing_into_inputs(output_folder, {"--input": input_folder,
+                                               **{f"--scores {n}": f for n, f in rules.scores.items()},
+                                               **{f"--selection {n}": f for n, f in rules.selections.items()}})
     rules.check_names()
     expression = rules.expression()  # parse errors surface before anything runs
     num_shards = _shard_count(input_folder)
     tasks = config.tasks or num_shards
     rules.check_where_names(input_folder)  # a mistyped name fails here, not in every task
+    if expression is not None:  # a type error too: a task on an empty shard would never evaluate the rule
+        expression.check_types(conditions=set(rules.uid_lists) | set(rules.selections))
     for folder in rules.selections.values():  # an unfinished selection has no uid de-duplication yet
         require_finalized(folder, num_shards)
     rules.thresholds = resolve_thresholds(rules, input_folder)
@@ -216,15 +284,17 @@ def run_select(input_folder: str, output_folder: str, rules: SelectionRules, con
         logger.info(f"{name} resolved to a threshold of {threshold:.6g}")
     logging_dir = _stage_dir(output_folder, "select", config)
     settings = {"stage": "select", "input": input_folder, "tasks": tasks, "metadata_source": metadata_source,
-                "missing_uid": missing_uid, "rules": _rules_dict(rules)}
-    _check_settings(logging_dir, settings)
+                "missing_uid": missing_uid, "rules": _rules_dict(rules),
+                # marks of an earlier de-duplication stay in the decision files: turning it off must start over
+                "dedup_uid": dedup_uid}
+    _check_settings(logging_dir, settings, outputs=f"the decision files in {output_folder}")
     selector = make_executor([ShardSelector(input_folder, output_folder, rules, metadata_source, missing_uid)],
                              config, tasks, logging_dir, job_name="select")
     finalizer_config = ExecutorConfig(**{**asdict(config), "tasks": 1, "workers": 1, "logging_dir": None})
     finalizer = make_executor(
         [SelectionFinalizer(input_folder, output_folder, dedup_uid, info={**settings, "where": expression and
                                                                            expression.source})],
-        finalizer_config, 1, f"{logging_dir}-finalize", depends=selector if config.kind != "ray" else None,
+        finalizer_config, 1, f"{logging_dir}{FOLLOW_UP_SUFFIX}", depends=selector if config.kind != "ray" else None,
         job_name="select-finalize",
     )
     if config.kind == "ray":  # datatrove's Ray executor waits on dependencies in 2-minute sleeps: run in order
@@ -253,6 +323,7 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     output). ``verify_images``: "full" decodes every image (what guarantees the corpus loads), "quick" only checks
     headers and truncation (faster; corrupt scan data gets through)."""
     config = config or ExecutorConfig()
+    refuse_writing_into_inputs(output_folder, {"--input": input_folder, "--selection": selection_folder})
     logging_dir = _stage_dir(output_folder, "reshard", config)
     plan = plan_reshard(input_folder, selection_folder, shard_size)
     log_folder = get_datafolder(logging_dir)
@@ -260,14 +331,20 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     if log_folder.exists("plan.parquet"):
         with log_folder.open("plan.parquet", "rb") as handle:
             previous = read_parquet(handle)
-    if previous is None or not previous.equals(plan):
+    start_over = (f"use another output folder, or delete {log_folder.path} and the shards in "
+                  f"{open_folder(output_folder).path} to start over")
+    if previous is not None and not previous.equals(plan) and (completed_tasks(logging_dir)
+                                                               or _shards_in(output_folder)):
         # a plan no output was made from yet (the earlier run failed before writing any shard) binds nothing
-        if previous is not None and (completed_tasks(logging_dir) or _shards_in(output_folder)):
-            raise ValueError(f"{output_folder} was resharded from a different selection or shard size; "
-                             "use another output folder")
+        raise ValueError(f"{output_folder} was resharded from a different selection or shard size; {start_over}")
+    num_shards = -(-plan.num_rows // shard_size)
+    stems = [output_stem(index, num_shards) for index in range(num_shards)]
+    refuse_unplanned_files(output_folder, ("*.tar", "*.parquet"),
+                           {f"{stem}.{ext}" for stem in stems for ext in ("tar", "parquet")},
+                           resumed=previous is not None, logging_dir=logging_dir)
+    if previous is None or not previous.equals(plan):
         with atomic_write(log_folder, "plan.parquet") as handle:  # read back by every rerun
             handle.write(write_plan(plan, shard_size))
-    num_shards = -(-plan.num_rows // shard_size)
     if num_shards == 0:
         logger.warning("the selection keeps no sample: nothing to reshard")
         accounting = Accounting()
@@ -276,7 +353,7 @@ def run_reshard(input_folder: str, selection_folder: str, output_folder: str, co
     tasks = min(config.tasks or num_shards, num_shards)
     _check_settings(logging_dir, {"stage": "reshard", "input": input_folder, "selection": selection_folder,
                                   "shard_size": shard_size, "verify_images": verify_images, "tasks": tasks,
-                                  "missing_uid": missing_uid})
+                                  "missing_uid": missing_uid}, outputs=f"the shards in {output_folder}")
     writer = ReshardWriter(input_folder, output_folder, log_folder.resolve_paths("plan.parquet"),
                            verify_images=verify_images, missing_uid=missing_uid)
     executor = make_executor([writer], config, tasks, logging_dir, job_name="reshard")

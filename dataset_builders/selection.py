@@ -23,6 +23,7 @@ from .rules import Expression, ImageRules, RuleError, TextRules, resolve_top_thr
 from .shards import (
     Dropped,
     ShardProblem,
+    UnreadableParquet,
     iter_samples,
     list_shards,
     open_parquet,
@@ -36,6 +37,8 @@ SELECTION_SCHEMA = pa.schema(
     [("key", pa.string()), ("uid", pa.string()), ("keep", pa.bool_()), ("reason", pa.string())]
 )
 MANIFEST = "_manifest.json"
+# Schema metadata of a decision file: json of the shard's events (a corrupt tar, an unreadable metadata parquet).
+EVENTS_METADATA = "open_qwen2vl_events"
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ShardMetadata:
     drops: list[tuple[str, str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     source: str = "tar"
+    parquet_error: str = ""  # why an existing metadata parquet was not read ("auto" scanned the tar instead)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -99,7 +103,13 @@ def _metadata_from_parquet(table: pa.Table, missing_uid: str) -> ShardMetadata:
     urls = _column(table, "url") or [None] * table.num_rows
     widths = _column(table, "width", "original_width") or [None] * table.num_rows
     heights = _column(table, "height", "original_height") or [None] * table.num_rows
+    seen: set[str] = set()
     for key, caption, uid, url, width, height in zip(keys, captions, uids, urls, widths, heights):
+        # as the tar reader: a key's first row is the sample, later ones are drops (one tar member per key is read)
+        if key in seen:
+            meta.drops.append((key, "duplicate_key", "key seen earlier in the shard's parquet"))
+            continue
+        seen.add(key)
         if not isinstance(caption, str):
             meta.drops.append((key, "missing_caption", ""))
             continue
@@ -126,12 +136,21 @@ def _rows_without_uid_or_url(table: pa.Table) -> bool:
 def load_shard_metadata(folder: DataFolderLike, shard: str, *, source: str = "auto", missing_uid: str = "derive",
                         need_size: bool = False) -> ShardMetadata:
     """Metadata of one shard from its img2dataset parquet (``source="parquet"``), a tar scan ("tar") or either
-    ("auto": the parquet when present, carrying image sizes if image rules need them, and giving every row a uid or
-    a url to derive one from). With ``source="parquet"`` a row with neither is a ``missing_uid`` drop."""
+    ("auto": the parquet when present and readable, carrying image sizes if image rules need them, and giving every
+    row a uid or a url to derive one from; an unreadable one is reported in ``parquet_error``). With
+    ``source="parquet"`` a row with neither is a ``missing_uid`` drop, and an unreadable parquet raises
+    ``UnreadableParquet``."""
     if source not in ("auto", "parquet", "tar"):
         raise ValueError(f"metadata source must be auto, parquet or tar, got {source!r}")
+    parquet_error = ""
     if source != "tar":
-        table = read_sidecar_parquet(folder, shard)
+        try:
+            table = read_sidecar_parquet(folder, shard)
+        except UnreadableParquet as error:
+            if source == "parquet":
+                raise UnreadableParquet(f"{error}; select with --metadata auto or tar to read the tar instead") \
+                    from error
+            table, parquet_error = None, str(error)
         if table is None and source == "parquet":
             raise FileNotFoundError(f"no metadata parquet {shard_stem(shard)}.parquet beside {shard}")
         has_keys = table is not None and "key" in table.column_names
@@ -144,7 +163,9 @@ def load_shard_metadata(folder: DataFolderLike, shard: str, *, source: str = "au
             return _metadata_from_parquet(table, missing_uid)
         if source == "parquet":
             raise ValueError(f"{shard_stem(shard)}.parquet lacks 'key'" + (" or image sizes" if need_size else ""))
-    return _metadata_from_tar(folder, shard, missing_uid)
+    meta = _metadata_from_tar(folder, shard, missing_uid)
+    meta.parquet_error = parquet_error
+    return meta
 
 
 def _is_score_column(column: pa.Field) -> bool:
@@ -161,18 +182,25 @@ def score_column_names(score_folder: DataFolderLike, shard: str) -> set[str]:
         return {column.name for column in open_parquet(handle).schema_arrow if _is_score_column(column)}
 
 
-def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str]) -> dict[str, np.ndarray]:
-    """Numeric score columns of one shard aligned to ``uids`` (NaN where a uid has no score or a null score)."""
+def read_score_columns(score_folder: DataFolderLike, shard: str, uids: list[str],
+                       keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Numeric score columns of one shard aligned to the samples ``uids`` (and ``keys``), NaN where a sample has no
+    score or a null score. Rows are matched on (uid, key) when the score file has a ``key`` column and ``keys`` are
+    given (two samples of a shard can carry the same uid), else on the uid alone (its first row)."""
     folder = get_datafolder(score_folder)
     name = shard_stem(shard) + ".parquet"
     if not folder.exists(name):
         raise FileNotFoundError(f"no scores for shard {shard} in {folder.path} (expected {name}); run the score stage")
     with folder.open(name, "rb") as handle:
         table = read_parquet(handle)
-    position: dict[str, int] = {}
-    for i, uid in enumerate(table.column("uid").to_pylist()):
-        position.setdefault(uid, i)
-    index = np.array([position.get(uid, -1) for uid in uids], dtype=np.int64)
+    stored: list = table.column("uid").to_pylist()
+    wanted: list = list(uids)
+    if keys is not None and "key" in table.column_names:
+        stored, wanted = list(zip(stored, table.column("key").to_pylist())), list(zip(uids, keys))
+    position: dict = {}
+    for i, ident in enumerate(stored):
+        position.setdefault(ident, i)
+    index = np.array([position.get(ident, -1) for ident in wanted], dtype=np.int64)
     columns = {}
     for column in table.column_names:
         if not _is_score_column(table.schema.field(column)):
@@ -273,7 +301,7 @@ def evaluate_shard(meta: ShardMetadata, rules: SelectionRules, shard: str, input
             kept = dict(zip(table.column("key").to_pylist(), table.column("keep").to_pylist()))
             columns[name] = np.array([bool(kept.get(key, False)) for key in meta.key])
         for folder in rules.scores.values():
-            for column, values in read_score_columns(folder, shard, meta.uid).items():
+            for column, values in read_score_columns(folder, shard, meta.uid, meta.key).items():
                 if column in columns:
                     raise RuleError(f"column {column!r} exists in two sources; rename one score column")
                 columns[column] = values
@@ -341,5 +369,5 @@ def mark_duplicates(table: pa.Table, duplicate: np.ndarray) -> pa.Table:
     reason = [("duplicate_uid" if dup else r) for dup, r in zip(duplicate, table.column("reason").to_pylist())]
     return pa.Table.from_pydict(
         {"key": table.column("key"), "uid": table.column("uid"), "keep": keep.tolist(), "reason": reason},
-        schema=SELECTION_SCHEMA,
+        schema=SELECTION_SCHEMA.with_metadata(table.schema.metadata or {}),  # keeps the shard's events
     )

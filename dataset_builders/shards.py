@@ -155,11 +155,16 @@ def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | Sha
                     problem = problem or "duplicate_field"
                 current.files[ext] = stream.extractfile(member).read()
                 stream.members = []  # a streamed tar otherwise keeps every TarInfo in memory
-            # tarfile ends silently when the file stops inside a member header (after the first member): a complete
-            # uncompressed tar has at least one end-of-archive block after its last member.
+            # tarfile ends silently, as if the archive ended, when the file stops inside a member header or a header
+            # is damaged (garbage, a zeroed hole): a complete uncompressed tar has an end-of-archive block after its
+            # last member and nothing but zero padding after that.
             reader.drain()
             if reader.uncompressed and reader.total < stream.offset + tarfile.BLOCKSIZE:
                 raise tarfile.ReadError(f"file ends inside a member header at byte {reader.total}")
+            if reader.uncompressed and reader.data_end > stream.offset:
+                raise tarfile.ReadError(
+                    f"unreadable member header at byte {stream.offset} (damaged tar); the "
+                    f"{reader.data_end - stream.offset} bytes after it cannot be read")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         if current is not None:
             yield Dropped(current.key, "corrupt_shard", f"{name}: {error}")
@@ -171,12 +176,14 @@ def iter_tar(fileobj, name: str = "<tar>") -> Iterator[RawSample | Dropped | Sha
 
 
 class _CountingReader(io.RawIOBase):
-    """Counts the bytes of a stream and remembers its first block (to tell a plain tar from a compressed one)."""
+    """Counts the bytes of a stream, remembers its first block (to tell a plain tar from a compressed one) and where
+    its last non-zero byte ends (``data_end``: anything past the end-of-archive block but zero padding is damage)."""
 
     def __init__(self, raw):
         super().__init__()
         self.raw = raw
         self.total = 0
+        self.data_end = 0
         self.head = b""
 
     def readable(self) -> bool:
@@ -186,6 +193,10 @@ class _CountingReader(io.RawIOBase):
         data = self.raw.read(size)
         if len(self.head) < tarfile.BLOCKSIZE:
             self.head += data[: tarfile.BLOCKSIZE - len(self.head)]
+        if data and data[-1]:  # the common case, without copying the chunk
+            self.data_end = self.total + len(data)
+        elif nonzero := len(data.rstrip(b"\0")):
+            self.data_end = self.total + nonzero
         self.total += len(data)
         return data
 
@@ -195,7 +206,12 @@ class _CountingReader(io.RawIOBase):
 
     @property
     def uncompressed(self) -> bool:
-        return self.head[257:262] == b"ustar"
+        # tarfile's own test (_StreamProxy.getcomptype), not the ustar magic: a tar whose first header is damaged
+        # has none, and must still be checked
+        head = self.head
+        compressed = (head.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ"))
+                      or (head[:3] == b"BZh" and head[4:10] == b"1AY&SY"))
+        return bool(head) and not compressed
 
 
 def _decode_caption(raw: RawSample, meta: dict) -> str | Dropped:
@@ -314,14 +330,23 @@ def parquet_on_this_thread(handle) -> Iterator[pq.ParquetFile]:
         parquet.close(force=True)
 
 
+class UnreadableParquet(ValueError):
+    """A metadata parquet that exists but cannot be read (truncated, corrupt); the message names the file."""
+
+
 def read_sidecar_parquet(folder: DataFolderLike, shard: str) -> pa.Table | None:
-    """The img2dataset metadata parquet next to a shard, or None when there is none."""
+    """The img2dataset metadata parquet next to a shard, or None when there is none; ``UnreadableParquet`` when it
+    is truncated or corrupt (pyarrow's own error does not say which file)."""
     data_folder = open_folder(folder)
     name = shard_stem(shard) + ".parquet"
     if not data_folder.exists(name):
         return None
-    with data_folder.open(name, "rb") as handle:
-        return read_parquet(handle)
+    try:
+        with data_folder.open(name, "rb") as handle:
+            return read_parquet(handle)
+    except (pa.ArrowException, OSError) as error:
+        raise UnreadableParquet(f"metadata parquet {posixpath.join(data_folder.path, name)} of shard {shard} is "
+                                f"unreadable ({error})") from error
 
 
 def _temp_name(name: str) -> str:

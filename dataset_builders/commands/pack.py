@@ -3,10 +3,13 @@
     python -m dataset_builders pack --input <shards folder | dataset> --output <corpus folder> [--config-name packed_144]
 
 The input is either a folder of WebDataset shards (the data stages' output) or anything ``load_dataset`` reads
-(a hub id, a local folder with parquet/imagefolder/json, ...). The output folder gets ``<config>/*.parquet``,
-``<config>/packing_stats.json`` (fill, documents/images/positions per pack, drops by reason) and a ``README.md``
-whose ``configs:`` entry makes ``load_dataset(output, "<config>", split="train")`` (and ``streaming=True``) work;
-other configs already in that card are kept.
+(a hub id, a local folder with parquet/imagefolder/json, ...); its image column is an ``Image`` feature, image file
+paths (json/csv; a relative path is read from the working folder, as datasets' ``Image`` does) or encoded bytes. An
+image file that cannot be read is a counted drop (``image_unreadable``), logged with its path. The output folder
+gets ``<config>/*.parquet``, ``<config>/packing_stats.json`` (fill, documents/images/positions per pack, drops by
+reason) and a ``README.md`` whose ``configs:`` entry makes ``load_dataset(output, "<config>", split="train")`` (and
+``streaming=True``) work; other configs already in that card are kept. A config folder holding packs the run does
+not make (an earlier run's) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def register(subparsers) -> None:
     hf = parser.add_argument_group("datasets input (when --input is not a shard folder)")
     hf.add_argument("--dataset-config", default=None, help="config name passed to load_dataset")
     hf.add_argument("--split", default="train")
-    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--image-column", default="image",
+                    help="an Image feature, image file paths (relative to the working folder) or image bytes")
     hf.add_argument("--text-column", default="text")
     hf.add_argument("--uid-column", default=None)
     add_executor_arguments(parser)
@@ -101,14 +105,26 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_pack(input_path: str, output_folder: str, settings: PackSettings | None = None, executor=None) -> dict | None:
     """Pack ``input_path`` into ``output_folder``; returns the packing statistics (None when submitted to Slurm)."""
-    from ..pipelines import ExecutorConfig, completed_tasks, make_executor, run_executor
+    from ..pipelines import (
+        ExecutorConfig,
+        completed_tasks,
+        make_executor,
+        refuse_unplanned_files,
+        refuse_writing_into_inputs,
+        run_executor,
+    )
     from ..shards import list_shards, open_folder
-    from ..steps.pack import ImageTextDatasetReader, PackWriter
+    from ..steps.pack import ImageTextDatasetReader, PackWriter, packed_file_name
     from ..steps.reader import WebDatasetReader
 
     settings = settings or PackSettings()
     config = executor or ExecutorConfig()
+    refuse_writing_into_inputs(output_folder, {"--input": input_path})
     shards = _shards_or_none(input_path, list_shards)
+    if not shards and os.path.isdir(input_path) and _is_inside(output_folder, input_path):
+        # load_dataset(input) reads a local folder recursively: the packs would become part of the input
+        raise ValueError(f"the output folder {output_folder} is inside the dataset folder --input {input_path}, "
+                         "whose files load_dataset reads; choose an --output outside it")
     if shards:
         reader = WebDatasetReader(input_path)
         tasks = config.tasks or len(shards)
@@ -123,10 +139,15 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
                         settings.algorithm, settings.buffer_size, settings.tokenizer, settings.truncate)
     logging_dir = config.logging_dir or f"{output_folder.rstrip('/')}/.datatrove/pack-{settings.config_name}"
     recorded = {"input": input_path, "tasks": tasks, **settings.__dict__}
+    log_folder, packs = open_folder(logging_dir), f"{settings.config_name}/*.parquet"
+    planned = [f"{settings.config_name}/{packed_file_name(rank, tasks)}" for rank in range(tasks)]
+    previous = _recorded_settings(log_folder)
+    if previous is None or previous == _as_recorded(recorded):  # other settings: _check_settings says what to do
+        refuse_unplanned_files(output_folder, (packs,), set(planned), resumed=previous is not None,
+                               logging_dir=logging_dir)
     # settings bind once a task completed or wrote its file (a failed first try, e.g. a mistyped --tokenizer, does not)
-    started = completed_tasks(logging_dir) > 0 or bool(open_folder(output_folder).glob(
-        f"{settings.config_name}/*.parquet"))
-    _check_settings(open_folder(logging_dir), recorded, started)
+    started = completed_tasks(logging_dir) > 0 or bool(open_folder(output_folder).glob(packs))
+    _check_settings(log_folder, recorded, started, outputs=f"{open_folder(output_folder).path}/{packs}")
     executor = make_executor([reader, writer], config, tasks, logging_dir, job_name="pack")
     if not run_executor(executor, config):
         return None
@@ -134,8 +155,13 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
     folder = open_folder(output_folder)
     with folder.open(f"{settings.config_name}/{PACKING_STATS_FILE}", "wt") as handle:
         json.dump(stats, handle, indent=2)
-    write_card(output_folder, settings.config_name)
+    write_card(output_folder, settings.config_name, planned)
     return stats
+
+
+def _is_inside(folder: str, parent: str) -> bool:
+    folder, parent = os.path.realpath(folder), os.path.realpath(parent)
+    return folder != parent and os.path.commonpath([folder, parent]) == parent
 
 
 def _shards_or_none(input_path: str, list_shards) -> list[str]:
@@ -145,20 +171,33 @@ def _shards_or_none(input_path: str, list_shards) -> list[str]:
         return []
 
 
-def _check_settings(folder, recorded: dict, started: bool = True) -> None:
+def _as_recorded(recorded: dict) -> dict:
+    """``recorded`` as it reads back from settings.json."""
+    return json.loads(json.dumps(recorded, sort_keys=True, default=str))
+
+
+def _recorded_settings(folder) -> dict | None:
+    if not folder.exists("settings.json"):
+        return None
+    with folder.open("settings.json", "rt") as handle:
+        return json.load(handle)
+
+
+def _check_settings(folder, recorded: dict, started: bool = True, outputs: str = "") -> None:
     """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently once
-    ``started`` (some task completed or wrote its file); before that, the new settings replace the old."""
+    ``started`` (some task completed or wrote its file); before that, the new settings replace the old.
+    ``outputs``: the packs that run made, named in the error (deleting the logs alone would leave them behind)."""
     from ..shards import atomic_write
 
     text = json.dumps(recorded, sort_keys=True, default=str)
-    if folder.exists("settings.json"):
-        with folder.open("settings.json", "rt") as handle:
-            same = json.load(handle) == json.loads(text)
-        if same:
+    previous = _recorded_settings(folder)
+    if previous is not None:
+        if previous == json.loads(text):
             return
         if started:
+            also = f" and {outputs}" if outputs else ""
             raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
-                             "--config-name or output folder, or delete it to start over")
+                             f"--config-name or output folder, or delete that folder{also} to start over")
     with atomic_write(folder, "settings.json", "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)
 
@@ -216,9 +255,11 @@ def _summary(metric) -> dict:
     return {key: getattr(metric, key) for key in ("total", "n", "mean", "min", "max")}
 
 
-def write_card(output_folder: str, config_name: str) -> None:
+def write_card(output_folder: str, config_name: str, files: list[str] | None = None) -> None:
     """Add (or refresh) the ``config_name`` entry of the folder's dataset card and its ``dataset_info`` (pack count
-    and content fingerprint, see ``cards.fingerprint_info``); other configs are kept."""
+    and content fingerprint, see ``cards.fingerprint_info``); other configs are kept. ``files``: the packs the run
+    made (default: every parquet of the config): only they are counted, so a stray file in the folder makes the
+    count differ from what datasets loads, which then fails instead of loading it."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from ..cards import fingerprint_info
@@ -228,7 +269,8 @@ def write_card(output_folder: str, config_name: str) -> None:
     pattern = f"{config_name}/*.parquet"
     entry = {"config_name": config_name, "data_files": [{"split": "train", "path": pattern}]}
     packs = 0
-    for name in folder.glob(pattern):  # rows = packs, from the parquet footers
+    names = folder.glob(pattern) if files is None else [name for name in files if folder.exists(name)]
+    for name in names:  # rows = packs, from the parquet footers
         with folder.open(name, "rb") as handle, parquet_on_this_thread(handle) as parquet_file:
             packs += parquet_file.metadata.num_rows
     # Without it, re-packing into the same path (or packing another corpus whose folder has the same name) loads

@@ -8,6 +8,17 @@ from ..mlm_filter_prompts import METRICS, TEMPLATES
 from .common import add_executor_arguments, executor_config, report
 
 
+def score_column(text: str) -> str:
+    """argparse type: a score column name --where can use and that no kit column has (checked before scoring)."""
+    from ..pipelines import check_score_columns
+
+    try:
+        check_score_columns([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _add_io(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="folder (or fsspec URL) of *.tar shards")
     parser.add_argument("--output", required=True, help="folder for the score parquets (00000.parquet, ...)")
@@ -33,7 +44,8 @@ def register(subparsers) -> None:
                     "AutoProcessor), e.g. openai/clip-vit-large-patch14 or google/siglip-so400m-patch14-384.",
     )
     _add_io(clip)
-    clip.add_argument("--column", default="clip_score", help="name of the score column (default clip_score)")
+    clip.add_argument("--column", type=score_column, default="clip_score",
+                      help="name of the score column (default clip_score; not uid, key, width or height)")
     clip.set_defaults(func=_run_clip)
 
     mlm = scorers.add_parser(

@@ -7,14 +7,15 @@ from collections import Counter
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
-from ..accounting import DROPPED, EVENT, KEPT, READ
+from ..accounting import DROPPED, EVENT, KEPT, READ, RECLASSIFIED
 
 # Each task logs the first few drops of every reason with the sample and shard, then only counts.
 LOGGED_DROPS_PER_REASON = 20
 
 
 class CountingStep(PipelineStep):
-    """A PipelineStep that counts ``read`` / ``kept`` / ``dropped/<reason>`` / ``event/<name>`` (see accounting)."""
+    """A PipelineStep that counts ``read`` / ``kept`` / ``dropped/<reason>`` / ``event/<name>`` /
+    ``reclassified/<reason>`` (see accounting)."""
 
     def __init__(self):
         super().__init__()
@@ -31,6 +32,11 @@ class CountingStep(PipelineStep):
     def count_event(self, name: str, value: int = 1) -> None:
         if value:
             self.stat_update(EVENT + name, value=value)
+
+    def reclassify(self, reason: str, value: int) -> None:
+        """Count ``value`` samples an earlier task of the stage counted as kept as dropped for ``reason``."""
+        if value:
+            self.stat_update(RECLASSIFIED + reason, value=value)
 
     def drop(self, reason: str, where: str = "", detail: str = "", value: int = 1) -> None:
         """Count ``value`` dropped samples for ``reason``; log the first few with where they were and why."""

@@ -11,10 +11,10 @@ writes one parquet file per task: ``<output>/<config>/train-<rank>-of-<tasks>.pa
     uids:   list[str]
 
 which is enough to rebuild the sequence with any compatible tokenizer (``PackedCollator``). Counted per task in
-datatrove's stats: ``kept`` (documents packed), ``dropped/<reason>`` (missing_image, image_undecodable,
-image_truncated, image_empty, image_too_large, empty_caption, caption_not_text, caption_has_image_token, too_long),
-``event/truncated``, and per pack ``pack_positions``, ``pack_documents``, ``pack_images`` (datatrove keeps total,
-mean, min, max of each).
+datatrove's stats: ``kept`` (documents packed), ``dropped/<reason>`` (missing_image, image_unreadable (a file
+referenced by path that cannot be read), image_undecodable, image_truncated, image_empty, image_too_large,
+empty_caption, caption_not_text, caption_has_image_token, too_long), ``event/truncated``, and per pack
+``pack_positions``, ``pack_documents``, ``pack_images`` (datatrove keeps total, mean, min, max of each).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from ..shards import atomic_write
 from .base import CountingStep
 
 PACK_STATS = ("pack_positions", "pack_documents", "pack_images")
+IMAGE_ERROR = "image_error"  # Document metadata: why the reader could not read the row's image file
+# Image column types read as images besides datasets' Image feature: file paths (json/csv sets) and encoded bytes.
+IMAGE_VALUE_TYPES = ("string", "large_string", "binary", "large_binary")
 ROWS_PER_GROUP = 16  # packs per parquet row group (~24 images each): bounded memory when streaming the corpus
 
 
@@ -139,14 +142,18 @@ class PackWriter(CountingStep):
         """The documents whose image fully decodes: the bytes are copied into the corpus as they are, and one that
         does not decode would make iterating ``load_dataset(corpus)`` fail. Others are counted drops (image_*)."""
         for doc in data:
+            where = f"{doc.metadata.get('shard', '')}:{doc.metadata.get('key', '')}".strip(":")
+            where = f"{where or 'sample'} (uid {doc.id})"
+            if doc.metadata.get(IMAGE_ERROR):  # the reader could not read the image file the row names
+                self.drop("image_unreadable", where, doc.metadata[IMAGE_ERROR])
+                continue
             media = doc.media[0] if doc.media else None
             if media is not None and media.media_bytes:
                 try:
                     with self.track_time():
                         inspect_image(media.media_bytes, full_decode=True)
                 except BadImage as error:
-                    where = f"{doc.metadata.get('shard', '')}:{doc.metadata.get('key', '')}".strip(":")
-                    self.drop(error.reason, f"{where or 'sample'} (uid {doc.id})", error.detail)
+                    self.drop(error.reason, where, error.detail)
                     continue
             yield doc
 
@@ -198,13 +205,21 @@ class ImageTextDatasetReader(HuggingFaceDatasetReader):
         self.uid_column = uid_column
 
     def _get_dataset_shard(self, dst, rank: int, world_size: int):
-        from datasets import Image
+        from datasets import Image, Value
 
-        missing = [c for c in (self.image_column, self.text_column) if c not in (dst.column_names or [])]
+        columns = dst.column_names
+        if columns is None:  # a streamed csv is typed only once read: its first row names the columns
+            columns = list(next(iter(dst.take(1)), {}))
+        missing = [c for c in (self.image_column, self.text_column) if c not in columns]
         if missing:
-            raise ValueError(f"dataset {self.dataset!r} has no column(s) {missing}; columns: {dst.column_names}")
-        if isinstance(dst.features[self.image_column], Image):
+            raise ValueError(f"dataset {self.dataset!r} has no column(s) {missing}; columns: {columns}")
+        feature = dst.features[self.image_column] if dst.features else None
+        if isinstance(feature, Image):
             dst = dst.cast_column(self.image_column, Image(decode=False))
+        elif feature is not None and not (isinstance(feature, Value) and feature.dtype in IMAGE_VALUE_TYPES):
+            # else every row would be dropped as missing_image
+            raise ValueError(f"column {self.image_column!r} of dataset {self.dataset!r} is {feature}: expected an "
+                             "Image feature, image file paths (strings) or encoded image bytes")
         return super()._get_dataset_shard(dst, rank, world_size)
 
     def get_document_from_dict(self, data: dict, source_file: str, id_in_file: int | str):
@@ -213,20 +228,30 @@ class ImageTextDatasetReader(HuggingFaceDatasetReader):
 
 
 def _adapt_image_text(reader: ImageTextDatasetReader, data: dict, path: str, id_in_file: int | str) -> dict:
-    """Row -> Document fields (datatrove binds the adapter to the reader)."""
+    """Row -> Document fields (datatrove binds the adapter to the reader). An image file that cannot be read is
+    noted in the metadata (``IMAGE_ERROR``) for ``PackWriter`` to count as a drop, not raised (one missing file
+    would fail the whole task)."""
     image = data.get(reader.image_column)
-    media = []
+    if isinstance(image, str):  # a path (json/csv sets): as datasets' Image feature, relative to the working folder
+        image = {"bytes": None, "path": image}
+    elif isinstance(image, (bytes, bytearray)):
+        image = {"bytes": bytes(image), "path": None}
+    media, metadata = [], {"caption": data.get(reader.text_column)}
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         media_bytes = image.get("bytes")
         if media_bytes is None:  # image files referenced by path (imagefolder, local json/csv sets)
-            with fsspec.open(image["path"], "rb") as handle:
-                media_bytes = handle.read()
-        media = [{"id": str(id_in_file), "type": 0, "url": image.get("path") or "", "media_bytes": media_bytes}]
-    caption = data.get(reader.text_column)
+            try:
+                with fsspec.open(image["path"], "rb") as handle:
+                    media_bytes = handle.read()
+            except (OSError, ValueError) as error:
+                metadata[IMAGE_ERROR] = f"cannot read image file {image['path']!r}: {error}"
+        if media_bytes is not None:
+            media = [{"id": str(id_in_file), "type": 0, "url": image.get("path") or "", "media_bytes": media_bytes}]
+    caption = metadata["caption"]
     uid = data.get(reader.uid_column) if reader.uid_column else None
     return {
         "text": caption if isinstance(caption, str) and caption else " ",  # datatrove skips empty text
         "id": str(uid) if uid is not None else f"{path}/{id_in_file}",
         "media": media,
-        "metadata": {"caption": caption},
+        "metadata": metadata,
     }

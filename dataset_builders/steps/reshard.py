@@ -107,7 +107,12 @@ class ReshardWriter(CountingStep):
         self.count_read(rows.num_rows)
         groups: dict[str, dict[str, str]] = {}
         for src, key, uid in zip(*(rows.column(c).to_pylist() for c in ("src_shard", "key", "uid"))):
-            groups.setdefault(src, {})[key] = uid
+            needed = groups.setdefault(src, {})
+            if key in needed:  # a tar gives one sample per key: a repeat in the plan is counted, never collapsed
+                self.drop("duplicate_key", f"{src}:{key}", f"planned twice (uid {uid}); the shard holds one sample "
+                                                           "per key")
+                continue
+            needed[key] = uid
         width = len(str(max(rows.num_rows - 1, 0)))
         writer = ShardWriter(self.output_folder, stem)
         try:

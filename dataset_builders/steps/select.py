@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..accounting import Accounting
 from ..selection import (
+    EVENTS_METADATA,
     MANIFEST,
     SELECTION_SCHEMA,
     SelectionRules,
@@ -63,9 +64,15 @@ class ShardSelector(CountingStep):
     def _select_shard(self, shard: str, uid_lists: dict[str, UidList]) -> None:
         meta = load_shard_metadata(self.input_folder, shard, source=self.metadata_source,
                                    missing_uid=self.missing_uid, need_size=self.rules.image.active)
+        events: Counter = Counter()
         for problem in meta.problems:
-            self.count_event("corrupt_shards")
+            events["corrupt_shards"] += 1
             logger.error(f"shard {shard} is truncated or corrupt, samples after the damage are lost: {problem}")
+        if meta.parquet_error:
+            events["metadata_parquet_unreadable"] += 1
+            logger.warning(f"{meta.parquet_error}; read the metadata of {shard} from the tar instead")
+        for name, value in events.items():
+            self.count_event(name, value)
         self.count_read(len(meta) + len(meta.drops))
         rows = {"key": [], "uid": [], "keep": [], "reason": []}
         for key, reason, detail in meta.drops:
@@ -79,14 +86,18 @@ class ShardSelector(CountingStep):
             for column, value in zip(rows, (key, uid, kept, reason)):
                 rows[column].append(value)
         self.count_kept(int(keep.sum()))
+        # the shard's events go into its decision file too, so the selection's own accounting reports them
+        schema = SELECTION_SCHEMA.with_metadata({EVENTS_METADATA: json.dumps(events)}) if events else SELECTION_SCHEMA
         write_parquet_atomic(self.output_folder, shard_stem(shard) + ".parquet",
-                             pa.Table.from_pydict(rows, schema=SELECTION_SCHEMA))
+                             pa.Table.from_pydict(rows, schema=schema))
 
 
 def selection_accounting(selection_folder: DataFolderLike, shards: list[str]) -> Accounting:
-    """Read/kept/dropped-by-reason of a finished selection, from its decision files (the authoritative count)."""
+    """Read/kept/dropped-by-reason and shard events of a finished selection, from its decision files (the
+    authoritative count)."""
     folder = get_datafolder(selection_folder)
     reasons: Counter = Counter()
+    events: Counter = Counter()
     read = kept = 0
     for shard in shards:
         with folder.open(shard_stem(shard) + ".parquet", "rb") as handle:
@@ -95,7 +106,8 @@ def selection_accounting(selection_folder: DataFolderLike, shards: list[str]) ->
         read += len(keep)
         kept += int(keep.sum())
         reasons.update(r for r, k in zip(table.column("reason").to_pylist(), keep) if not k)
-    return Accounting(read=read, kept=kept, dropped=dict(reasons), tasks=len(shards))
+        events.update(json.loads((table.schema.metadata or {}).get(EVENTS_METADATA.encode(), b"{}")))
+    return Accounting(read=read, kept=kept, dropped=dict(reasons), events=dict(events), tasks=len(shards))
 
 
 class SelectionFinalizer(CountingStep):
@@ -137,8 +149,10 @@ class SelectionFinalizer(CountingStep):
                     with folder.open(name, "rb") as handle:
                         table = read_parquet(handle)
                     write_parquet_atomic(folder, name, mark_duplicates(table, duplicate))
-                    self.count_event("duplicate_uid", int(duplicate.sum()))
         accounting = selection_accounting(folder, shards)
+        # The select tasks counted these samples as kept; `stats` folds this task's stats into theirs. All of them,
+        # not just the ones marked now: a rerun finds the earlier ones already marked.
+        self.reclassify("duplicate_uid", accounting.dropped.get("duplicate_uid", 0))
         with atomic_write(folder, MANIFEST, "wt") as handle:
             json.dump({**self.info, "dedup_uid": self.dedup_uid, "shards": len(shards),
                        "accounting": accounting.to_dict()}, handle, indent=2)
