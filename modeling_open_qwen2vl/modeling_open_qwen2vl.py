@@ -10,8 +10,13 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
+
+
+# Private forward keyword: generate() left this step's images out on purpose, so placeholders without them are no error.
+IMAGES_WITHHELD = "_images_withheld"
 
 
 class OpenQwen2VLProjector(nn.Module):
@@ -152,6 +157,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             )
         return mask
 
+    @can_return_tuple  # return_dict=False (or config.return_dict=False) gives a tuple, as Qwen2Model / LlavaModel
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -162,10 +168,11 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        kwargs.pop("return_dict", None)  # generate() passes return_dict=True
+        # Set by prepare_inputs_for_generation when generate() withholds the images on purpose (see there).
+        images_withheld = kwargs.pop(IMAGES_WITHHELD, False)
         if use_cache is None and self.training:
             # A cache is useless in training, and its presence makes transformers ignore packed position_ids
             # (documents of an isolated pack would see each other again).
@@ -180,6 +187,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), image_features)
         elif (
             input_ids is not None
+            and not images_withheld
             and not torch.compiler.is_compiling()  # compiled decoding steps: a static cache's length is a tensor
             and (cache is None or cache.get_seq_length() == 0)
         ):
@@ -256,10 +264,17 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             and 0 < next_sequence_length < input_ids.shape[1]
         ):
             pixel_values = self._images_of_the_tail(pixel_values, input_ids, input_ids.shape[1] - next_sequence_length)
-        return super().prepare_inputs_for_generation(
+        model_inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, pixel_values=pixel_values, is_first_iteration=is_first_iteration, **kwargs
         )
+        if pixel_values is not None and not is_first_iteration and model_inputs.get("pixel_values") is None:
+            # transformers gives pixel_values to the first iteration only. Besides decoding steps (images already in
+            # the cache), it also withholds them from an assistant model's prefill in assisted generation (run with
+            # is_first_iteration=False on an empty cache, so a text-only draft model can serve): the draft then reads
+            # the placeholders' own embeddings, as LLaVA's does, and the main model checks every drafted token.
+            model_inputs[IMAGES_WITHHELD] = True
+        return model_inputs
 
     def _images_of_the_tail(self, pixel_values, input_ids, cached_length: int) -> torch.Tensor:
         per_image = self.config.num_image_tokens
@@ -293,6 +308,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         groups = torch.split(pixel_values, images_per_row)
         return torch.cat([group for group in groups for _ in range(expand_size)])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -305,8 +321,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        return_dict = kwargs.pop("return_dict", None)
+    ) -> CausalLMOutputWithPast | tuple:
         if use_cache is None and labels is not None:
             use_cache = False  # computing a loss: no cache (it would also defeat packed-sequence isolation)
         outputs = self.model(
@@ -317,6 +332,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # read by name below, whatever config.return_dict says
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -336,14 +352,13 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = ["OpenQwen2VLModel", "OpenQwen2VLForConditionalGeneration", "OpenQwen2VLPreTrainedModel"]

@@ -9,7 +9,9 @@ Text formats (the model sees `num_image_tokens` copies of `<|image_pad|>` wherev
   clean ChatML; pick one with ``apply_chat_template(..., chat_template="compat" | "chatml")``.
 """
 
+import torch
 from transformers import BatchFeature
+from transformers.image_utils import is_valid_image, make_flat_list_of_images
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from transformers.utils import logging
 
@@ -86,14 +88,24 @@ def format_raw_prompt(prompt: str) -> str:
 
 
 def _flatten_images(images) -> list:
+    """The single images in ``images``, in order, counted as transformers' image processors count them.
+
+    Lists (nested or not) hold their elements and ``None`` holds nothing; an array or tensor is split by
+    ``make_flat_list_of_images``, so a 4-D batch (N, C, H, W) or (N, H, W, C) is N images, not one; anything else
+    (a path or URL, which the image processor loads) is one image.
+    """
     if images is None:
         return []
-    if not isinstance(images, (list, tuple)):
-        return [images]
-    flat = []
-    for item in images:
-        flat.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
-    return flat
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten_images(item)]
+    if is_valid_image(images):
+        return list(make_flat_list_of_images(images))
+    return [images]
+
+
+def _is_image_group(item) -> bool:
+    """Whether an entry of ``images`` reads as one text's images: a list, ``None``, or a 4-D batch array/tensor."""
+    return item is None or isinstance(item, (list, tuple)) or (is_valid_image(item) and getattr(item, "ndim", 0) == 4)
 
 
 class OpenQwen2VLProcessor(ProcessorMixin):
@@ -182,11 +194,13 @@ class OpenQwen2VLProcessor(ProcessorMixin):
         audio=None,
         **kwargs,
     ) -> BatchFeature:
-        """Tokenize ``text`` (str or list) and preprocess ``images`` (flat in order of appearance, or one list per text).
+        """Tokenize ``text`` (str or list) and preprocess ``images`` (flat in order of appearance, or one list per text;
+        an array or tensor of shape (N, ...) is N images, as for transformers' image processors).
 
         Raises ``ValueError`` when the number of ``<image>`` markers and images differ, or a text holds the literal
-        placeholder token. ``truncation`` (to ``max_length``, else the tokenizer's ``model_max_length``) never cuts
-        through an image: a text whose placeholders would be cut raises instead. Image-processor options go in
+        placeholder token. ``truncation`` (to ``max_length``, else the tokenizer's ``model_max_length``) drops tokens
+        from the end the tokenizer's ``truncation_side`` names and never cuts through an image: a text whose
+        placeholders would be cut raises instead. Image-processor options go in
         ``images_kwargs`` or as keywords (``input_data_format="channels_last"``...). ``return_offsets_mapping`` gives
         each token's character span in its text (what ``apply_chat_template(return_assistant_tokens_mask=True)`` and
         TRL's ``assistant_only_loss`` need).
@@ -211,7 +225,7 @@ class OpenQwen2VLProcessor(ProcessorMixin):
             )
         if isinstance(images, (list, tuple)) and len(images) == len(texts) and len(texts) > 1:
             per_text = [len(_flatten_images(x)) for x in images]
-            if all(isinstance(x, (list, tuple)) for x in images) and per_text != counts:
+            if all(_is_image_group(x) for x in images) and per_text != counts:
                 raise ValueError(f"images per text {per_text} do not match {IMAGE_MARKER} markers per text {counts}")
         if truncation and truncation != "do_not_truncate" and max_length is None:
             max_length = self.tokenizer.model_max_length
@@ -222,12 +236,17 @@ class OpenQwen2VLProcessor(ProcessorMixin):
                                  f"{IMAGE_MARKER} (the processor expands each to {self.num_image_tokens} of them)")
             ids, spans = self._encode(sample, with_offsets=return_offsets_mapping)
             if truncation and truncation != "do_not_truncate" and len(ids) > max_length:
-                if self.image_token_id in ids[max_length:]:
+                # The tokenizer's truncation_side says which end goes, as with the tokenizer alone.
+                side = self.tokenizer.truncation_side
+                kept = slice(len(ids) - max_length, None) if side == "left" else slice(None, max_length)
+                dropped = ids[: len(ids) - max_length] if side == "left" else ids[max_length:]
+                if self.image_token_id in dropped:
                     raise ValueError(
                         f"text {index} has {len(ids)} tokens after image expansion; truncating it to "
-                        f"max_length={max_length} would cut through an image's {self.num_image_tokens} placeholders"
+                        f"max_length={max_length} (truncation_side={side!r}) would cut through an image's "
+                        f"{self.num_image_tokens} placeholders"
                     )
-                ids, spans = ids[:max_length], spans and spans[:max_length]
+                ids, spans = ids[kept], spans and spans[kept]
             input_ids.append(ids)
             offsets.append(spans)
         encoded = self.tokenizer.pad(
@@ -245,6 +264,12 @@ class OpenQwen2VLProcessor(ProcessorMixin):
                 [(0, 0)] * (len(padded) - len(spans)) + spans if left else spans + [(0, 0)] * (len(padded) - len(spans))
                 for padded, spans in zip(data["input_ids"], offsets)
             ]
+        if return_tensors is not None:
+            # Ids, mask and offsets are integers even when empty: BatchFeature would make [[]] a float tensor, where
+            # the tokenizer gives int64 of shape (batch, 0). Ragged rows are left to BatchFeature, as before.
+            for key in ("input_ids", "attention_mask", "offset_mapping"):
+                if key in data and len({len(row) for row in data[key]}) <= 1:
+                    data[key] = torch.tensor(data[key], dtype=torch.long)
         if flat_images:
             data.update(self._pixel_values(flat_images, image_options))
         return BatchFeature(data, tensor_type=return_tensors)
