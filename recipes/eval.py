@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", choices=["raw", "chat"], default="raw",
         help="raw: '<s>' + the original harness's prompt (default); chat: the processor's chat template",
     )
-    parser.add_argument("--chat-template", default=None, help="template name for --prompt chat (chatml, compat)")
+    parser.add_argument(
+        "--chat-template", default=None,
+        help="template name for --prompt chat, one of the processor's (chatml, compat); default: its default",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=ORIGINAL_MAX_NEW_TOKENS)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     parser.add_argument(
@@ -98,16 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --output are required")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be positive")
+    if args.chat_template is not None and args.prompt != "chat":
+        parser.error("--chat-template applies to --prompt chat only (the raw prompt uses no template)")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from recipes.evaluation.model_loading import load_model_and_processor
     from recipes.evaluation.paper_scores import is_release
+    from recipes.evaluation.prompts import PromptFormatter, PromptOptionError
     from recipes.evaluation.report import write_reports
     from recipes.evaluation.resume import close_spool, model_fingerprint, open_spool
     from recipes.evaluation.runner import EvalOptions, evaluate_model, process_state, stop_token_ids
 
     state = process_state()
-    model, processor = load_model_and_processor(args.model, device=state.device, dtype=args.dtype)
+    try:  # the template name is checked against the processor's before the model loads
+        model, processor = load_model_and_processor(
+            args.model, device=state.device, dtype=args.dtype,
+            check_processor=lambda processor: PromptFormatter(args.prompt, processor, args.chat_template),
+        )
+    except PromptOptionError as err:
+        parser.error(f"--chat-template: {err}")
     # What the predictions depend on: a resumed run reuses earlier ones only when all of it is unchanged.
     prediction_settings = {
         **model_fingerprint(args.model), "data_dir": args.data_dir and args.data_dir.resolve(), "limit": args.limit,

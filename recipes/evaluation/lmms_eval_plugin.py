@@ -10,7 +10,9 @@ CLI's ``--batch_size``; do not repeat it in ``--model_args``): an integer >= 1, 
 probe memory but take ``max_batch_size`` (the CLI's ``--max_batch_size``) or else 8; ``max_batch_size`` is ignored
 with an integer ``batch_size``, as in lmms-eval's own models,
 ``prompt_format`` ("chat": the processor's chat template, default; "raw": the original harness's ``<s>`` + prompt +
-``\\nAnswer:``), ``chat_template`` (template name), ``max_new_tokens`` (default when a task sets none).
+``\\nAnswer:``), ``chat_template`` (template name, checked before the model loads), ``max_new_tokens`` (default
+when a task sets none). A doc the model cannot take (a non-image visual, ``<image>`` markers not matching its images)
+raises, naming the task, split and doc id.
 Generation is greedy; with ``prompt_format=raw`` it also stops at "." "," and newline as the original harness did.
 ``loglikelihood`` answers, like lmms-eval's own models, with the mean negative log-likelihood per continuation token
 (lmms-eval picks the multiple-choice answer by argmin) and whether greedy decoding would produce the continuation.
@@ -78,6 +80,15 @@ def resolve_batch_size(batch_size: int | str, max_batch_size: int | str | None =
     return positive("batch_size", batch_size)
 
 
+def _doc_name(task: str, split: str, doc_id) -> str:
+    """How errors name a request's doc (lmms-eval models raise on a bad doc; the name says which one)."""
+    return f"task {task} split {split} doc {doc_id}"
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _truncate(text: str, until: list[str]) -> str:
     cut = min((text.find(stop) for stop in until if stop and stop in text), default=-1)
     return text[:cut] if cut >= 0 else text
@@ -111,8 +122,9 @@ class OpenQwen2VLLmms(lmms):
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         trust = trust_remote_code if isinstance(trust_remote_code, bool) else str(trust_remote_code).lower() == "true"
-        self.model, self.processor = load_model_and_processor(
-            pretrained, device=device or accelerator.device, dtype=dtype, trust_remote_code=trust
+        self.model, self.processor = load_model_and_processor(  # prompt options are checked before the model loads
+            pretrained, device=device or accelerator.device, dtype=dtype, trust_remote_code=trust,
+            check_processor=lambda processor: PromptFormatter(prompt_format, processor, chat_template),
         )
         self.prompt_format = prompt_format
         self.formatter = PromptFormatter(prompt_format, self.processor, chat_template)
@@ -127,20 +139,25 @@ class OpenQwen2VLLmms(lmms):
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
-        if any(not isinstance(v, Image.Image) for v in visuals):
-            raise NotImplementedError(f"open_qwen2vl takes images only; task {task} gave {type(visuals[0]).__name__}")
+        for position, visual in enumerate(visuals):
+            if not isinstance(visual, Image.Image):
+                raise NotImplementedError(
+                    f"open_qwen2vl takes images only; {_doc_name(task, split, doc_id)} gave a "
+                    f"{type(visual).__name__} as visual {position} ({_shorten(repr(visual))})"
+                )
         return [v.convert("RGB") for v in visuals]
 
-    def _text(self, context: str, num_images: int) -> str:
-        """The context with one ``<image>`` marker per image (added in front when the task wrote none)."""
+    def _text(self, context: str, num_images: int, doc: str) -> str:
+        """The context with one ``<image>`` marker per image (added in front when the task wrote none); ``doc``
+        names the request's doc for errors."""
         if IMAGE in context:
             if context.count(IMAGE) != num_images:
-                raise ValueError(f"context has {context.count(IMAGE)} {IMAGE} markers for {num_images} images")
+                raise ValueError(f"{doc}: context has {context.count(IMAGE)} {IMAGE} markers for {num_images} images")
             return context
         return f"{IMAGE}\n" * num_images + context
 
-    def _prompt(self, context: str, num_images: int, for_generation: bool) -> str:
-        text = self._text(context, num_images)
+    def _prompt(self, context: str, num_images: int, for_generation: bool, doc: str) -> str:
+        text = self._text(context, num_images, doc)
         if self.prompt_format == "raw":
             return self.formatter(text + (ANSWER_CUE if for_generation else ""))
         return self.formatter(text, chat_text=text)
@@ -159,7 +176,8 @@ class OpenQwen2VLLmms(lmms):
         results: list[str | None] = [None] * len(requests)
         for (max_new_tokens, until), items in groups.items():
             images = [self._visuals(d2v, doc_id, task, split) for _, _, d2v, doc_id, task, split in items]
-            prompts = [self._prompt(item[1], len(imgs), True) for item, imgs in zip(items, images)]
+            prompts = [self._prompt(context, len(imgs), True, _doc_name(task, split, doc_id))
+                       for (_, context, _, doc_id, task, split), imgs in zip(items, images)]
             texts = self.predictor.generate(prompts, images, max_new_tokens, self.stop_token_ids)
             for (index, *_), text in zip(items, texts):
                 results[index] = _truncate(text, list(until))
@@ -172,7 +190,7 @@ class OpenQwen2VLLmms(lmms):
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
-            prompts.append(self._prompt(context, len(visuals), False))
+            prompts.append(self._prompt(context, len(visuals), False, _doc_name(task, split, doc_id)))
             images.append(visuals)
             continuations.append([str(continuation)])
         scored = self.predictor.continuation_scores(prompts, images, continuations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import torch
 
@@ -22,10 +23,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def load_model_and_processor(
     model_id: str, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto",
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = True, check_processor: Callable[[Any], None] | None = None,
 ):
     """``AutoModelForImageTextToText`` + ``AutoProcessor`` in eval mode on ``device``.
 
+    ``check_processor`` is called on the processor before the model loads, so that an option the processor rejects
+    (e.g. an unknown chat template name) fails at once instead of after the slow model load.
     The processor's ``num_image_tokens`` is made to agree with the model config (a mismatch would make every forward
     pass fail with "Image features and image tokens do not match").
     """
@@ -35,11 +38,14 @@ def load_model_and_processor(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    if check_processor is not None:
+        check_processor(processor)
     model = AutoModelForImageTextToText.from_pretrained(
-        model_id, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+        model_id, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     wanted = getattr(model.config, "num_image_tokens", None)
     if wanted is not None and getattr(processor, "num_image_tokens", wanted) != wanted:
         logger.warning(

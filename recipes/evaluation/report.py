@@ -4,7 +4,8 @@ Files written under the output folder:
 
 - ``samples/<benchmark>.jsonl``: one line per sample: ``id``, ``prompt``, ``output`` (generated text, or the letter
   probabilities / candidate log-likelihoods), ``answer``, ``parsed``/``correct`` (harness rules),
-  ``parsed_strict``/``correct_strict`` (the benchmark's own rules), ``meta``.
+  ``parsed_strict``/``correct_strict`` (the benchmark's own rules; MMBench adds ``question_correct_strict``, its
+  question under CircularEval, which ``accuracy_strict`` averages over questions), ``meta``.
 - ``summary.json``: run settings and, under ``benchmarks.<name>``:
   ``accuracy`` (fraction, harness rules; the headline number), ``accuracy_strict`` (fraction or null),
   ``original`` / ``strict`` (all metric numbers), ``num_samples`` (scored), ``num_rows`` (read), ``dropped``
@@ -110,7 +111,8 @@ def markdown_table(model: str, settings: dict, benchmarks: dict, with_paper: boo
         "",
         "Harness rules: the prompts, decoding (greedy, at most 16 new tokens, stop at `.` `,` newline) and answer "
         "matching of the original Open-Qwen2VL evaluation code. Benchmark's own rules: the matching of each "
-        "benchmark's official evaluator (VLMEvalKit exact matching for MMBench/SEED/MMStar, MathVista's "
+        "benchmark's official evaluator (VLMEvalKit exact matching for MMBench/SEED/MMStar, on MMBench with "
+        "CircularEval: a question counts only when all its rotated copies are answered correctly; MathVista's "
         "normalisation, MMMU parsing without random credit, official VQA accuracy, POPE's yes/no rule, AI2D letters "
         "restricted to the question's options).",
     ]

@@ -1,21 +1,34 @@
-"""MMBench (English, dev split, 4,377 questions) as the Open-Qwen2VL harness ran it.
+"""MMBench (English, dev split, 4,377 rows: each question with its rotated CircularEval copies) as the
+Open-Qwen2VL harness ran it.
 
 Row schema (``lmms-lab/MMBench_EN``): index, question, hint, A, B, C, D, answer (letter), category, image,
 source, l2-category, split; an absent option is the string "nan".
 Prompt: ``<image>\\n{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer with the option's letter from the given
 choices directly.\\nAnswer:``. The harness always printed the four options, absent ones as "nan", and ignored the
 hint; the raw prompt does the same, the chat prompt lists only the present options.
-Scoring: original = the gold letter is a case-insensitive substring of the output; strict = VLMEvalKit matching.
+Scoring: original = the gold letter is a case-insensitive substring of the output, averaged over rows (as the
+harness did); strict = VLMEvalKit matching under MMBench's CircularEval (lmms-eval's
+``MMBench_Evaluator.eval_result``): copy k of question q has index q + k * 1,000,000 with the options rotated, and a
+question counts only when every copy of it is answered correctly; the mean is over questions (a split without copies
+gives the per-row mean). A question is judged on the copies scored: a copy that was dropped or cut by ``--limit`` is
+left out (counted in ``extra.circular`` and logged); unlike lmms-eval, a question whose first copy was dropped still
+counts, on its other copies. ``strict.row_accuracy`` keeps the per-row VLMEvalKit score.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter, defaultdict
+
 from ..prompts import ANSWER_CUE, IMAGE, MC_INSTRUCTION, chat_text_from_raw, option_lines
-from ..registry import Benchmark, register
+from ..registry import Benchmark, Scores, register
 from ..samples import EvalSample, SampleError
-from ._common import image_field, is_missing, score_generated_choice, text_field
+from ._common import accuracy_by, image_field, is_missing, score_generated_choice, text_field
+
+logger = logging.getLogger(__name__)
 
 PRINTED_LETTERS = ("A", "B", "C", "D")
+CIRCULAR_STRIDE = 1_000_000  # copy k of question q has index q + k * CIRCULAR_STRIDE (MMBench's CircularEval)
 
 
 def printed(value) -> str:
@@ -46,8 +59,68 @@ class MMBench(Benchmark):
         printed_options = "".join(f"\n{letter}. {printed(row.get(letter))}" for letter in PRINTED_LETTERS)
         text = f"{IMAGE}\n{question}{printed_options}\n{MC_INSTRUCTION}{ANSWER_CUE}"
         chat_text = chat_text_from_raw(f"{IMAGE}\n{question}\n{option_lines(present)}\n{MC_INSTRUCTION}{ANSWER_CUE}")
-        meta = {"category": row.get("category"), "l2_category": row.get("l2-category")}
+        meta = {"category": row.get("category"), "l2_category": row.get("l2-category"),
+                "circular_index": circular_index(row.get("index"))}
         return EvalSample(self.name, self.row_id(row, index), text, [image], answer, present, meta, chat_text)
 
-    def score(self, samples, outputs):
-        return score_generated_choice(samples, outputs, "lenient", category_key="category")
+    def score(self, samples, outputs) -> Scores:
+        scores = score_generated_choice(samples, outputs, "lenient", category_key="category")
+        questions = circular_questions(samples, [row["correct_strict"] for row in scores.per_sample])
+        scores.strict = {
+            "accuracy": sum(q["correct"] for q in questions) / len(questions),
+            "row_accuracy": scores.strict["accuracy"],  # VLMEvalKit matching per row, without CircularEval
+            "num_questions": len(questions),
+        }
+        for question in questions:  # so that samples/mmbench.jsonl shows what accuracy_strict averaged
+            for position in question["positions"]:
+                scores.per_sample[position]["question_correct_strict"] = question["correct"]
+        scores.extra["per_category_strict"] = accuracy_by(
+            [q["sample"] for q in questions], [q["correct"] for q in questions], "category"
+        )
+        # In a split with circular copies, a question with fewer copies scored than options (a copy dropped, or cut
+        # off by --limit) is judged on the copies present: flagged, as that is more lenient than the full CircularEval.
+        circular = any((s.meta.get("circular_index") or 0) >= CIRCULAR_STRIDE for s in samples)
+        partial = [q for q in questions if circular and len(q["positions"]) < len(q["sample"].choices)]
+        copies = Counter(len(q["positions"]) for q in questions)
+        scores.extra["circular"] = {
+            "split_has_copies": circular,
+            "copies_per_question": {str(n): count for n, count in sorted(copies.items())},
+            "questions_with_fewer_copies_than_options": len(partial),
+        }
+        if partial:
+            logger.warning(
+                "%s: %d question(s) judged on fewer circular copies than options (copies dropped or cut by --limit), "
+                "e.g. the question of row %s; CircularEval is more lenient for them", self.name, len(partial),
+                partial[0]["sample"].sample_id,
+            )
+        return scores
+
+
+def circular_index(index) -> int | None:
+    """A row's ``index`` as an integer (its question is ``index % 1e6``); None for data without an index."""
+    if is_missing(index):
+        return None
+    if isinstance(index, float) and index.is_integer():  # pandas-exported files may store it as a float
+        return int(index)
+    try:
+        return int(str(index).strip())
+    except ValueError:
+        raise SampleError(f"index {index!r} is not an integer (MMBench groups circular copies by index)") from None
+
+
+def circular_questions(samples, row_correct: list[bool]) -> list[dict]:
+    """MMBench's questions: rows grouped by ``index % 1e6`` (a row without an index is its own question), each
+    ``correct`` only when every copy is, with ``positions`` (its rows in ``samples``) and ``sample`` (the copy with
+    the lowest index: the question as first posed, whose category it is reported under)."""
+    groups: dict = defaultdict(list)
+    for position, sample in enumerate(samples):
+        index = sample.meta.get("circular_index")
+        groups[("row", position) if index is None else ("question", index % CIRCULAR_STRIDE)].append(position)
+    if len(row_correct) != len(samples):
+        raise ValueError(f"got {len(row_correct)} scores for {len(samples)} samples")
+    questions = []
+    for positions in groups.values():
+        first = min(positions, key=lambda i: samples[i].meta.get("circular_index") or 0)
+        questions.append({"sample": samples[first], "positions": positions,
+                          "correct": all(row_correct[i] for i in positions)})
+    return questions

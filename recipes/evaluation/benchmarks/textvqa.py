@@ -57,3 +57,5 @@ class TextVQAWithOCR(TextVQA):
     data_name = "textvqa"
     title = "TextVQA val (OCR tokens)"
     with_ocr_tokens = True
+    # Without the column every prompt would silently lack its OCR hint under a title that promises one.
+    required_columns = TextVQA.required_columns + ("ocr_tokens",)
