@@ -9,8 +9,10 @@ command line (TRL's ``TrlParser``). What the kit adds to plain TRL:
 * data: LLaVA-665k JSON, MAmmoTH-VL (JSON or the original per-sample split), TRL ``messages`` + ``images``; loaded
   with ``datasets`` (``--dataset_streaming`` for corpora that do not fit), images decoded batch by batch;
 * labels only on assistant turns (with their ``<|im_end|>``), never on image placeholders, system/user text or
-  padding; ``--chat_format compat`` reproduces the original SFT strings, ``chatml`` is clean ChatML;
-* ``--packing`` packs conversations in isolated mode (positions restart per conversation, no cross-attention);
+  padding (``--completion_only_loss false``: on all text, never on image placeholders or padding);
+  ``--chat_format compat`` reproduces the original SFT strings, ``chatml`` is clean ChatML;
+* ``--packing`` (and ``--eval_packing``) packs conversations in isolated mode (positions restart per conversation,
+  no cross-attention);
 * bad samples raise an error naming them, or are counted and skipped with ``--skip_bad_samples``;
 * vision tower frozen unless ``--train_vision``; ``--use_peft`` puts LoRA on the language model only (QLoRA with
   ``--load_in_4bit``); adapters are merged into a full checkpoint (``--merge_lora``);
@@ -189,10 +191,34 @@ def _reset_training_log(training_args) -> None:
         log.reset()
 
 
-def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
-    """Model, data, collator and an ``SFTTrainer`` ready to ``train()``."""
+def _assistant_only_labels(training_args: SFTConfig) -> bool:
+    """Whether labels cover only the assistant turns (the default: TRL's ``completion_only_loss`` unset or true, the
+    assistant turns being a conversation's completions) or, with ``completion_only_loss=False``, all text."""
+    if training_args.completion_only_loss is False:
+        if training_args.assistant_only_loss:
+            raise ValueError("completion_only_loss=false (loss on the whole conversation) contradicts "
+                             "assistant_only_loss=true")
+        return False
+    return True
+
+
+def _refuse_unsupported_options(training_args: SFTConfig, model_args: ModelConfig) -> None:
+    """TRL options the kit cannot apply to image conversations: refused, never silently ignored."""
     if training_args.padding_free:
         raise ValueError("padding_free is not supported for image data; use --packing (isolated packing) instead")
+    if training_args.packing_strategy != "bfd":
+        raise ValueError(f"packing_strategy={training_args.packing_strategy!r} packs a token stream, cutting "
+                         "conversations (and their images) apart; the kit packs whole conversations (isolated "
+                         "packing): choose its bin packing with --packing_algorithm default|exact|ffd|bfd")
+    if model_args.use_peft and model_args.lora_target_parameters:
+        raise ValueError("lora_target_parameters (LoRA on bare nn.Parameters, e.g. MoE experts) has no target in "
+                         "Open-Qwen2VL; choose linears with --lora_target_modules")
+
+
+def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    """Model, data, collator and an ``SFTTrainer`` ready to ``train()``."""
+    _refuse_unsupported_options(training_args, model_args)
+    assistant_only = _assistant_only_labels(training_args)
     quantization = get_quantization_config(model_args)
     if quantization is not None and not model_args.use_peft:
         raise ValueError("load_in_4bit / load_in_8bit (QLoRA) needs --use_peft")
@@ -207,6 +233,7 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
         num_image_tokens=script_args.num_image_tokens, chat_format=script_args.chat_format,
         trust_remote_code=training_args.trust_remote_code, dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation, quantization_config=quantization, seed=training_args.seed,
+        revision=model_args.model_revision,
     )
     peft_config = None
     if model_args.use_peft:
@@ -214,16 +241,19 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
             r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules, modules_to_save=model_args.lora_modules_to_save,
             train_vision=script_args.train_vision, use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
-            tied_embeddings=bool(model.config.tie_word_embeddings),
+            tied_embeddings=bool(model.config.tie_word_embeddings), task_type=model_args.lora_task_type,
         )
         if training_args.world_size > 1 and script_args.merge_lora and not model_args.model_name_or_path:
             raise ValueError("merging LoRA after a multi-process run needs a saved base (--model_name_or_path)")
     else:
         set_trainable(model, train_vision=script_args.train_vision)
 
-    # TRL refuses packing for image datasets and would tokenize the data itself: the kit packs and encodes instead.
+    # TRL refuses packing for image datasets and would tokenize the data itself: the kit packs and encodes instead
+    # (and labels the assistant turns itself: TRL's assistant_only_loss check would look for raw `messages`).
     packing = training_args.packing
+    eval_packing = packing if training_args.eval_packing is None else training_args.eval_packing
     training_args.packing = False
+    training_args.assistant_only_loss = False
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     if script_args.dataset_streaming and training_args.max_steps <= 0:
@@ -231,15 +261,16 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
 
     skip_log = _skip_log(training_args)
     encoder = SFTEncoder(processor, script_args.chat_format, max_length=training_args.max_length,
-                         num_image_tokens=model.config.num_image_tokens)
+                         num_image_tokens=model.config.num_image_tokens, assistant_only=assistant_only)
     with training_args.main_process_first(desc="encode SFT data"):
         train_dataset = _prepare_data(script_args.dataset_name, script_args.dataset_train_split, script_args,
                                       training_args, encoder, skip_log, packing)
         eval_dataset = None
         if script_args.eval_dataset_name:  # a folder or hub id with several splits gives its test split
             eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args.dataset_test_split, script_args,
-                                         training_args, encoder, skip_log, packing)
-    collator_class = PackedSFTCollator if packing else SFTCollator
+                                         training_args, encoder, skip_log, eval_packing)
+    # one collator serves both splits: the packed one collates unpacked rows too (train and eval may differ)
+    collator_class = PackedSFTCollator if packing or (eval_packing and eval_dataset is not None) else SFTCollator
     collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
                               pad_to_multiple_of=training_args.pad_to_multiple_of,
                               skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
@@ -290,7 +321,7 @@ def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_arg
 
             base = AutoModelForImageTextToText.from_pretrained(
                 model_args.model_name_or_path, num_image_tokens=trainer.model.config.num_image_tokens,
-                trust_remote_code=trainer.args.trust_remote_code)
+                trust_remote_code=trainer.args.trust_remote_code, revision=model_args.model_revision)
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out)
         trainer.processing_class.save_pretrained(out)

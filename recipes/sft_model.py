@@ -8,6 +8,7 @@ write 729 placeholders per image.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -37,16 +38,22 @@ def load_model_and_processor(
     attn_implementation: str | None = None,
     quantization_config=None,
     seed: int = 0,
+    revision: str | None = None,
 ):
     """The model and a processor that agree on ``num_image_tokens`` and default to ``chat_format``.
 
-    ``model_name_or_path`` (an HF folder or hub id of an Open-Qwen2VL checkpoint) wins; otherwise a randomly
-    initialised preset (``tiny`` or ``open_qwen2vl_2b``) is built, for smoke tests.
+    ``model_name_or_path`` (an HF folder or hub id of an Open-Qwen2VL checkpoint, at ``revision`` for a hub id)
+    wins; otherwise a randomly initialised preset (``tiny`` or ``open_qwen2vl_2b``) is built, for smoke tests.
     """
+    if revision not in (None, "main") and not (model_name_or_path and not os.path.isdir(model_name_or_path)):
+        # transformers ignores a revision for a local folder: refuse it rather than train on something else
+        raise ValueError(f"model_revision={revision!r} selects a version of a hub model, but "
+                         f"{model_name_or_path or 'a preset'} is not one (a local folder has no revisions)")
     if model_name_or_path:
         overrides = {"num_image_tokens": num_image_tokens} if num_image_tokens else {}
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **overrides)
-        kwargs = {"config": config, "trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                            revision=revision, **overrides)
+        kwargs = {"config": config, "trust_remote_code": trust_remote_code, "revision": revision}
         if dtype not in (None, "auto"):
             kwargs["dtype"] = getattr(torch, dtype)
         if attn_implementation:
@@ -56,7 +63,8 @@ def load_model_and_processor(
             kwargs["quantization_config"] = quantization_config
         model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, **kwargs)
         try:
-            processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                      revision=revision)
         except (OSError, ValueError, TypeError):
             logger.warning("no processor saved with %s; building the kit's processor for its config", model_name_or_path)
             processor = build_processor(model.config, chat_format=chat_format)
@@ -127,8 +135,12 @@ def build_lora_config(
     use_rslora: bool = False,
     use_dora: bool = False,
     tied_embeddings: bool = False,
+    task_type: str = "CAUSAL_LM",
 ):
     """LoRA on the language model; the projector (and, with ``train_vision``, the tower) trains fully.
+
+    ``modules_to_save`` (e.g. ``["lm_head"]``) are trained fully in addition to those: the projector and, with
+    ``train_vision``, the tower are added to the list when it lacks them (logged).
 
     With ``tied_embeddings`` (the model's input embeddings and LM head share one matrix), an ``lm_head`` or
     ``embed_tokens`` module to save trains that one shared matrix, as full fine-tuning would, instead of splitting it
@@ -136,8 +148,17 @@ def build_lora_config(
     """
     from peft import LoraConfig
 
-    if modules_to_save is None:
-        modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
+    if str(task_type).upper() != "CAUSAL_LM":
+        raise ValueError(f"lora_task_type={task_type!r}: SFT trains the model as a causal LM (generation), so only "
+                         "CAUSAL_LM applies")
+    required = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
+    given = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    # peft matches a name as the suffix of a module path, so "model.multi_modal_projector" covers the projector
+    added = [name for name in required if not any(n.split(".")[-1] == name for n in given)]
+    if given and added:
+        logger.info("lora_modules_to_save %s: also training %s fully (the projector always trains, the vision tower "
+                    "with --train_vision)", given, added)
+    modules_to_save = added + given
     adapts_embeddings = any(name.split(".")[-1] in ("lm_head", "embed_tokens") for name in modules_to_save)
     return LoraConfig(
         r=r,

@@ -139,9 +139,13 @@ class PackedSFTCollator(SFTCollator):
     Returns ``input_ids``, ``labels`` and ``position_ids`` of shape ``[1, total]`` (no padding, no attention mask:
     transformers derives the block-causal mask from the position restarts), ``pixel_values`` for all images in
     order, the flash-attention varlen boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k``, and ``use_cache=False``.
+    Unpacked rows (one conversation each, e.g. an eval split with ``eval_packing=False``) are padded as by
+    :class:`SFTCollator`.
     """
 
     def __call__(self, packs: list[dict]) -> dict[str, torch.Tensor]:
+        if packs and isinstance(packs[0]["sample_id"], str):  # not packs: one conversation per row
+            return super().__call__(packs)
         rows = [
             {name: pack[name][i] for name in ("sample_id", "input_ids", "labels", "images")}
             for pack in packs

@@ -8,7 +8,8 @@ its own with the kit's processor, so:
   is tokenized like a reply the model generates;
 * in the ``compat`` format each piece is one turn of the original ``Qwen2PromptBuilder``, tokenized as the original
   tokenized turns one by one (the processor reproduces its first-turn image quirk);
-* labels are the ids of the assistant pieces; system/user text, image placeholders and padding are ``-100``.
+* labels are the ids of the assistant pieces; system/user text, image placeholders and padding are ``-100``
+  (with ``assistant_only=False``, TRL's ``completion_only_loss=False``: every text token, never an image placeholder).
 
 Ids are stored with ONE placeholder per image; the collator expands each to ``num_image_tokens`` copies, so an
 encoded dataset serves any token count (144 or 729) and stays small.
@@ -20,6 +21,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from modeling_open_qwen2vl import chat_templates
@@ -53,16 +55,19 @@ class SFTEncoder:
             continuing from released checkpoints).
         max_length: the longest allowed sequence after image expansion (``None``: no limit).
         num_image_tokens: placeholders per image in the model input (default: the processor's).
+        assistant_only: labels on the assistant turns only (default); ``False`` labels every text token of the
+            conversation (TRL's ``completion_only_loss=False``), image placeholders still excluded.
     """
 
     def __init__(self, processor, chat_format: str = "chatml", max_length: int | None = 4096,
-                 num_image_tokens: int | None = None):
+                 num_image_tokens: int | None = None, assistant_only: bool = True):
         templates = chat_templates()
         if chat_format not in ("compat", "chatml"):
             raise ValueError(f"unknown chat_format {chat_format!r}; expected 'compat' or 'chatml'")
         self.chat_format = chat_format
         self.template = templates[chat_format]
         self.max_length = max_length
+        self.assistant_only = assistant_only
         self.num_image_tokens = int(num_image_tokens or processor.num_image_tokens)
         self.image_token_id = processor.image_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id
@@ -97,9 +102,15 @@ class SFTEncoder:
         """Token ids and labels of one sample; raises :class:`BadSampleError` for unusable samples."""
         if self.chat_format == "compat":
             self._check_compat_roles(sample)
+        try:
+            segments = self.render_segments(sample.messages)
+        except (TypeError, AttributeError, KeyError, TemplateError) as error:  # content formats.py did not check
+            raise BadSampleError(sample.sample_id, "bad_content",
+                                 f"the chat template cannot render the messages: {type(error).__name__}: {error}"
+                                 ) from None
         input_ids: list[int] = []
         labels: list[int] = []
-        for text, is_assistant in self.render_segments(sample.messages):
+        for text, is_assistant in segments:
             ids = self._compact.encode_text(text)
             input_ids.extend(ids)
             if is_assistant:
@@ -115,6 +126,8 @@ class SFTEncoder:
             )
         if all(label == IGNORE_INDEX for label in labels):
             raise BadSampleError(sample.sample_id, "no_assistant_turn", "no assistant token left to learn from")
+        if not self.assistant_only:
+            labels = [IGNORE_INDEX if t == self.image_token_id else t for t in input_ids]
         length = self.expanded_length(len(input_ids), len(sample.images))
         if self.max_length is not None and length > self.max_length:
             raise BadSampleError(

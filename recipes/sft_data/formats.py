@@ -21,18 +21,25 @@ Accepted layouts (one JSON object per sample; JSON array, JSONL or parquet files
                   {"role": "assistant", "content": "A circle."}],
      "images": ["images/0.png"]}
 
-  ``content`` may be a string (``<image>`` tags mark images) or a list of ``text``/``image`` parts. ``images``
-  holds paths, ``datasets`` Image values or PIL images; without an ``images`` column, the images may sit in their
-  parts as in transformers' chat convention (``{"type": "image", "image" | "path" | "url": <local path or PIL
-  image>}``). As in TRL, when no message marks an image, the images are placed at the start of the first user
-  message.
+  ``content`` may be a string (``<image>`` tags mark images) or a list of parts, the part types transformers'
+  ``apply_chat_template`` takes for images and text: ``{"type": "text", "text": str}``, ``{"type": "image"}`` and
+  OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` (read as an image part, as transformers does). Any
+  other part (``input_text``, no ``type``, a plain string) or content (null, a number) is a ``bad_content`` error.
+  ``images`` holds paths, ``datasets`` Image values or PIL images; without an ``images`` column, the images may
+  sit in their parts as in transformers' chat convention (``{"type": "image", "image" | "path" | "url" | "base64":
+  ...}``). An image given as a string is a local path (relative to ``--image_root``), a ``file://`` URL or a
+  ``data:`` URI; web (``http(s)://``) addresses are not fetched (a ``remote_image`` error). As in TRL, when no
+  message marks an image, the images are placed at the start of the first user message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +81,12 @@ def detect_format(row: dict) -> str:
 def image_ref(value: Any, image_root: str | None, sample_id: str) -> dict[str, Any]:
     """Normalise one image (path, ``{"bytes", "path"}`` dict or PIL image) to ``{"bytes", "path"}``."""
     if isinstance(value, (str, os.PathLike)):
-        return {"bytes": None, "path": _resolve(str(value), image_root)}
+        return _string_image_ref(str(value), image_root, sample_id)
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
             return {"bytes": value["bytes"], "path": value.get("path")}
         if value.get("path"):
-            return {"bytes": None, "path": _resolve(value["path"], image_root)}
+            return _string_image_ref(value["path"], image_root, sample_id)
     try:  # a decoded PIL image (in-memory datasets): keep it losslessly as PNG bytes
         from PIL import Image
 
@@ -90,6 +97,31 @@ def image_ref(value: Any, image_root: str | None, sample_id: str) -> dict[str, A
     except ImportError:  # pragma: no cover - PIL is a dependency of the kit
         pass
     raise BadSampleError(sample_id, "bad_image", f"unsupported image value of type {type(value).__name__}")
+
+
+def _string_image_ref(value: str, image_root: str | None, sample_id: str) -> dict[str, Any]:
+    """A local path, ``file://`` URL or ``data:`` URI -> ``{"bytes", "path"}``; web addresses are refused (the kit
+    trains offline, and a fetch per sample and epoch would be slow and unrepeatable)."""
+    if value.startswith(("http://", "https://")):
+        raise BadSampleError(sample_id, "remote_image", f"image {value} is a web address; the kit reads local images "
+                             "only (download the images and give their paths)")
+    if value.startswith("data:"):
+        header, _, payload = value.partition(",")
+        if not header.endswith(";base64"):
+            raise BadSampleError(sample_id, "bad_image", f"data URI {value[:40]!r}... is not base64-encoded")
+        return {"bytes": _base64_bytes(payload, sample_id), "path": None}
+    if value.startswith("file://"):
+        value = urllib.parse.unquote(value[len("file://"):])
+    return {"bytes": None, "path": _resolve(value, image_root)}
+
+
+def _base64_bytes(payload: Any, sample_id: str) -> bytes:
+    if not isinstance(payload, str):
+        raise BadSampleError(sample_id, "bad_image", f"base64 image data is a {type(payload).__name__}, not a string")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)  # MIME base64 may wrap lines
+    except (binascii.Error, ValueError) as error:
+        raise BadSampleError(sample_id, "bad_image", f"image data is not valid base64: {error}") from None
 
 
 def _resolve(path: str, image_root: str | None) -> str:
@@ -121,16 +153,69 @@ def content_text(content: Any) -> str:
     return "".join((p.get("text") or "") for p in content if p.get("type") == "text").replace(IMAGE_MARKER, "")
 
 
-def _conversations_to_messages(conversations: list, sample_id: str) -> list[dict]:
+def _describe(value: Any) -> str:
+    """A wrong value, for an error message: ``null`` or its type and the start of its repr."""
+    return "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def _conversations_to_messages(conversations: Any, sample_id: str) -> list[dict]:
+    if conversations is not None and not isinstance(conversations, list):
+        raise BadSampleError(sample_id, "bad_content", f"`conversations` is {_describe(conversations)}; expected a "
+                             "list of {from, value} turns")
     messages = []
     for turn_index, turn in enumerate(conversations or []):
+        if not isinstance(turn, dict):
+            raise BadSampleError(sample_id, "bad_content", f"turn {turn_index} is {_describe(turn)}; expected a "
+                                 "{from, value} object")
         speaker = turn.get("from")
         role = ROLE_ALIASES.get(str(speaker).lower())
         if role is None:
             raise BadSampleError(sample_id, "bad_role", f"turn {turn_index} is from {speaker!r}; expected "
                                  "human/gpt/system")
-        messages.append({"role": role, "content": turn.get("value") or ""})
+        value = turn.get("value")
+        if not isinstance(value, str):  # a null or a number would lose the turn or crash the chat template
+            raise BadSampleError(sample_id, "bad_content", f"turn {turn_index} ({speaker}): value is "
+                                 f"{_describe(value)}; expected a string")
+        messages.append({"role": role, "content": value})
     return messages
+
+
+# What transformers' apply_chat_template takes for a VLM without video/audio (image_url is normalised to image).
+PART_TYPES = ("text", "image", "image_url")
+
+
+def _checked_message(message: Any, index: int, sample_id: str) -> dict:
+    """One ``messages`` entry as the templates take it: ``role`` and a string or a list of ``text``/``image``
+    parts (OpenAI's ``image_url`` part becomes ``{"type": "image", "url": ...}``, as in transformers). Anything the
+    template would drop or crash on is a ``bad_content`` error naming the sample."""
+    if not isinstance(message, dict):
+        raise BadSampleError(sample_id, "bad_content", f"message {index} is {_describe(message)}; expected a "
+                             "{role, content} object")
+    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    content = message.get("content")
+    where = f"message {index} ({role})"
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise BadSampleError(sample_id, "bad_content", f"{where}: content is {_describe(content)}; expected a "
+                             "string or a list of parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in PART_TYPES:
+            shown = f"has type {kind!r}" if isinstance(part, dict) else f"is {_describe(part)}"
+            raise BadSampleError(sample_id, "bad_content", f"{where}: part {j} {shown}; supported parts: "
+                                 "{'type': 'text', 'text': ...}, {'type': 'image', ...}, {'type': 'image_url', ...}")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise BadSampleError(sample_id, "bad_content", f"{where}: text part {j} has no text string")
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise BadSampleError(sample_id, "bad_content", f"{where}: image_url part {j} has no url")
+            part = {"type": "image", "url": url}
+        parts.append(part)
+    return {"role": role, "content": parts}
 
 
 def _as_list(value: Any) -> list:
@@ -141,10 +226,10 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
-IMAGE_PAYLOAD_KEYS = ("image", "path", "url")
+IMAGE_PAYLOAD_KEYS = ("image", "path", "url", "base64")  # transformers' keys of an image part
 
 
-def _inline_images(messages: list[dict]) -> list:
+def _inline_images(messages: list[dict], sample_id: str) -> list:
     """Images carried inside the image parts of the messages, in order (empty when no part carries one)."""
     found = []
     for message in messages:
@@ -153,9 +238,11 @@ def _inline_images(messages: list[dict]) -> list:
             continue
         for part in content:
             if part.get("type") == "image":
-                payload = next((part[k] for k in IMAGE_PAYLOAD_KEYS if part.get(k) is not None), None)
-                if payload is not None:
-                    found.append(payload)
+                key = next((k for k in IMAGE_PAYLOAD_KEYS if part.get(k) is not None), None)
+                if key == "base64" and not str(part[key]).startswith("data:"):
+                    found.append({"bytes": _base64_bytes(part[key], sample_id), "path": None})
+                elif key is not None:
+                    found.append(part[key])
     return found
 
 
@@ -192,8 +279,9 @@ def to_sft_sample(
     """Convert one raw row to an :class:`SFTSample`, checking what can be checked without decoding images.
 
     Raises:
-        BadSampleError: unknown role, no assistant turn, an empty assistant turn, a different number of image
-            markers and images, or (``check_files``) an image file that does not exist.
+        BadSampleError: unknown role, content the chat template cannot take (``bad_content``), no assistant turn, an
+            empty assistant turn, a different number of image markers and images, a web image address, or
+            (``check_files``) an image file that does not exist.
     """
     fallback_id = f"row {index}" if index is not None else "row ?"
     if data_format == "mammoth_split":
@@ -206,11 +294,14 @@ def to_sft_sample(
         messages = _conversations_to_messages(row.get("conversations"), sample_id)
         images = _as_list(row.get("image", row.get("images")))
     elif data_format == "messages":
-        messages = [{"role": ROLE_ALIASES.get(m.get("role"), m.get("role")), "content": m.get("content")}
-                    for m in row.get("messages") or []]
+        raw_messages = row.get("messages")
+        if raw_messages is not None and not isinstance(raw_messages, list):
+            raise BadSampleError(sample_id, "bad_content", f"`messages` is {_describe(raw_messages)}; expected a "
+                                 "list of {role, content} objects")
+        messages = [_checked_message(m, i, sample_id) for i, m in enumerate(raw_messages or [])]
         images = _as_list(row.get("images", row.get("image")))
         if not images:  # transformers' chat convention: the image inside its part ({"type": "image", "image": ...})
-            images = _inline_images(messages)
+            images = _inline_images(messages, sample_id)
         unknown = sorted({m["role"] for m in messages} - {"user", "assistant", "system"})
         if unknown:
             raise BadSampleError(sample_id, "bad_role", f"unsupported message role(s) {unknown}")

@@ -1,0 +1,327 @@
+"""SFT options and inputs that used to be ignored or lost silently: each is now applied or refused with a clear error.
+
+* LoRA: ``--lora_modules_to_save`` adds to the modules that must train fully (projector; tower with
+  ``--train_vision``), counted parameter by parameter against the model's own modules;
+* ``messages`` content: the part types of transformers' chat format (``text``, ``image`` with
+  image/path/url/base64, OpenAI's ``image_url``) are read, any other part or content (null, a number, plain strings)
+  is a ``bad_content`` error naming the sample, counted under ``--skip_bad_samples``;
+* TRL / ModelConfig options: ``--model_revision`` loads that revision (a local HF cache with two revisions),
+  ``--completion_only_loss false`` supervises all text (checked against the processor's own encoding),
+  ``--eval_packing`` packs (or not) the eval split on its own, and ``packing_strategy``, ``lora_task_type``,
+  ``lora_target_parameters`` values the kit cannot apply are refused.
+"""
+
+import base64
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from recipes.sft import build_trainer, parse_args
+from recipes.sft_data import (
+    BadSampleError,
+    SFTCollator,
+    SFTEncoder,
+    SFTSample,
+    SkipLog,
+    encode_sft_dataset,
+    load_raw_sft_dataset,
+    to_sft_sample,
+)
+from recipes.sft_data.easy_vqa import write_easy_vqa_sft
+from recipes.sft_model import build_lora_config
+
+IMG = 151655
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_easy_vqa_sft(folder, limit=6, turns=2, layout="messages")
+    return folder
+
+
+def _argv(output_dir, data, model, *extra):
+    return ["--output_dir", str(output_dir), "--dataset_name", str(data / "train.jsonl"), "--image_root", str(data),
+            "--model_name_or_path", str(model), "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--max_length", "256", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+            "--save_strategy", "no", "--seed", "0", "--activation_checkpointing", "false", *[str(x) for x in extra]]
+
+
+def _build(*argv):
+    return build_trainer(*parse_args(list(argv)))
+
+
+# --- 1. LoRA: --lora_modules_to_save adds to the modules that must train -------------------------------------------
+
+def _module_sizes(model) -> dict[str, int]:
+    inner = model.model
+    return {"projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
+            "tower": sum(p.numel() for p in inner.vision_tower.parameters()),
+            "embeddings": inner.language_model.embed_tokens.weight.numel()}
+
+
+def _trainable(model) -> dict[str, int]:
+    """Trainable parameters per module of a peft-wrapped model (LoRA matrices counted apart)."""
+    counts = {"projector": 0, "tower": 0, "embeddings": 0, "lora": 0, "other": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = ("lora" if ".lora_" in name else "projector" if ".multi_modal_projector." in name
+                else "tower" if ".vision_tower." in name else "embeddings" if ".embed_tokens." in name else "other")
+        counts[part] += param.numel()
+    return counts
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_lora_modules_to_save_adds_to_the_projector_and_tower_instead_of_replacing_them(base_dir, data, tmp_path,
+                                                                                        train_vision, caplog):
+    from transformers import AutoModelForImageTextToText
+
+    sizes = _module_sizes(AutoModelForImageTextToText.from_pretrained(base_dir))
+    extra = ["--use_peft", "--lora_r", "4", "--lora_modules_to_save", "lm_head"]
+    extra += ["--train_vision"] if train_vision else []
+    with caplog.at_level(logging.INFO, logger="recipes.sft_model"):
+        trainer = _build(*_argv(tmp_path / "out", data, base_dir, *extra))
+    counts = _trainable(trainer.model)
+    assert counts["projector"] == sizes["projector"] > 0
+    assert counts["tower"] == (sizes["tower"] if train_vision else 0)
+    # lm_head is tied to the input embeddings: the one shared matrix trains (peft's ensure_weight_tying)
+    assert counts["embeddings"] == sizes["embeddings"] and counts["lora"] > 0 and counts["other"] == 0, counts
+    added = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
+    assert any(f"also training {added} fully" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_modules_to_save_already_naming_the_projector_are_not_doubled():
+    config = build_lora_config(modules_to_save=["model.multi_modal_projector", "lm_head"], train_vision=True)
+    assert sorted(config.modules_to_save) == ["lm_head", "model.multi_modal_projector", "vision_tower"]
+    assert sorted(build_lora_config(modules_to_save="lm_head").modules_to_save) == ["lm_head", "multi_modal_projector"]
+    assert build_lora_config().modules_to_save == ["multi_modal_projector"]
+
+
+# --- 2. content parts: transformers' chat format is read, anything else is named -----------------------------------
+
+def _messages(user_content, answer="A circle."):
+    return [{"role": "user", "content": user_content}, {"role": "assistant", "content": answer}]
+
+
+def _encode(processor, row, image_root=None):
+    sample = to_sft_sample(row, "messages", image_root=image_root)
+    encoded = SFTEncoder(processor, "chatml").encode(sample)
+    batch = SFTCollator(processor)([{"sample_id": encoded.sample_id, "input_ids": encoded.input_ids,
+                                     "labels": encoded.labels, "images": encoded.images}])
+    return sample, batch
+
+
+def test_openai_image_url_and_every_image_payload_give_the_batch_of_an_images_column(processor, data):
+    image = sorted((data / "images").glob("*.png"))[0]
+    png = base64.b64encode(image.read_bytes()).decode()
+    question = {"type": "text", "text": "What shape?"}
+    _, expected = _encode(processor, {"id": "ref", "messages": _messages([{"type": "image"}, question]),
+                                      "images": [str(image)]})
+    assert int((expected["input_ids"] == IMG).sum()) == 16
+    parts = {
+        "image_url path": {"type": "image_url", "image_url": {"url": str(image)}},
+        "image_url file URL": {"type": "image_url", "image_url": {"url": f"file://{image}"}},
+        "image_url data URI": {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        "image_url string": {"type": "image_url", "image_url": str(image)},
+        "image url relative": {"type": "image", "url": f"images/{image.name}"},
+        "image base64": {"type": "image", "base64": png},
+        "image path": {"type": "image", "path": str(image)},
+    }
+    for name, part in parts.items():
+        sample, batch = _encode(processor, {"id": name, "messages": _messages([part, question])}, image_root=str(data))
+        assert len(sample.images) == 1, name
+        for key in ("input_ids", "labels", "pixel_values"):
+            assert torch.equal(batch[key], expected[key]), (name, key)
+
+
+@pytest.mark.parametrize("part, shown", [
+    ({"type": "input_text", "text": "What shape?"}, "part 1 has type 'input_text'"),
+    ({"text": "What shape?"}, "part 1 has type None"),
+    ({"type": "video", "video": "clip.mp4"}, "part 1 has type 'video'"),
+    ("What shape?", "part 1 is a str ('What shape?')"),
+    ({"type": "text", "text": None}, "text part 1 has no text string"),
+    ({"type": "image_url", "image_url": {"detail": "low"}}, "image_url part 1 has no url"),
+])
+def test_a_part_the_template_would_drop_is_a_bad_content_error_naming_the_sample(part, shown):
+    row = {"id": "odd-part", "messages": _messages([{"type": "image", "path": "x.png"}, part])}
+    with pytest.raises(BadSampleError, match=re.escape(f"sample 'odd-part': message 0 (user): {shown}")) as info:
+        to_sft_sample(row, "messages", check_files=False)
+    assert info.value.kind == "bad_content"
+
+
+@pytest.mark.parametrize("url, kind, detail", [
+    ("https://example.com/cat.png", "remote_image", r"image https://example.com/cat.png is a web address"),
+    ("data:image/png,rawbytes", "bad_image", r"data URI .* is not base64-encoded"),
+    ("data:image/png;base64,@@@", "bad_image", r"image data is not valid base64"),
+])
+def test_an_image_url_that_cannot_be_read_offline_is_named(url, kind, detail):
+    row = {"id": "web", "messages": _messages([{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "Q"}])}
+    with pytest.raises(BadSampleError, match=rf"sample 'web': {detail}") as info:
+        to_sft_sample(row, "messages")
+    assert info.value.kind == kind
+
+
+# --- 3. null / non-string content: named, counted under --skip_bad_samples -----------------------------------------
+
+@pytest.mark.parametrize("row, detail", [
+    ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "ok"}]},
+     r"message 0 \(user\): content is null"),
+    ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "ok"}]}, r"message 0 \(system\): content is null"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "ok"}]},
+     r"message 0 \(user\): content is a int \(3\)"),
+    ({"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "ok"}]},
+     r"message 0 \(user\): part 0 is a str \('hi'\)"),
+    ({"messages": ["hello", {"role": "assistant", "content": "ok"}]}, r"message 0 is a str \('hello'\)"),
+    ({"messages": "hello"}, r"`messages` is a str"),
+])
+def test_messages_content_the_template_cannot_render_is_named(row, detail, processor):
+    with pytest.raises(BadSampleError, match=rf"sample 'bad': {detail}") as info:
+        to_sft_sample({"id": "bad", **row}, "messages")
+    assert info.value.kind == "bad_content"
+
+
+@pytest.mark.parametrize("value, detail", [(3, r"value is a int \(3\)"), (None, "value is null")])
+def test_llava_turn_value_that_is_not_a_string_is_named(value, detail):
+    row = {"id": "bad", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": value}]}
+    with pytest.raises(BadSampleError, match=rf"sample 'bad': turn 1 \(gpt\): {detail}") as info:
+        to_sft_sample(row, "llava")
+    assert info.value.kind == "bad_content"
+
+
+def test_the_encoder_names_a_sample_whose_messages_the_template_cannot_render(processor):
+    sample = SFTSample("built-by-hand", [{"role": "user", "content": 3}, {"role": "assistant", "content": "ok"}])
+    with pytest.raises(BadSampleError, match=r"sample 'built-by-hand': the chat template cannot render") as info:
+        SFTEncoder(processor, "chatml").encode(sample)
+    assert info.value.kind == "bad_content"
+
+
+def test_null_content_rows_loaded_by_datasets_stop_the_run_or_are_counted(processor, tmp_path):
+    rows = [{"id": "good", "messages": _messages("hi", "ok")},
+            {"id": "null-user", "messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "ok"}]},
+            {"id": "null-text", "messages": [{"role": "user", "content": [{"type": "text", "text": None}]},
+                                             {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}]
+    raw = {}
+    for name, subset in {"strings": rows[:2], "parts": rows[2:]}.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in subset))
+        raw[name] = load_raw_sft_dataset(str(path))
+    encoder = SFTEncoder(processor, "chatml", max_length=256)
+    with pytest.raises(BadSampleError, match=r"sample 'null-user': message 0 \(user\): content is null"):
+        encode_sft_dataset(raw["strings"], encoder)
+    log = SkipLog()
+    kept = encode_sft_dataset(raw["strings"], encoder, skip_bad_samples=True, skip_log=log)
+    kept_parts = encode_sft_dataset(raw["parts"], encoder, skip_bad_samples=True, skip_log=log)
+    assert kept["sample_id"] == ["good"] and len(kept_parts) == 0
+    assert dict(log.counts) == {"bad_content": 2}
+    assert {e["sample_id"] for e in log.examples} == {"null-user", "null-text"}
+
+
+# --- 4. TRL / ModelConfig options: applied or refused ------------------------------------------------------------
+
+@pytest.fixture()
+def hub_cache(monkeypatch, tmp_path):
+    """A local HF hub cache holding `kit/tiny` at two revisions (different weights and image_mean), read offline."""
+    import huggingface_hub.constants
+
+    from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGeneration, build_processor
+
+    repo = tmp_path / "hub" / "models--kit--tiny"
+    for revision, commit, seed, mean in (("main", "a" * 40, 0, 0.5), ("v1", "b" * 40, 1, 0.25)):
+        config = OpenQwen2VLConfig.tiny(num_image_tokens=16)
+        torch.manual_seed(seed)
+        OpenQwen2VLForConditionalGeneration(config).save_pretrained(repo / "snapshots" / commit)
+        processor = build_processor(config)
+        processor.image_processor.image_mean = [mean] * 3
+        processor.save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo
+
+
+def test_model_revision_loads_that_revision_of_model_and_processor(hub_cache, base_dir, data, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    expected = {rev: AutoModelForImageTextToText.from_pretrained(hub_cache / "snapshots" / commit).state_dict()
+                for rev, commit in (("main", "a" * 40), ("v1", "b" * 40))}
+    for revision, mean in (("v1", 0.25), ("main", 0.5)):
+        trainer = _build(*_argv(tmp_path / revision, data, "kit/tiny", "--model_revision", revision))
+        weights = trainer.model.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in expected[revision].items()), revision
+        assert list(trainer.processing_class.image_processor.image_mean) == [mean] * 3
+    with pytest.raises(ValueError, match=r"model_revision='v1' selects a version of a hub model, but .* is not one "
+                                         r"\(a local folder has no revisions\)"):
+        _build(*_argv(tmp_path / "local", data, base_dir, "--model_revision", "v1"))
+
+
+def _reference_ids(processor, row, image_root):
+    """The conversation encoded by the processor itself (whole template rendering, images expanded)."""
+    text = processor.apply_chat_template(row["messages"], tokenize=False)
+    images = [Image.open(Path(image_root) / path).convert("RGB") for path in row["images"]]
+    return processor(text=text, images=images, return_tensors="pt")["input_ids"][0]
+
+
+@pytest.mark.parametrize("extra, whole", [([], False), (["--completion_only_loss", "true"], False),
+                                          (["--assistant_only_loss", "true"], False),
+                                          (["--completion_only_loss", "false"], True)])
+def test_completion_only_loss_false_supervises_all_text_and_no_image_token(base_dir, data, tmp_path, extra, whole):
+    trainer = _build(*_argv(tmp_path / "out", data, base_dir, *extra))
+    rows = {json.loads(line)["id"]: json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()}
+    processor = trainer.processing_class
+    for encoded in trainer.train_dataset:
+        batch = trainer.data_collator([encoded])
+        ids = _reference_ids(processor, rows[encoded["sample_id"]], data)
+        assert torch.equal(batch["input_ids"][0], ids)
+        labels = batch["labels"][0]
+        if whole:
+            assert torch.equal(labels, torch.where(ids == IMG, IGNORE, ids))
+        else:  # assistant turns only: a strict subset of the text, starting after the first `assistant\n`
+            supervised, text = labels != IGNORE, ids != IMG
+            assert not supervised[~text].any() and 0 < int(supervised.sum()) < int(text.sum())
+            assert processor.tokenizer.decode(labels[labels != IGNORE]).endswith("<|im_end|>\n")
+
+
+def test_completion_only_loss_false_with_assistant_only_loss_is_refused(base_dir, data, tmp_path):
+    with pytest.raises(ValueError, match=r"completion_only_loss=false .* contradicts assistant_only_loss=true"):
+        _build(*_argv(tmp_path / "out", data, base_dir, "--completion_only_loss", "false",
+                      "--assistant_only_loss", "true"))
+
+
+@pytest.mark.parametrize("packing, eval_packing", [("false", "true"), ("true", "false")])
+def test_eval_packing_packs_the_eval_split_on_its_own_with_the_same_eval_loss(base_dir, data, tmp_path, packing,
+                                                                              eval_packing):
+    common = ["--eval_dataset_name", data / "train.jsonl", "--per_device_eval_batch_size", "16"]
+    trainer = _build(*_argv(tmp_path / "a", data, base_dir, *common, "--packing", packing,
+                            "--eval_packing", eval_packing))
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    eval_batch = next(iter(trainer.get_eval_dataloader()))
+    assert ("position_ids" in train_batch) == (packing == "true")
+    assert ("position_ids" in eval_batch) == (eval_packing == "true")
+    assert ("attention_mask" in eval_batch) == (eval_packing == "false")
+    supervised = int((eval_batch["labels"] != IGNORE).sum())
+    unpacked = _build(*_argv(tmp_path / "b", data, base_dir, *common))  # neither split packed
+    reference = next(iter(unpacked.get_eval_dataloader()))
+    assert supervised == int((reference["labels"] != IGNORE).sum()) > 0  # one eval batch: every conversation
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(unpacked.evaluate()["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--packing_strategy", "wrapped"], r"packing_strategy='wrapped' packs a token stream, .* --packing_algorithm"),
+    (["--packing", "--packing_strategy", "bfd_split"], r"packing_strategy='bfd_split'"),
+    (["--use_peft", "--lora_task_type", "SEQ_CLS"], r"lora_task_type='SEQ_CLS': SFT trains the model as a causal LM"),
+    (["--use_peft", "--lora_target_parameters", "experts"], r"lora_target_parameters .* has no target"),
+    (["--init_from_preset", "tiny", "--model_name_or_path", "", "--model_revision", "v1"],
+     r"model_revision='v1' selects a version of a hub model, but a preset is not one"),
+])
+def test_options_the_kit_cannot_apply_are_refused(base_dir, data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _build(*_argv(tmp_path / "out", data, base_dir, *extra))
