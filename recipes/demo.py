@@ -30,6 +30,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from recipes.demo_steps import PYTHON, CommandError, DemoStepError, StepRunner, run_command  # noqa: E402
 
+# The kit's scripts and configs are found from this file, not the working folder, so the demo runs from any folder;
+# its outputs still go to --output (demo_output/ in the working folder by default).
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+def kit_file(relative: str) -> str:
+    """The absolute path of a file under recipes/ (``pretrain.py``, ``configs/sft_tiny.yaml``)."""
+    return str(RECIPES_DIR / relative)
+
+
 RELOAD_AND_ANSWER = textwrap.dedent(
     """
     import json, sys, torch
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, epilog=steps_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("demo_output"),
-                        help="output folder; an existing one is deleted first only if it is empty or a demo output")
+                        help="output folder (default: demo_output in the working folder); an existing one is deleted "
+                             "first only if it is empty or a demo output")
     parser.add_argument("--seed", type=int, default=SETTINGS["seed"])
     parser.add_argument("--sft-steps", type=int, default=SETTINGS["sft_steps"])
     parser.add_argument("--pretrain-epochs", type=int, default=SETTINGS["pretrain_epochs"])
@@ -191,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
          "--num-image-tokens", str(settings["pretrain_image_tokens"]), "--capacity", str(settings["capacity"]),
          "--tasks", "1"]))
     runner.add(STEPS["pretrain"], lambda: run_command(
-        accelerate_launch("recipes/pretrain.py", [
-            "--config", "recipes/configs/pretrain_tiny.yaml", "--dataset_name_or_path", str(paths["packed"]),
+        accelerate_launch(kit_file("pretrain.py"), [
+            "--config", kit_file("configs/pretrain_tiny.yaml"), "--dataset_name_or_path", str(paths["packed"]),
             "--dataset_config_name", packed_config, "--num_image_tokens", str(settings["pretrain_image_tokens"]),
             "--max_length", str(settings["capacity"]), "--stage", settings["stage"],
             "--num_train_epochs", str(settings["pretrain_epochs"]), "--save_steps", "100000",
@@ -207,15 +218,15 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.add(STEPS["sft_data"], write_sft_data)
     runner.add(STEPS["sft"], lambda: run_command(
-        accelerate_launch("recipes/sft.py", [
-            "--config", "recipes/configs/sft_tiny.yaml",
+        accelerate_launch(kit_file("sft.py"), [
+            "--config", kit_file("configs/sft_tiny.yaml"),
             "--model_name_or_path", str(paths["pretrain"] / "final_model"),
             "--num_image_tokens", str(settings["sft_image_tokens"]), "--train_vision",
             "--dataset_name", str(paths["sft_data"] / "train.jsonl"), "--image_root", str(paths["sft_data"]),
             "--max_steps", str(settings["sft_steps"]), "--per_device_train_batch_size", str(settings["sft_batch"]),
             "--learning_rate", str(settings["sft_learning_rate"]), "--logging_steps", "25",
             "--seed", str(settings["seed"]), "--output_dir", str(paths["sft"])])))
-    eval_args = [PYTHON, "recipes/eval.py", "--model", str(paths["sft"]), "--benchmarks", "easy_vqa",
+    eval_args = [PYTHON, kit_file("eval.py"), "--model", str(paths["sft"]), "--benchmarks", "easy_vqa",
                  "--prompt", "chat", "--batch-size", "16", "--output", str(paths["eval"])]
     if args.eval_limit is not None:
         eval_args += ["--limit", str(args.eval_limit)]

@@ -2,6 +2,7 @@
 The steps themselves are not run (the whole demo takes ~10 minutes): StepRunner.run is replaced."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,8 +115,33 @@ def test_eval_limit_reaches_the_eval_command(tmp_path, monkeypatch, extra, expec
     monkeypatch.setattr(demo.StepRunner, "run", run_eval_step_only)
     _start(["--output", str(tmp_path / "out"), *extra])
     (command,) = commands
-    assert "recipes/eval.py" in command
+    assert command[1] == str(demo.RECIPES_DIR / "eval.py")
     assert (command[command.index("--limit") + 1] if "--limit" in command else None) == expected
+
+
+def test_steps_find_the_kits_scripts_and_configs_from_any_working_folder(tmp_path, monkeypatch):
+    """Run from another folder, every script and config a step names is an existing file of the kit (they were
+    paths relative to the working folder), while the default output stays demo_output/ in the working folder."""
+    commands = []
+    monkeypatch.setattr(demo, "run_command", lambda args, **kwargs: commands.append(args))
+
+    def run_command_steps_only(runner):
+        for title, func in runner.steps:
+            if title in (demo.STEPS[name] for name in ("select", "reshard", "pack", "pretrain", "sft", "eval")):
+                func()
+        raise Started
+
+    monkeypatch.setattr(demo.StepRunner, "run", run_command_steps_only)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _start([])
+    assert (elsewhere / "demo_output" / demo.MARKER).is_file()
+    named = [arg for command in commands for arg in command if arg.endswith((".py", ".yaml"))]
+    assert len(named) == 5  # pretrain.py and its config, sft.py and its config, eval.py
+    for arg in named:
+        assert Path(arg).is_absolute() and Path(arg).is_file(), arg
+        assert Path(arg).resolve().is_relative_to(Path(demo.__file__).resolve().parent), arg
 
 
 @pytest.mark.parametrize("omp", [None, "1"])

@@ -19,18 +19,21 @@ from .dataset_repo import DATASET_STATS_FILES, build_dataset_repo, check_dataset
 from .errors import ReleaseError
 from .hub_upload import managed_patterns, upload
 from .model_repo import (
+    CONVERTER_CARD_TAG,
     LOAD_CHECK,
     MODEL_OPTIONAL_PATTERNS,
     MODEL_REQUIRED,
     PICKLE_WEIGHTS,
     REMOTE_CODE_FILES,
     build_model_repo,
+    converter_card,
     model_card,
 )
 from .staging import STAGING_MARKER, TEXT_SUFFIXES, VOCABULARY_FILES, check_no_local_paths, prepare_staging
 from .training_facts import SFT_ARGS, training_section
 
 __all__ = [
+    "CONVERTER_CARD_TAG",
     "DATASET_STATS_FILES",
     "LOAD_CHECK",
     "MODEL_OPTIONAL_PATTERNS",
@@ -46,6 +49,7 @@ __all__ = [
     "build_model_repo",
     "check_dataset_counts",
     "check_no_local_paths",
+    "converter_card",
     "main",
     "managed_patterns",
     "model_card",

@@ -5,10 +5,13 @@
 
 The repository content is first assembled and checked in a staging folder (``--staging``, default
 ``<folder>-release``; never the released folder or a folder around or inside it, and an existing one is only emptied
-when this tool made it): for a model, the safetensors weights, ``config.json`` with its ``auto_map``, the remote-code
-``.py`` files, the processor and tokenizer files, the generation config and a model card (with a Training section
-generated from what the training recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.yaml``
-and ``metrics.jsonl`` around a pretraining ``final_model``; ``--training-notes`` is appended to it); for a dataset,
+when this tool made it): for a model, the safetensors weights (``model.safetensors``, or the index and exactly the
+shards it lists; a folder mixing them is refused), ``config.json`` with its ``auto_map``, the remote-code ``.py``
+files, the processor and tokenizer files (refused when the processor's ``num_image_tokens`` or image size differs from
+the config's), the generation config and a model card (with a Training section generated from what the training
+recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.yaml`` and ``metrics.jsonl`` around a
+pretraining ``final_model``; ``--training-notes`` is appended to it; a converted folder's card from
+``convert_prismatic_to_hf`` is kept as its Conversion section); for a dataset,
 the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
 files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
 ``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's

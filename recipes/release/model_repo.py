@@ -23,9 +23,17 @@ from .training_facts import training_section
 REMOTE_CODE_FILES = ("configuration_open_qwen2vl.py", "modeling_open_qwen2vl.py", "processing_open_qwen2vl.py")
 MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json") + REMOTE_CODE_FILES
-MODEL_OPTIONAL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "chat_template.jinja",
-                           "additional_chat_templates/*.jinja", "special_tokens_map.json", SFT_TRAINING_LOG,
-                           "*.md")
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHT_PATTERNS = ("*.safetensors", WEIGHTS_INDEX)
+# Staged by pattern; the weights are staged by name (_weight_files), only those one load reads.
+OTHER_OPTIONAL_PATTERNS = ("chat_template.jinja", "additional_chat_templates/*.jinja", "special_tokens_map.json",
+                           SFT_TRAINING_LOG, "*.md")
+# Every kind of file a model release manages (hub_upload deletes those of an earlier release that this one lacks).
+MODEL_OPTIONAL_PATTERNS = WEIGHT_PATTERNS + OTHER_OPTIONAL_PATTERNS
+# modeling_open_qwen2vl/model_card.py tags every card the converter writes with it: such a README.md holds the
+# conversion's facts (source checkpoint and sha256, dropped tensors, the `compat` template note), kept on release.
+CONVERTER_CARD_TAG = "prismatic-conversion"
 # Pickled weights the kit does not release. Other .bin files are fine: TRL's training_args.bin (pickled arguments,
 # not weights) is in every SFT folder, and only the allow-list above is copied anyway.
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -53,7 +61,80 @@ def _check_model_loads(staging: Path) -> None:
                            f"{lines[-1].strip()}")
 
 
-def _check_model_folder(folder: Path) -> dict:
+def _weight_files(folder: Path) -> list[str]:
+    """The weight files one load reads: ``model.safetensors`` alone, or the index and exactly the shards it lists.
+
+    A mix (a single file left beside an index, shards the index does not list, listed shards or tensors missing)
+    is refused: the load check reads only one of them, while every file would be published."""
+    present = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
+    if not (folder / WEIGHTS_INDEX).is_file():
+        if present != [SINGLE_WEIGHTS]:
+            raise ReleaseError(f"{folder} holds {', '.join(present)} without {WEIGHTS_INDEX} (only "
+                               f"{SINGLE_WEIGHTS} loads without an index); remove the files left from another save")
+        return [SINGLE_WEIGHTS]
+    if SINGLE_WEIGHTS in present:
+        raise ReleaseError(f"{folder} holds both {SINGLE_WEIGHTS} and the sharded weights of {WEIGHTS_INDEX}: one "
+                           "of them is left from an earlier save; remove the stale one (or convert into an empty "
+                           "folder)")
+    try:
+        weight_map = json.loads((folder / WEIGHTS_INDEX).read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ReleaseError(f"{folder / WEIGHTS_INDEX} is not readable JSON ({type(err).__name__})") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ReleaseError(f"{folder / WEIGHTS_INDEX} has no weight_map of tensor names to shard files")
+    listed = sorted(set(weight_map.values()))
+    outside = [name for name in listed if Path(name).name != name]  # would not be staged next to the index
+    if outside:
+        raise ReleaseError(f"{WEIGHTS_INDEX} in {folder} lists shards outside the folder: {', '.join(outside)}")
+    missing = [name for name in listed if name not in present]
+    unlisted = [name for name in present if name not in listed]
+    if missing or unlisted:
+        raise ReleaseError(f"{WEIGHTS_INDEX} in {folder} does not match its shards: "
+                           + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                       (("listed but missing", missing), ("present but not listed", unlisted))
+                                       if names))
+    from safetensors import safe_open
+
+    for shard in listed:  # an index left from another save can name same-named shards with other tensors
+        try:
+            with safe_open(folder / shard, framework="pt") as weights:
+                held = set(weights.keys())
+        except Exception as err:  # noqa: BLE001 - any unreadable shard is refused with its reason
+            raise ReleaseError(f"{folder / shard} is not a readable safetensors file: {err}") from err
+        absent = sorted(key for key, name in weight_map.items() if name == shard and key not in held)
+        if absent:
+            raise ReleaseError(f"{WEIGHTS_INDEX} in {folder} places {len(absent)} tensors in {shard} that it does "
+                               f"not hold (e.g. {absent[0]}): the index is from another save")
+    return [WEIGHTS_INDEX] + listed
+
+
+def _check_processor_matches(folder: Path) -> None:
+    """Refuse a processor that does not match the model config (e.g. ``num_image_tokens`` edited in config.json
+    only): every user of the repository would fail on the first image."""
+    from modeling_open_qwen2vl import OpenQwen2VLConfig
+    from modeling_open_qwen2vl.processing_open_qwen2vl import OpenQwen2VLProcessor
+
+    try:  # loaded, not read as JSON: values left at their defaults count as what a user gets
+        config = OpenQwen2VLConfig.from_pretrained(folder)
+        processor = OpenQwen2VLProcessor.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - named in the refusal
+        raise ReleaseError(f"the config or processor in {folder} does not load: {type(err).__name__}: {err}") from err
+    problems = []
+    if processor.num_image_tokens != config.num_image_tokens:
+        problems.append(f"num_image_tokens is {config.num_image_tokens} in config.json but "
+                        f"{processor.num_image_tokens} in processor_config.json")
+    size, image_size = processor.image_processor.size, config.vision_config.image_size
+    resized = (getattr(size, "height", None), getattr(size, "width", None))
+    if resized != (image_size, image_size):
+        problems.append(f"the vision config's image_size is {image_size} but the image processor resizes to "
+                        f"{size if isinstance(size, int) else dict(size)}")  # SizeDict: its set fields
+    if problems:
+        raise ReleaseError(f"{folder}: the processor does not match the model ({'; '.join(problems)}); fix "
+                           "processor_config.json or config.json so they agree before releasing")
+
+
+def _check_model_folder(folder: Path) -> tuple[dict, list[str]]:
+    """The folder's config.json and the weight files to stage; refuses an incomplete or inconsistent folder."""
     missing = [name for name in MODEL_REQUIRED if not (folder / name).is_file()]
     if not list(folder.glob("*.safetensors")):
         missing.append("*.safetensors (weights)")
@@ -67,16 +148,55 @@ def _check_model_folder(folder: Path) -> dict:
     pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
     if pickles:
         raise ReleaseError(f"{folder} holds pickle weights ({', '.join(pickles)}); the kit releases safetensors only")
-    return config
+    weights = _weight_files(folder)
+    _check_processor_matches(folder)
+    return config, weights
 
 
-def model_card(config: dict, repo_id: str, eval_table: str | None, training: str | None) -> str:
+def converter_card(folder: Path) -> str | None:
+    """The body of the model card the converter wrote in ``folder`` (its title dropped, its headings one level
+    down to sit under the released card's Conversion section); None when README.md is not a converter card."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"---\n(.*?)\n---\n(.*)", text, re.DOTALL)
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(metadata, dict) or CONVERTER_CARD_TAG not in (metadata.get("tags") or []):
+        return None
+    lines = match.group(2).strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    body, in_code = [], False
+    for line in lines:
+        in_code ^= line.startswith("```")
+        body.append("#" + line if line.startswith("#") and not in_code else line)  # "# ..." in code is a comment
+    return "\n".join(body).strip()
+
+
+def _conversion_facts(card: str) -> list[str]:
+    """The Training section's facts for a converted folder: the converter and the source checkpoint row."""
+    facts = ["- recipe: converted from a prismatic checkpoint (the original Open-Qwen2VL codebase's format) with "
+             "`python -m modeling_open_qwen2vl.convert_prismatic_to_hf` (details under Conversion)"]
+    source = re.search(r"^\| source checkpoint \| (.+?) \|$", card, re.MULTILINE)
+    if source:
+        facts.append(f"- source checkpoint: {source.group(1)}")
+    return facts
+
+
+def model_card(config: dict, repo_id: str, eval_table: str | None, training: str | None,
+               conversion: str | None = None) -> str:
+    """The released card; ``conversion`` is the converter's card body (``converter_card``), kept as a section."""
     text, vision = config["text_config"], config["vision_config"]
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "image-text-to-text",
         "license": "apache-2.0",
-        "tags": ["open-qwen2vl", "vision-language", "multimodal", "custom_code"],
+        "tags": ["open-qwen2vl", "vision-language", "multimodal", "custom_code"]
+        + ([CONVERTER_CARD_TAG] if conversion else []),
     }
     name = repo_id.split("/")[-1]
     lines = [
@@ -102,6 +222,9 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
         f"vocabulary {text.get('vocab_size')} |",
         "",
     ]
+    if conversion:
+        lines += ["## Conversion", "", "From the model card the converter wrote "
+                  "(`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):", "", conversion.strip(), ""]
     if eval_table:
         lines += ["## Evaluation", "", eval_table.strip(), ""]
     if training:
@@ -113,13 +236,16 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
                      training_notes: Path | None = None) -> Path:
     """Assemble a model repository in ``staging`` from a kit model folder, check that it holds no local path and
     loads; returns ``staging``."""
-    config = _check_model_folder(folder)
+    config, weights = _check_model_folder(folder)
+    conversion = converter_card(folder)
     prepare_staging(folder, staging)
-    copy_matching(folder, staging, MODEL_REQUIRED + MODEL_OPTIONAL_PATTERNS)
+    copy_matching(folder, staging, MODEL_REQUIRED + tuple(weights) + OTHER_OPTIONAL_PATTERNS)
     card = model_card(
         config, repo_id,
         _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,
-        training_section(folder, config, training_notes.read_text() if training_notes else None),
+        training_section(folder, config, training_notes.read_text() if training_notes else None,
+                         _conversion_facts(conversion) if conversion else None),
+        conversion,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
     check_no_local_paths(staging, folder)

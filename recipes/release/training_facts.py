@@ -107,10 +107,12 @@ def _pretrain_facts(folder: Path) -> list[str] | None:
             f"- data: {data}"] + _hyperparameters(args, _last_step(run_dir / METRICS_FILE))
 
 
-def training_section(folder: Path, config: dict, notes: str | None = None) -> str:
-    """The model card's Training section body: facts from what the training recipes left around ``folder`` (unknown
-    when they left nothing), the config's image tokens, then the user's ``notes``."""
-    facts = _sft_facts(folder) or _pretrain_facts(folder) or [
+def training_section(folder: Path, config: dict, notes: str | None = None,
+                     conversion: list[str] | None = None) -> str:
+    """The model card's Training section body: facts from what the training recipes left around ``folder``, else
+    ``conversion`` (the facts of a converted folder's card), else unknown; the config's image tokens, then the
+    user's ``notes``."""
+    facts = _sft_facts(folder) or _pretrain_facts(folder) or (list(conversion) if conversion else None) or [
         f"- recipe: unknown (no `{SFT_ARGS}` of an SFT run in the folder and no `{RESOLVED_CONFIG}` of a "
         "pretraining run beside it)"]
     facts.append(f"- image tokens: {_shown(config.get('num_image_tokens'))} per image (`num_image_tokens`)")

@@ -1,0 +1,164 @@
+"""Release tool refusals for folders that would publish a broken or misleading repository (a stale mix of weight
+files, a processor that does not match the model) and the converter's model card kept in the released card.
+
+Fixtures are built here (save_pretrained, files copied by hand), not with the converter."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import recipes.release.model_repo as model_repo
+from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
+from modeling_open_qwen2vl.model_card import model_card as converter_model_card
+from recipes.release import main
+
+SHARD_SIZE = "20MB"  # the tiny model (~40 MB, mostly the Qwen embedding) in a few shards
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, processor):
+    """A tiny model saved as one file and the same weights saved in shards, each with its processor."""
+    from modeling_open_qwen2vl import OpenQwen2VLConfig
+
+    torch.manual_seed(5)
+    model = OpenQwen2VLForConditionalGeneration(OpenQwen2VLConfig.tiny()).eval()
+    root = tmp_path_factory.mktemp("saved")
+    for name, shard_size in (("single", None), ("sharded", SHARD_SIZE)):
+        model.save_pretrained(root / name, **({"max_shard_size": shard_size} if shard_size else {}))
+        processor.save_pretrained(root / name)
+    assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
+    return root
+
+
+def _copy(saved, name, tmp_path):
+    folder = tmp_path / name
+    shutil.copytree(saved / name, folder)
+    return folder
+
+
+def _release(folder, tmp_path, capsys):
+    """(exit code, stderr, staging folder) of a dry run."""
+    staging = tmp_path / "staging"
+    code = main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"])
+    return code, capsys.readouterr().err, staging
+
+
+def _shards(folder):
+    return sorted(p.name for p in folder.glob("model-*.safetensors"))
+
+
+def test_single_weights_file_beside_a_sharded_index_is_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "single", tmp_path)  # an earlier single-file save, then a sharded one into the same folder
+    for path in (saved / "sharded").glob("model*"):
+        shutil.copy2(path, folder / path.name)
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and "holds both model.safetensors and the sharded weights of model.safetensors.index.json" in err
+    assert not staging.exists()
+
+
+def test_a_sharded_folder_is_released_with_its_index_and_exactly_its_shards(saved, tmp_path, capsys):
+    folder = _copy(saved, "sharded", tmp_path)
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in staging.glob("*.safetensors*")) == \
+        sorted(_shards(folder) + ["model.safetensors.index.json"])
+
+
+def test_shard_the_index_does_not_list_is_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "sharded", tmp_path)
+    shutil.copy2(folder / _shards(folder)[0], folder / "model-00001-of-00009.safetensors")  # from another save
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and "does not match its shards: present but not listed: model-00001-of-00009.safetensors" in err
+    assert not staging.exists()
+
+
+def test_listed_shard_that_is_missing_is_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "sharded", tmp_path)
+    gone = _shards(folder)[-1]
+    (folder / gone).unlink()
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and f"does not match its shards: listed but missing: {gone}" in err
+    assert not staging.exists()
+
+
+def test_index_that_places_tensors_in_the_wrong_shard_is_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "sharded", tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    counts = {shard: list(index["weight_map"].values()).count(shard) for shard in _shards(folder)}
+    fuller = max(counts, key=counts.get)  # moving one of its tensors still leaves it listed
+    other = next(shard for shard in counts if shard != fuller)
+    key = next(k for k, shard in index["weight_map"].items() if shard == fuller)
+    index["weight_map"][key] = other  # an index of another save over same-named shards
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and f"places 1 tensors in {other} that it does not hold (e.g. {key})" in err
+    assert not staging.exists()
+
+
+def test_shards_without_an_index_beside_the_single_file_are_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "single", tmp_path)
+    stray = _shards(saved / "sharded")[0]
+    shutil.copy2(saved / "sharded" / stray, folder / stray)
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and f"holds {stray}, model.safetensors without model.safetensors.index.json" in err
+    assert not staging.exists()
+
+
+def _edit_json(path, edit):
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def test_processor_image_tokens_that_differ_from_the_config_are_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "single", tmp_path)  # num_image_tokens edited in config.json only (16 -> 4)
+    _edit_json(folder / "config.json", lambda config: config.update(num_image_tokens=4))
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and "num_image_tokens is 4 in config.json but 16 in processor_config.json" in err
+    assert not staging.exists()
+
+
+def test_image_processor_size_that_differs_from_the_vision_config_is_refused(saved, tmp_path, capsys):
+    folder = _copy(saved, "single", tmp_path)
+    _edit_json(folder / "processor_config.json",
+               lambda processor: processor["image_processor"].update(size={"height": 32, "width": 32}))
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and "the vision config's image_size is 64 but the image processor resizes to" in err
+    assert "'height': 32" in err and not staging.exists()
+
+
+CONVERTER_FACTS = {
+    "model_id": "open-qwen2vl-tiny", "run_model_id": "open-qwen2vl-tiny", "checkpoint_name": "latest-checkpoint.pt",
+    "sha256": "0123abcd" * 8, "arch_specifier": "full-align+729-avgpool",
+    "vision_backbone_id": "siglip-vit-so400m-384px", "llm_backbone_id": "qwen2.5-1.5b-instruct",
+    "num_image_tokens": 16, "vision_source": "the checkpoint's `vision_backbone`", "head": "not kept",
+    "dropped": "vision attention-pool head (--drop-vision-head)", "dtype": "float32",
+    "tokenizer": "the official Qwen2.5 tokenizer.json (offline copy)",
+}
+
+
+def test_converter_card_facts_are_kept_in_the_released_card(saved, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)  # loading is tested elsewhere
+    folder = _copy(saved, "single", tmp_path)
+    (folder / "README.md").write_text(converter_model_card(CONVERTER_FACTS), encoding="utf-8")
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    card = (staging / "README.md").read_text()
+    conversion = card.split("## Conversion\n", 1)[1].split("\n## ", 1)[0]
+    for fact in (f"| source checkpoint | `latest-checkpoint.pt` (sha256 `{'0123abcd' * 8}`) |",
+                 "| dropped tensors | vision attention-pool head (--drop-vision-head) |",
+                 "The processor's default chat template is `compat`", "### Usage",
+                 "# The original README / evaluation format"):  # a code comment, not a heading: left as it is
+        assert fact in conversion, fact
+    training = card.split("## Training\n\n", 1)[1]
+    assert training.startswith("- recipe: converted from a prismatic checkpoint")
+    assert f"- source checkpoint: `latest-checkpoint.pt` (sha256 `{'0123abcd' * 8}`)" in training
+    assert "recipe: unknown" not in card and "- prismatic-conversion" in card.split("\n---\n", 1)[0]
+    assert "# open-qwen2vl-tiny (transformers format)" not in card  # one title: the converter's is dropped
+
+    (folder / "README.md").write_text("# my notes\n\nnot a converter card\n")  # other cards: not carried, as before
+    code, err, staging = _release(folder, tmp_path, capsys)
+    card = (staging / "README.md").read_text()
+    assert code == 0 and "## Conversion" not in card and "- recipe: unknown" in card
