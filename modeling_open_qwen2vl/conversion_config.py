@@ -50,7 +50,10 @@ def config_from_run(
     ``base_config`` (an ``OpenQwen2VLConfig``, a folder or a config.json) replaces the released architecture, for
     runs with other backbones; without it the backbone ids must be the released ones.
     """
-    num_image_tokens = num_image_tokens_from_arch_specifier(run_config["arch_specifier"])
+    try:
+        num_image_tokens = num_image_tokens_from_arch_specifier(str(run_config["arch_specifier"]))
+    except ValueError as error:  # another projector (gelu-mlp, linear...): not an Open-Qwen2VL model
+        raise CheckpointError(f"run config: {error}") from error
     if base_config is None:
         vision_id, llm_id = run_config.get("vision_backbone_id"), run_config.get("llm_backbone_id")
         if vision_id not in RELEASED_VISION_BACKBONES or llm_id not in RELEASED_LLM_BACKBONES:
@@ -63,13 +66,19 @@ def config_from_run(
     elif isinstance(base_config, OpenQwen2VLConfig):
         base = base_config
     else:
-        base = OpenQwen2VLConfig.from_pretrained(base_config)
+        try:
+            base = OpenQwen2VLConfig.from_pretrained(base_config)
+        except (OSError, ValueError) as error:  # missing folder, not a config.json, another model_type
+            raise CheckpointError(f"cannot read --base-config {str(base_config)!r}: {error}") from error
     if run_config.get("image_resize_strategy", "resize-naive") != "resize-naive":
         logger.warning(
             "run config uses image_resize_strategy=%r; the kit's processor squashes images (resize-naive)",
             run_config["image_resize_strategy"],
         )
-    return derive_config(base, num_image_tokens=num_image_tokens)
+    try:
+        return derive_config(base, num_image_tokens=num_image_tokens)
+    except ValueError as error:  # e.g. more tokens than the vision patch grid has
+        raise CheckpointError(f"run config arch_specifier {run_config['arch_specifier']!r}: {error}") from error
 
 
 def expected_state_dict_shapes(config: OpenQwen2VLConfig) -> dict[str, torch.Size]:

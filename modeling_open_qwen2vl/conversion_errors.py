@@ -9,7 +9,12 @@ MAX_LISTED_KEYS = 25
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or weight file that cannot be converted; the message names the file and the offending keys."""
+    """An input that cannot be converted (checkpoint, weight file, run config, tokenizer); the message names the
+    file and the offending keys."""
+
+
+class OutputFolderError(CheckpointError):
+    """An ``--output`` the converter refuses to write: it is (or holds) an input, or holds another model's files."""
 
 
 def format_keys(keys: Iterable[str], limit: int = MAX_LISTED_KEYS) -> str:

@@ -5,7 +5,7 @@ Forward (original -> Hugging Face folder)::
     python -m modeling_open_qwen2vl.convert_prismatic_to_hf \\
         --checkpoint Open-Qwen2VL/checkpoints/latest-checkpoint.pt --config Open-Qwen2VL/config.json \\
         --output open-qwen2vl-hf [--vision-weights google/siglip-so400m-patch14-384 | timm.safetensors] \\
-        [--tokenizer Qwen/Qwen2.5-1.5B-Instruct] [--dtype auto|float32|bfloat16|float16]
+        [--tokenizer Qwen/Qwen2.5-1.5B-Instruct] [--dtype auto|float32|bfloat16|float16] [--overwrite]
 
 The folder loads with ``AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`` and
 ``AutoProcessor.from_pretrained(folder, trust_remote_code=True)``; the processor's default chat template is
@@ -15,6 +15,9 @@ Back (kit folder -> prismatic run directory that the original ``prismatic.load(r
 
     python -m modeling_open_qwen2vl.convert_prismatic_to_hf --to-prismatic open-qwen2vl-hf --output run_dir
 
+Every input is checked before anything is written. ``--output`` may not already hold a model (``--overwrite``
+replaces one, deleting its old weight files first) and is never an input's folder. The checkpoint's zip CRCs are
+checked in the same read that hashes it for the model card.
 The checkpoint is read with ``torch.load(..., weights_only=True, mmap=True)`` only, and tensors are renamed or
 split as views: conversion holds about one copy of the checkpoint in memory (see ``bench/convert_2b.py``).
 The export back writes a ``.pt`` file because that is the only format the original codebase reads.
@@ -45,18 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", help="latest-checkpoint.pt, or a prismatic run directory")
     parser.add_argument("--config", help="the prismatic run's config.json (default: the run directory's)")
-    parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--output", required=True,
+                        help="folder to write (never an input's folder; one that holds a model needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output that already holds a model, deleting its model*.safetensors, "
+                             "index and pytorch_model*.bin first (so no old weights survive beside the new ones)")
     parser.add_argument("--vision-weights",
                         help="SigLIP weights when the checkpoint has no vision_backbone: a transformers folder or hub "
                              "id (google/siglip-so400m-patch14-384), or a timm .safetensors/.bin/.pth file")
     parser.add_argument("--tokenizer", help="Qwen2.5 tokenizer folder or hub id (default: the offline official file)")
     parser.add_argument("--base-config", help="OpenQwen2VLConfig folder/json for non-released backbones")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: the checkpoint's, the widest if mixed)")
+                        help="weights dtype (auto: the checkpoint's, the widest if mixed, float32 for fp16 + bf16)")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--drop-vision-head", action="store_true",
                         help="drop the unused attention-pool head (the export back then needs --no-vision-backbone)")
-    parser.add_argument("--no-sha256", action="store_true", help="skip hashing the checkpoint for the model card")
+    parser.add_argument("--no-sha256", action="store_true",
+                        help="skip hashing the checkpoint for the model card (its zip CRCs are still checked)")
     parser.add_argument("--to-prismatic", metavar="HF_FOLDER",
                         help="export a kit folder to a prismatic run directory at --output")
     parser.add_argument("--no-vision-backbone", action="store_true",
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.to_prismatic:
             path = export_to_prismatic(args.to_prismatic, args.output, run_config_template=args.config,
-                                       include_vision_backbone=not args.no_vision_backbone, model_id=args.model_id)
+                                       include_vision_backbone=not args.no_vision_backbone, model_id=args.model_id,
+                                       overwrite=args.overwrite)
         else:
             if not args.checkpoint:
                 raise CheckpointError("--checkpoint is required (or --to-prismatic for the export back)")
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.checkpoint, args.output, run_config=args.config, vision_weights=args.vision_weights,
                 tokenizer=args.tokenizer, base_config=args.base_config, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, drop_vision_head=args.drop_vision_head,
-                compute_sha256=not args.no_sha256,
+                compute_sha256=not args.no_sha256, overwrite=args.overwrite,
             )
     except (CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,20 +5,26 @@ Kit-only, not copied into checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import GenerationConfig
 
 from .configuration_open_qwen2vl import EOS_TOKEN_ID, PAD_TOKEN_ID, OpenQwen2VLConfig
 from .conversion_config import config_from_run, derive_config
-from .conversion_errors import CheckpointError
+from .conversion_errors import CheckpointError, OutputFolderError
 from .factory import build_processor
 from .model_card import model_card
 from .modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
-from .original_checkpoint import load_prismatic_checkpoint, load_vision_weights, read_prismatic_run_config
+from .original_checkpoint import (
+    load_prismatic_checkpoint,
+    load_vision_weights,
+    read_prismatic_run_config,
+    scan_checkpoint_file,
+)
 from .prismatic_layout import LLM_PREFIX, ORIGINAL_LM_HEAD, TIMM_PREFIX, is_vision_head_key
 from .weight_mapping import cast_state_dict, convert_state_dict, resolve_dtype, same_tensor
 
@@ -38,17 +44,51 @@ def generation_config_for(config: OpenQwen2VLConfig) -> GenerationConfig:
                             suppress_tokens=[config.image_token_id], **GENERATION_DEFAULTS)
 
 
-def sha256_of_file(path: Path) -> str:
-    """The file's sha256 hex digest, read in 16 MiB blocks with a progress bar (checkpoints are gigabytes)."""
-    from tqdm.auto import tqdm
+# Weight files transformers would load from a folder; a leftover one beats (or breaks) the newly written ones.
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                        "pytorch_model.bin.index.json")
+# What makes a folder a model folder or a prismatic run: converting into it would mix two models.
+MODEL_FILE_PATTERNS = (*WEIGHT_FILE_PATTERNS, "config.json", "checkpoints/*.pt")
 
-    digest = hashlib.sha256()
-    with path.open("rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                          desc=f"sha256 {path.name}", leave=False) as bar:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
+
+def check_output_folder(output: Path, inputs: Iterable[str | Path | None], *, overwrite: bool) -> None:
+    """Refuse ``output`` before anything is read or written when it would overwrite or mix with other files.
+
+    ``output`` may not be one of ``inputs`` (local paths; hub ids and None are skipped) nor a folder above one.
+    A folder already holding model files (``MODEL_FILE_PATTERNS``) needs ``overwrite``; an empty, missing or
+    unrelated folder is written as is. Raises ``OutputFolderError``.
+    """
+    target = output.resolve()
+    for source in inputs:
+        if source is None or isinstance(source, OpenQwen2VLConfig) or not Path(source).exists():
+            continue
+        resolved = Path(source).resolve()
+        if resolved == target or target in resolved.parents:
+            raise OutputFolderError(
+                f"--output {output} is, or contains, the input {source}: writing there would overwrite it; "
+                "choose another folder"
+            )
+    if output.exists() and not output.is_dir():
+        raise OutputFolderError(f"--output {output} exists and is not a folder")
+    if overwrite or not output.is_dir():
+        return
+    found = sorted({path.relative_to(output).as_posix() for pattern in MODEL_FILE_PATTERNS
+                    for path in output.glob(pattern) if path.is_file()})
+    if found:
+        raise OutputFolderError(
+            f"--output {output} already holds model files ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''})"
+            ": the new files would mix with them (transformers loads a leftover model.safetensors before new shards)."
+            " Choose an empty folder, or pass --overwrite (overwrite=True) to replace them"
+        )
+
+
+def remove_weight_files(output: Path) -> None:
+    """Delete ``output``'s transformers weight files (``--overwrite``) so none of the previous model's survive."""
+    for pattern in WEIGHT_FILE_PATTERNS:
+        for path in output.glob(pattern):
+            if path.is_file():
+                logger.info("--overwrite: removing %s", path)
+                path.unlink()
 
 
 def convert_checkpoint(
@@ -63,12 +103,16 @@ def convert_checkpoint(
     max_shard_size: str | int = "5GB",
     drop_vision_head: bool = False,
     compute_sha256: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Convert one prismatic checkpoint into a transformers folder (weights, config, processor, card); returns it.
 
     ``checkpoint`` is a ``.pt`` file or a prismatic run directory (``checkpoints/latest-checkpoint.pt`` and
-    ``config.json``); ``run_config`` defaults to the ``config.json`` of that run directory. The other arguments
-    are the options of ``convert_prismatic_to_hf.main``.
+    ``config.json``); ``run_config`` defaults to the ``config.json`` of that run directory. ``output`` must not be
+    (or contain) an input; a folder already holding model files needs ``overwrite``, which deletes its weight files.
+    Every input (run config, checkpoint CRCs, tokenizer, weights) is checked before anything is written; errors are
+    ``CheckpointError`` (``OutputFolderError`` for the output) or ``FileNotFoundError``. The other arguments are the
+    options of ``convert_prismatic_to_hf.main``.
     """
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -79,9 +123,31 @@ def convert_checkpoint(
         if not guess.is_file():
             raise FileNotFoundError(f"pass the prismatic config.json of {checkpoint} (--config)")
         run_config = guess
+    output = Path(output)
+    check_output_folder(output, [checkpoint, run_config, base_config, vision_weights, tokenizer], overwrite=overwrite)
+    try:  # parsed the way save_pretrained will, so a typo fails now rather than after config.json is written
+        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
+    except ValueError as error:
+        raise CheckpointError(f"--max-shard-size {max_shard_size!r}: {error}") from error
     run = read_prismatic_run_config(run_config)
     config = config_from_run(run, base_config)
-    original = load_prismatic_checkpoint(checkpoint)
+    try:
+        max_length = int(run.get("llm_max_length", 4096))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{run_config}: model.llm_max_length is not an integer ({error})") from error
+    # The tokenizer is the cheapest input to get wrong: build the processor before the gigabytes are read.
+    if tokenizer is not None and not Path(tokenizer).exists() and (
+            Path(tokenizer).is_absolute() or str(tokenizer).startswith(".") or str(tokenizer).endswith(".json")):
+        raise CheckpointError(f"--tokenizer {tokenizer}: no such file or folder (nor a hub id)")
+    try:
+        processor = build_processor(config, chat_format="compat", tokenizer_source=tokenizer,
+                                    model_max_length=max_length)
+    except (OSError, ValueError, TypeError, KeyError) as error:  # no such folder/file/hub id, not a Qwen2 tokenizer
+        source = "the default tokenizer" if tokenizer is None else f"--tokenizer {str(tokenizer)!r}"
+        raise CheckpointError(f"cannot build the processor from {source}: {error}") from error
+    # One read of the file checks every zip member's CRC (and hashes it for the card); torch.load does neither.
+    sha256 = scan_checkpoint_file(checkpoint, sha256=compute_sha256)
+    original = load_prismatic_checkpoint(checkpoint, verify=False)
     logger.info("read %s: %s", checkpoint, {group: len(state) for group, state in original.items()})
 
     if "vision_backbone" in original:
@@ -115,7 +181,8 @@ def convert_checkpoint(
     target_dtype = resolve_dtype(original, dtype)
     state = cast_state_dict(state, target_dtype)
 
-    output = Path(output)
+    if overwrite and output.is_dir():
+        remove_weight_files(output)
     output.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         shell = OpenQwen2VLForConditionalGeneration._from_config(config, dtype=target_dtype)
@@ -124,8 +191,6 @@ def convert_checkpoint(
     shell.save_pretrained(output, state_dict=state, max_shard_size=max_shard_size)
     del state
 
-    processor = build_processor(config, chat_format="compat", tokenizer_source=tokenizer,
-                                model_max_length=int(run.get("llm_max_length", 4096)))
     processor.save_pretrained(output)
 
     dropped = []
@@ -135,7 +200,7 @@ def convert_checkpoint(
         "model_id": run.get("model_id") or checkpoint.stem,
         "run_model_id": run.get("model_id"),
         "checkpoint_name": checkpoint.name,
-        "sha256": sha256_of_file(checkpoint) if compute_sha256 else "not computed",
+        "sha256": sha256 or "not computed",
         "arch_specifier": run["arch_specifier"],
         "vision_backbone_id": run.get("vision_backbone_id"),
         "llm_backbone_id": run.get("llm_backbone_id"),

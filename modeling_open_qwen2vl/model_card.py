@@ -27,7 +27,7 @@ vision encoder's fused `qkv` split into `q/k/v`, `pos_embed` reshaped); none wer
 |---|---|
 | source checkpoint | `{facts['checkpoint_name']}` (sha256 `{facts['sha256']}`) |
 | prismatic config | model_id `{facts['run_model_id']}`, arch_specifier `{facts['arch_specifier']}`, vision `{facts['vision_backbone_id']}`, LLM `{facts['llm_backbone_id']}` |
-| visual tokens per image | {facts['num_image_tokens']} (from the arch_specifier; change `num_image_tokens` in config.json for 144 <-> 729, no weight changes) |
+| visual tokens per image | {facts['num_image_tokens']} (from the arch_specifier; for 144 <-> 729 change `num_image_tokens` in both config.json and processor_config.json, no weight changes) |
 | vision tower weights | {facts['vision_source']} |
 | vision pooling head | {facts['head']} |
 | dropped tensors | {dropped} |
@@ -48,6 +48,14 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 inputs = processor(text="<s><image>\\nDescribe the image.", images=[image], return_tensors="pt")
 output = model.generate(**inputs)  # greedy, stops at <|im_end|> (generation_config.json)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+The model and the processor must agree on the visual tokens per image. To switch between 144 and 729 in Python:
+
+```python
+model.config.num_image_tokens = processor.num_image_tokens = 144
+model.save_pretrained(new_folder)
+processor.save_pretrained(new_folder)  # processor_config.json; config.json alone leaves every image input failing
 ```
 
 The processor's default chat template is `compat`: it reproduces the original SFT prompt strings byte for byte,

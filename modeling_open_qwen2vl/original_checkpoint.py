@@ -6,11 +6,15 @@ that cannot be read raises ``CheckpointError`` naming it. Kit-only, not copied i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,15 +23,104 @@ from .conversion_errors import CheckpointError, format_keys
 from .prismatic_layout import timm_vision_to_hf
 
 
-def load_torch_file(path: str | Path) -> dict:
+# The fixed part of a zip local file header ("PK\x03\x04" ... name length, extra length).
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_SCAN_BLOCK = 1 << 24  # 16 MiB reads: checkpoints are gigabytes
+
+
+class _Member(NamedTuple):
+    start: int  # offset of the member's stored bytes in the file
+    end: int
+    name: str
+    crc: int
+
+
+def _stored_members(path: Path) -> list[_Member]:
+    """Where each member's bytes lie in a zip-format torch file, sorted by offset, for the CRC pass.
+
+    torch writes members uncompressed; an archive with compressed members (re-zipped by hand) is checked with
+    ``zipfile.testzip`` here instead and contributes no spans. Returns [] for a file that is not a zip.
+    """
+    if not zipfile.is_zipfile(path):
+        return []  # the legacy (pre-1.6) torch format has no checksums
+    members = []
+    try:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+            infos = archive.infolist()
+            if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+                bad = archive.testzip()
+                if bad is not None:
+                    raise CheckpointError(f"{path} is damaged: zip member {bad!r} fails its CRC-32 check")
+                return []
+            for info in infos:
+                handle.seek(info.header_offset)
+                header = handle.read(_LOCAL_HEADER.size)
+                if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+                    raise CheckpointError(f"{path} is damaged: zip member {info.filename!r} has no valid header")
+                _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+                if handle.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
+                                                                         else "cp437"):
+                    raise CheckpointError(f"{path} is damaged: zip member {info.filename!r} has a corrupt header")
+                start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+                members.append(_Member(start, start + info.compress_size, info.filename, info.CRC))
+    except CheckpointError:
+        raise
+    except Exception as error:  # BadZipFile, EOFError, struct.error... depending on where the damage is
+        raise CheckpointError(f"{path} is a damaged zip archive ({type(error).__name__}: {error})") from error
+    return sorted(members)
+
+
+def scan_checkpoint_file(path: str | Path, *, sha256: bool = True) -> str | None:
+    """Read ``path`` once, front to back: check every zip member's CRC-32 and, if asked, return the sha256 hex.
+
+    ``torch.load`` ignores the CRCs, so bytes damaged inside a tensor record would load as changed weights; this
+    raises ``CheckpointError`` naming the file and the member instead. Legacy (non-zip) torch files are only hashed.
+    Returns None when ``sha256`` is False.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    members = _stored_members(path)
+    digest = hashlib.sha256() if sha256 else None
+    crc, current, position = 0, 0, 0  # running CRC of members[current], which may span several blocks
+    with path.open("rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, leave=False,
+                                          desc=f"{'sha256' if sha256 else 'verify'} {path.name}") as bar:
+        for block in iter(lambda: handle.read(_SCAN_BLOCK), b""):
+            if digest is not None:
+                digest.update(block)
+            view, end = memoryview(block), position + len(block)
+            while current < len(members) and members[current].start <= end:
+                member = members[current]
+                low, high = max(member.start, position), min(member.end, end)
+                if low < high:
+                    crc = zlib.crc32(view[low - position : high - position], crc)
+                if member.end > end:
+                    break  # continues in the next block
+                if crc != member.crc:
+                    raise CheckpointError(f"{path} is damaged: zip member {member.name!r} fails its CRC-32 check "
+                                          "(its bytes changed after it was written); re-download or re-copy it")
+                crc, current = 0, current + 1
+            position = end
+            bar.update(len(block))
+    if current < len(members):
+        raise CheckpointError(f"{path} is truncated: zip member {members[current].name!r} ends past the end of file")
+    return digest.hexdigest() if digest is not None else None
+
+
+def load_torch_file(path: str | Path, *, verify: bool = True) -> dict:
     """``torch.load`` with ``weights_only=True`` (memory-mapped for zip-format files), with errors naming the file.
 
-    Raises ``FileNotFoundError`` for a missing path and ``CheckpointError`` for a file that is not a PyTorch
-    checkpoint or whose pickle would need to run code (custom classes, functions).
+    ``verify`` first checks the zip members' CRC-32 (``scan_checkpoint_file``); pass False when the caller already
+    did. Raises ``FileNotFoundError`` for a missing path and ``CheckpointError`` for a damaged file, a file that is
+    not a PyTorch checkpoint or whose pickle would need to run code (custom classes, functions).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if verify:
+        scan_checkpoint_file(path, sha256=False)
     try:
         # mmap keeps tensors on disk until touched; it needs the zip format (the default since torch 1.6).
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -74,12 +167,13 @@ def _pickle_globals(path: Path) -> list[str]:
         return []
 
 
-def load_prismatic_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+def load_prismatic_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """The ``["model"]`` dict of a prismatic checkpoint: ``{"projector", "llm_backbone", "vision_backbone"?}``.
 
-    A dict holding those groups directly (no ``"model"`` wrapper) is accepted too.
+    A dict holding those groups directly (no ``"model"`` wrapper) is accepted too. ``verify``: see
+    ``load_torch_file``.
     """
-    checkpoint = load_torch_file(path)
+    checkpoint = load_torch_file(path, verify=verify)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
     original = checkpoint.get("model", checkpoint)

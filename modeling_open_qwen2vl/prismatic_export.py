@@ -7,6 +7,7 @@ into checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,26 +15,63 @@ import torch
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
 from .conversion_config import is_released_architecture
 from .conversion_errors import CheckpointError
+from .hf_folder import check_output_folder, remove_weight_files
 from .prismatic_layout import arch_specifier_for
 from .weight_mapping import convert_to_prismatic
 
+logger = logging.getLogger(__name__)
+
 
 def load_hf_folder_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a saved transformers folder (single or sharded safetensors)."""
+    """All tensors of a saved transformers folder, from the files ``from_pretrained`` would read.
+
+    Like transformers, ``model.safetensors`` wins over ``model.safetensors.index.json`` when a folder has both
+    (a leftover of an earlier save), so the export is the model that loads.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
+    if (folder / "model.safetensors").is_file():
+        if index.is_file():
+            logger.warning("%s has model.safetensors and %s: reading model.safetensors, as from_pretrained does",
+                           folder, index.name)
         files = ["model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from error
+        absent = [name for name in files if not (folder / name).is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not in {folder}: {absent}")
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(folder / name))
     return state
+
+
+def read_run_config_template(path: str | Path) -> dict:
+    """A prismatic run config (its ``config.json`` or folder) to fill in: a JSON object with a ``model`` object."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prismatic run config (--config) not found: {path}") from None
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} is not a readable JSON file: {error}") from error
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        hint = " (that is a transformers config.json)" if isinstance(run, dict) and "model_type" in run else ""
+        raise CheckpointError(
+            f"{path} is not a prismatic run config: it needs a 'model' object (vision_backbone_id, llm_backbone_id, "
+            f"...){hint}; pass the original run's config.json with --config"
+        )
+    return run
 
 
 def export_to_prismatic(
@@ -43,28 +81,35 @@ def export_to_prismatic(
     run_config_template: str | Path | None = None,
     include_vision_backbone: bool = True,
     model_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``output/checkpoints/latest-checkpoint.pt`` and ``output/config.json`` for the original ``load()``.
 
     The ``config.json`` is ``run_config_template`` (a prismatic run config) with ``arch_specifier`` set from the
-    model's ``num_image_tokens``, or a minimal one naming the released backbones.
+    model's ``num_image_tokens``, or a minimal one naming the released backbones. ``output`` must not be (or contain)
+    ``model_dir`` or the template; a folder already holding model files needs ``overwrite`` (which also deletes its
+    transformers weight files). All inputs are checked before anything is written.
     """
-    config = OpenQwen2VLConfig.from_pretrained(model_dir)
+    output = Path(output)
+    check_output_folder(output, [model_dir, run_config_template], overwrite=overwrite)
+    try:
+        config = OpenQwen2VLConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:  # no such folder, no config.json, another model_type
+        raise CheckpointError(f"cannot read the kit folder {str(model_dir)!r} (--to-prismatic): {error}") from error
     if run_config_template is None and not is_released_architecture(config):
         raise CheckpointError(
             f"{model_dir} is not the released architecture (SigLIP-SO400M/14@384 + Qwen2.5-1.5B), so the default run "
             "config naming those backbones would make the original load() build the wrong modules; pass the run's "
             "config.json with --config (run_config_template)"
         )
+    run = read_run_config_template(run_config_template) if run_config_template is not None else None
     state = load_hf_folder_state_dict(model_dir)
     original = convert_to_prismatic(state, config, include_vision_backbone=include_vision_backbone)
-    output = Path(output)
+    if overwrite and output.is_dir():
+        remove_weight_files(output)  # else a leftover HF model beside the run would still load
     (output / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save({"model": original}, output / "checkpoints" / "latest-checkpoint.pt")
-    if run_config_template is not None:
-        template = Path(run_config_template)
-        run = json.loads((template / "config.json" if template.is_dir() else template).read_text(encoding="utf-8"))
-    else:
+    if run is None:
         run = {
             "model": {
                 "type": "one-stage+7b",

@@ -201,14 +201,25 @@ def convert_to_prismatic(
 
 
 def resolve_dtype(original: Mapping[str, Mapping[str, torch.Tensor]], dtype: str) -> torch.dtype:
-    """``dtype`` by name, or for "auto" the checkpoint's floating dtype (the widest when mixed)."""
+    """``dtype`` by name, or for "auto" the checkpoint's floating dtype: the widest when mixed, float32 when the
+    widest are fp16 and bf16 together (neither holds the other). The same checkpoint always gives the same dtype."""
     if dtype != "auto":
         return getattr(torch, dtype)
     found = {t.dtype for state in original.values() for t in state.values() if t.is_floating_point()}
     if len(found) == 1:
         return found.pop()
-    # Mixed (e.g. fp32 LLM + a bf16 frozen vision tower): the widest one loses nothing.
-    return max(found, key=lambda d: torch.finfo(d).bits) if found else torch.float32
+    if not found:
+        return torch.float32
+    # Mixed (e.g. fp32 LLM + a bf16 frozen vision tower): the widest one loses nothing...
+    widest = max(torch.finfo(d).bits for d in found)
+    candidates = sorted((d for d in found if torch.finfo(d).bits == widest), key=str)
+    if len(candidates) == 1:
+        return candidates[0]
+    # ...unless two formats of that width tie (fp16 + bf16, or two fp8s): neither holds the other's values (bf16's
+    # 1e5 is inf in fp16, fp16's precision is lost in bf16); float32 holds all of them exactly.
+    logger.warning("--dtype auto: the checkpoint mixes %s; writing float32, which holds both exactly",
+                   " and ".join(str(d).removeprefix("torch.") for d in candidates))
+    return torch.float32
 
 
 def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
