@@ -221,11 +221,11 @@ def test_data_path_without_shards_exits_with_a_clear_error(corpus, tmp_path):
 def test_resuming_a_checkpoint_of_another_model_fails_before_training(corpus, tmp_path, trained, in_process):
     with pytest.raises(ValueError, match="was written for a different model config; text_config.hidden_size: "
                                          "checkpoint 64, this run 32"):
-        in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint",
+        in_process(_args(corpus, tmp_path / "out", "--max_steps", 24, "--resume_from_checkpoint",
                          trained / "checkpoints" / "step-00000024", "--model_preset_kwargs", '{"hidden_size": 32}'))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="written by stage 'pretrain', this run is stage 'full'"):
-        in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint",
+        in_process(_args(corpus, tmp_path / "out", "--max_steps", 24, "--resume_from_checkpoint",
                          trained / "checkpoints" / "step-00000024", "--stage", "full"))
     with pytest.raises(FileNotFoundError, match="is not a finished checkpoint"):
         in_process(_args(corpus, tmp_path / "out", "--resume_from_checkpoint", tmp_path))

@@ -6,7 +6,9 @@
 # Run from the repository root (sbatch keeps the submission directory). Extra arguments are passed to
 # recipes/pretrain.py and override the config. The job always passes --resume: a requeued or resubmitted job
 # continues from the newest complete checkpoint in OUTPUT_DIR (which must be on a shared file system), and a first
-# run starts from scratch. Set PYTHON_ENV to activate your environment on every node.
+# run starts from scratch. A resume continues the same run: resubmitting with other optimizer, schedule, batch or
+# data settings is refused (use another OUTPUT_DIR). Slurm's SIGTERM/SIGUSR1 at preemption or the time limit makes
+# the run checkpoint after its current step and exit 143. Set PYTHON_ENV to activate your environment on every node.
 #SBATCH --job-name=open-qwen2vl-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

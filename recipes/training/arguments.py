@@ -95,10 +95,12 @@ class ModelArguments:
     )
     num_image_tokens: int = field(default=144, metadata={"help": "Visual tokens per image (a perfect square)."})
     vision_feature_layer: int = field(default=-2, metadata={"help": "Vision hidden state fed to the projector."})
-    vision_hidden_act: str = field(
-        default="gelu",
-        metadata={"help": "Activation of the SigLIP tower when built from a SigLIP checkpoint. The original runs "
-                  "timm's SigLIP with exact GELU ('gelu'); transformers' SigLIP configs say 'gelu_pytorch_tanh'."},
+    vision_hidden_act: str | None = field(
+        default=None,
+        metadata={"help": "Activation of the SigLIP tower. Default: exact GELU ('gelu') when built from a SigLIP "
+                  "checkpoint (the original runs timm's SigLIP with exact GELU; transformers' SigLIP configs say "
+                  "'gelu_pytorch_tanh'), the source's own for a kit checkpoint or a preset; when set it applies to "
+                  "any source (a config change: the activation has no weights)."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -217,7 +219,18 @@ class PretrainArguments:
         metadata={"help": "torch's fused AdamW kernel (one kernel for all parameters); default: on when training on "
                   "CUDA or CPU, off elsewhere (the per-tensor loop).", "nargs": "?", "const": True},
     )
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers.get_scheduler name."})
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "A transformers SchedulerType name stepped once per optimizer step (cosine, linear, "
+                  "cosine_with_min_lr, warmup_stable_decay, ...); the metric-driven reduce_lr_on_plateau and greedy "
+                  "are refused (pretraining computes no evaluation metric)."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments of the schedule (transformers' scheduler_specific_kwargs), e.g. "
+                  "'{\"min_lr_rate\": 0.1}' for cosine_with_min_lr or '{\"num_decay_steps\": 100}' for "
+                  "warmup_stable_decay: a JSON object on the command line, a mapping in YAML."},
+    )
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup steps = int(ratio * total steps)."})
     warmup_steps: int = field(default=0, metadata={"help": "Overrides warmup_ratio when > 0."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping (the norm is still logged)."})
@@ -252,11 +265,18 @@ class PretrainArguments:
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that holds an earlier run's checkpoints, deleting them "
-                  "(without it, such a start is refused: use --resume to continue that run)."},
+        metadata={"help": "Start a new run, or resume from a checkpoint elsewhere, in an output_dir that holds "
+                  "another run's checkpoints, deleting them (without it, that is refused: use --resume to continue "
+                  "that run)."},
     )
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Continue from this checkpoint."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the newest complete checkpoint in output_dir. A resume continues the same "
+                  "run: changed optimizer, schedule, batch or data settings are refused, each named."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "Continue from this checkpoint (the same rules as --resume)."}
+    )
     logging_steps: int = field(default=1, metadata={"help": "Log to trackers every N steps (metrics.jsonl: all)."})
     report_to: str = field(
         default="tensorboard",
@@ -288,8 +308,11 @@ class PretrainArguments:
         _check_positive("logging_steps", self.logging_steps)
         _check_positive("save_steps", self.save_steps, allow_zero=True)
         _check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        self.lr_scheduler_kwargs = _json_object("lr_scheduler_kwargs", self.lr_scheduler_kwargs)
+        _check_scheduler(self)
         if self.save_total_limit is not None:
             _check_positive("save_total_limit", self.save_total_limit)
 
@@ -297,6 +320,55 @@ class PretrainArguments:
     def trackers(self) -> list[str]:
         names = [name.strip() for name in str(self.report_to).split(",") if name.strip()]
         return [name for name in names if name != "none"]
+
+
+def _json_object(name: str, value) -> dict:
+    """A mapping from YAML, a JSON object from the command line, or nothing (as TrainingArguments takes its dict
+    fields)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object (a mapping), got {value!r}")
+    return value
+
+
+# Schedules transformers steps on an evaluation metric (scheduler.step(metric)): pretraining has none.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def _check_scheduler(args: "PretrainArguments") -> None:
+    """Refuse, at parse time, a schedule the run could not apply as asked: an unknown name, a metric-driven one,
+    arguments it does not take (or lacks), a warmup it would ignore."""
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
+    name, kwargs = args.lr_scheduler_type, args.lr_scheduler_kwargs
+    names = [item.value for item in SchedulerType if item.value not in METRIC_SCHEDULERS]
+    if name in METRIC_SCHEDULERS:
+        raise ValueError(f"lr_scheduler_type={name!r} steps on an evaluation metric, which pretraining does not "
+                         f"compute; choose a schedule by step: {names}")
+    if name not in names:
+        close = difflib.get_close_matches(str(name), names, n=2)
+        raise ValueError(f"lr_scheduler_type={name!r} is not one of {names}"
+                         + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if name in ("constant", "constant_with_warmup") and kwargs:
+        # transformers' get_scheduler drops them for these two
+        raise ValueError(f"lr_scheduler_type={name!r} takes no lr_scheduler_kwargs, got {kwargs}")
+    if name == "constant" and (args.warmup_ratio or args.warmup_steps):
+        raise ValueError(f"lr_scheduler_type='constant' has no warmup, so warmup_ratio={args.warmup_ratio} / "
+                         f"warmup_steps={args.warmup_steps} would be ignored: use constant_with_warmup, or set both "
+                         "to 0")
+    # A throwaway schedule names missing, unknown or bad keyword arguments now, not after the model is loaded.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    try:
+        get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"lr_scheduler_kwargs={kwargs} do not fit lr_scheduler_type={name!r}: {error}") from None
 
 
 def _valid_names(dataclass_types) -> list[str]:
@@ -390,6 +462,7 @@ def config_as_dict(config: PretrainConfig) -> dict:
 
 __all__ = [
     "ATTENTION_MODES",
+    "METRIC_SCHEDULERS",
     "DataArguments",
     "LOSS_REDUCTIONS",
     "ModelArguments",

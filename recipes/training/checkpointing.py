@@ -11,7 +11,8 @@ A checkpoint ``<output_dir>/checkpoints/step-00000042/`` holds:
 - ``rng_rank<r>.safetensors``: each process's torch (CPU and CUDA), numpy and python RNG states.
 
 Nothing is pickled by the kit. A checkpoint is written into ``step-N.tmp`` and renamed when every process has
-finished, so a run killed while saving leaves no half checkpoint that ``--resume`` could pick.
+finished, and renamed to ``step-N.deleting`` before it is deleted, so a run killed while saving or deleting leaves
+no half checkpoint that ``--resume`` could pick.
 """
 
 from __future__ import annotations
@@ -44,16 +45,30 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_OPTIMIZER = "model_optimizer"
+DELETING_SUFFIX = ".deleting"  # a checkpoint being deleted (see remove_checkpoint)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Fields that define the architecture: a checkpoint only resumes into a model with the same values.
 ARCHITECTURE_FIELDS = {
     "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                      "patch_size"),
+                      "patch_size", "hidden_act"),
     "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size"),
-    "": ("num_image_tokens", "vision_feature_layer", "image_token_id"),
+                    "num_key_value_heads", "vocab_size", "hidden_act"),
+    "": ("num_image_tokens", "vision_feature_layer", "image_token_id", "projector_hidden_act"),
 }
+
+# Settings a resumed run must share with the checkpoint's run, or it would not continue the same run (the
+# optimizer's hyper-parameters and schedule come back from the checkpoint, the data order from its position).
+# Everything else may change on resume: where and how often to write and log, how the same computation runs
+# (attn_implementation, mixed_precision, compile_layers, activation_checkpointing, adam_fused, workers, cpu_fsdp),
+# where the model and corpus are read from (their contents are checked: architecture, rows), and the length of the
+# run (max_steps, num_train_epochs: the schedule then differs, which is logged). The stage is checked on its own.
+RESUME_FIXED_SETTINGS = (
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
+    "loss_reduction", "seed", "num_image_tokens", "vision_feature_layer", "attention", "max_length",
+    "dataset_config_name", "dataset_split", "streaming", "shuffle",
+)
 
 
 def _barrier() -> None:
@@ -98,25 +113,39 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint folder so that no kill can leave it half-deleted yet "complete": it is first renamed to
+    ``step-N.deleting`` (atomic; no longer a checkpoint name), then removed. A rename left over by a kill is cleaned
+    by ``remove_unfinished``. Deleting in place would not do: ``rmtree`` may reach ``trainer_state.json`` last, and
+    a kill before that leaves a gutted folder that ``--resume`` picks and fails on at every requeue."""
+    path = Path(path)
+    doomed = path.with_name(path.name + DELETING_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier interrupted deletion of the same step
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_checkpoints_after(output_dir: str | Path, step: int) -> list[Path]:
     """Delete complete checkpoints later than ``step`` (call on the main process only): a run resumed from an
     earlier checkpoint continues from there, and ``--resume`` must not later pick the abandoned continuation."""
     removed = []
     for path in complete_checkpoints(output_dir):
         if int(_STEP_DIR.match(path.name).group(1)) > step:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoint(path)
             removed.append(path)
     return removed
 
 
 def remove_unfinished(output_dir: str | Path) -> list[Path]:
-    """Delete ``step-N.tmp`` folders left by a run killed while saving (call on the main process only)."""
+    """Delete ``step-N.tmp`` folders left by a run killed while saving and ``step-N.deleting`` ones left by a kill
+    while deleting (call on the main process only)."""
     root = Path(output_dir) / CHECKPOINTS
     removed = []
     if root.is_dir():
-        for path in root.glob("step-*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        for pattern in ("step-*.tmp", f"step-*{DELETING_SUFFIX}"):
+            for path in sorted(root.glob(pattern)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -170,12 +199,12 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
         state = dict(trainer_state, global_step=step, scheduler=scheduler.state_dict())
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         tmp.rename(final)
         if save_total_limit:
             for old in complete_checkpoints(output_dir)[:-save_total_limit]:
                 if old != final:  # never the one just written, whatever else the folder holds
-                    shutil.rmtree(old, ignore_errors=True)
+                    remove_checkpoint(old)
     _barrier()
     return final
 
@@ -200,15 +229,45 @@ def read_trainer_state(path: str | Path) -> dict:
 def check_resumable(path: str | Path, trainer_state: dict, *, model_config, stage: str) -> None:
     """Raise ValueError when checkpoint ``path`` was written for another architecture or stage."""
     saved, current = trainer_state.get("architecture", {}), architecture(model_config)
+    # Only the fields the checkpoint recorded (older checkpoints lack the activations).
     differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-                   for key, value in current.items() if saved.get(key) != value]
+                   for key, value in current.items() if key in saved and saved[key] != value]
     if differences:
         raise ValueError(f"checkpoint {path} was written for a different model config; "
                          + "; ".join(differences))
+    check_stage(path, trainer_state, stage)
+
+
+def check_stage(path: str | Path, trainer_state: dict, stage: str) -> None:
     if trainer_state.get("stage") != stage:
         raise ValueError(f"checkpoint {path} was written by stage {trainer_state.get('stage')!r}, this run is stage "
                          f"{stage!r} (other trainable parameters); start the new stage from its final_model with "
                          "model_name_or_path instead of resuming")
+
+
+def check_same_run(path: str | Path, trainer_state: dict, config: dict, world_size: int) -> None:
+    """Raise ValueError naming every setting in ``RESUME_FIXED_SETTINGS`` (and the global micro-batch) that differs
+    from the checkpoint's run: resuming would restore the checkpoint's values for some (optimizer hyper-parameters,
+    schedule) and silently change the run for others. ``config``: this run's ``config_as_dict``."""
+    saved = trainer_state.get("config") or {}
+    current = json.loads(json.dumps(config, default=str))  # as the checkpoint stored it (JSON)
+    changes = [f"{key}: {saved[key]!r} -> {current.get(key)!r}"
+               for key in RESUME_FIXED_SETTINGS if key in saved and saved[key] != current.get(key)]
+    # The data position counts global micro-batches (processes x per-device packs): other process counts resume as
+    # long as that product is the same (a streaming position: only with the same processes and batch).
+    old_world, old_batch = trainer_state.get("world_size"), trainer_state.get("per_device_train_batch_size")
+    new_batch = current.get("per_device_train_batch_size")
+    if old_world is not None and old_batch is not None:
+        same = ((old_world, old_batch) == (world_size, new_batch) if current.get("streaming")
+                else old_world * old_batch == world_size * new_batch)
+        if not same:
+            changes.append(f"processes x per_device_train_batch_size: {old_world} x {old_batch} -> {world_size} x "
+                           f"{new_batch}" + ("" if current.get("streaming") else
+                                             f" (a global micro-batch of {old_world * old_batch} packs is needed)"))
+    if changes:
+        raise ValueError(f"cannot resume from {path}: this run's settings differ from the checkpoint's run, which "
+                         f"would make it another run: {'; '.join(changes)}. Resume with the checkpoint's values, or "
+                         "start a new run (another output_dir, e.g. from a final_model with --model_name_or_path)")
 
 
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
@@ -282,6 +341,7 @@ def save_final_model(model, processor, directory: str | Path, is_main: bool) -> 
     return directory if is_main else None
 
 
-__all__ = ["architecture", "check_resumable", "checkpoint_path", "complete_checkpoints", "latest_checkpoint",
-           "load_checkpoint", "read_trainer_state", "remove_checkpoints_after", "remove_unfinished", "rng_state", "save_checkpoint",
+__all__ = ["RESUME_FIXED_SETTINGS", "architecture", "check_resumable", "check_same_run", "check_stage",
+           "checkpoint_path", "complete_checkpoints", "latest_checkpoint", "load_checkpoint", "read_trainer_state",
+           "remove_checkpoint", "remove_checkpoints_after", "remove_unfinished", "rng_state", "save_checkpoint",
            "save_final_model", "set_rng_state"]

@@ -15,8 +15,10 @@ ones. Streaming reads shards in order (datasets' shuffle buffer cannot resume ex
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import queue
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +105,89 @@ def _parquet_rows(path: str, config_name: str | None, split: str) -> int | None:
     return rows
 
 
+def packing_stats(path: str, config_name: str | None, split: str) -> dict | None:
+    """The ``packing_stats.json`` that ``python -m dataset_builders pack`` writes next to a local corpus' shards
+    (``num_image_tokens``, ``capacity``, ...), or None (a hub dataset, a corpus packed otherwise, stats without
+    those two)."""
+    import datasets
+
+    from dataset_builders.accounting import PACKING_STATS_FILE
+
+    if not Path(path).is_dir():
+        return None
+    files = datasets.load_dataset_builder(path, config_name).config.data_files.get(split, [])
+    for folder in dict.fromkeys(Path(str(file)).parent for file in files):
+        stats = folder / PACKING_STATS_FILE
+        if stats.is_file():
+            content = json.loads(stats.read_text(encoding="utf-8"))
+            return content if {"num_image_tokens", "capacity"} <= set(content) else None
+    return None
+
+
+def _first_packs(dataset, count: int) -> list[dict]:
+    """The texts and lengths of the first ``count`` packs (images are not read)."""
+    columns = [c for c in ("texts", "lengths") if c in (dataset.features or {})]
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        return list((dataset.select_columns(columns) if columns else dataset).take(count))
+    return list(dataset.select_columns(columns).select(range(min(count, len(dataset)))))
+
+
+def check_packing_stats(name: str, stats: dict, num_image_tokens: int, max_length: int) -> None:
+    """Raise ValueError when the corpus' ``packing_stats.json`` says it was packed for another ``num_image_tokens``
+    or into packs longer than ``max_length`` (see ``check_first_packs``)."""
+    _check_packed_for(name, stats.get("num_image_tokens"), stats.get("capacity"), "its packing_stats.json",
+                      num_image_tokens, max_length)
+
+
+def check_first_packs(dataset, collator, name: str, max_length: int, sample: int = 8) -> None:
+    """Raise ValueError, before training, for a corpus packed for another ``num_image_tokens`` or into packs longer
+    than ``max_length``: the collator would otherwise drop every document that no longer fits, batch after batch,
+    with only per-batch warnings. For a corpus without packing statistics, its first ``sample`` packs tell: each
+    ``lengths`` entry is the document's positions at the corpus' image-token count, so with the same tokenizer
+    ``stored - this run's length`` is the same for every document; without ``lengths``, the packs are measured."""
+    run_tokens = collator.num_image_tokens
+    implied, capacity, longest_here = set(), None, 0
+    rows = _first_packs(dataset, sample)
+    for row in rows:
+        lengths, positions = row.get("lengths"), 0
+        for index, text in enumerate(row.get("texts") or []):
+            if not isinstance(text, str) or not text.strip():
+                continue  # a bad document: the collator drops it, counted
+            try:
+                here = len(collator.document_ids([text])[0])
+            except ValueError:  # an image placeholder in the caption: dropped too
+                continue
+            positions += here
+            if lengths is not None and index < len(lengths):
+                implied.add(int(lengths[index]) - here + run_tokens)
+        longest_here = max(longest_here, positions)
+        if lengths:
+            capacity = max(capacity or 0, sum(int(n) for n in lengths))
+    # Another tokenizer gives other differences per document: then no verdict on the image tokens.
+    packed_for = implied.pop() if len(implied) == 1 else None
+    where = f"the lengths column of its first {len(rows)} packs"
+    if capacity is None:  # no lengths column: this run's own count
+        capacity, where = longest_here, f"its first {len(rows)} packs, tokenized by this run"
+    _check_packed_for(name, packed_for, capacity, where, run_tokens, max_length)
+
+
+def _check_packed_for(name: str, packed_for: int | None, capacity: int | None, where: str, num_image_tokens: int,
+                      max_length: int) -> None:
+    if packed_for is not None and packed_for != num_image_tokens:
+        raise ValueError(
+            f"packed corpus {name} was packed for num_image_tokens={packed_for} ({where}), this run uses "
+            f"num_image_tokens={num_image_tokens}: every document would take other positions than its pack was cut "
+            f"for (with more image tokens the collator drops those that no longer fit). Set --num_image_tokens "
+            f"{packed_for}, or pack the corpus again with --num-image-tokens {num_image_tokens}"
+        )
+    if capacity is not None and capacity > max_length:
+        raise ValueError(
+            f"packed corpus {name} holds packs of up to {capacity} positions ({where}), over this run's "
+            f"max_length={max_length}: the collator would drop the documents past {max_length} in every longer "
+            f"pack. Set --max_length {capacity} (or more), or pack the corpus again with --capacity {max_length}"
+        )
+
+
 class GlobalMicroBatchSampler(Sampler[list[int]]):
     """Yields this process's pack indices for every global micro-batch from ``start`` on, epoch after epoch."""
 
@@ -169,6 +254,20 @@ class DecodeTolerantRows(torch.utils.data.Dataset):
             return self._undecoded[index].to_pylist()[0]
 
 
+# The signals the trainer turns into "checkpoint after this step" (Slurm sends them to the whole process group).
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1. Slurm signals the whole process group; a worker
+    killed by it would make the main process fail with "DataLoader worker ... killed by signal" before it can
+    checkpoint. The main process coordinates the stop and shuts the workers down itself."""
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
+
+
 class MapStyleMicroBatches:
     """Micro-batches of a map-style corpus; position = global micro-batches consumed."""
 
@@ -209,7 +308,8 @@ class MapStyleMicroBatches:
         sampler = GlobalMicroBatchSampler(len(self.dataset), self.per_device, self.rank, self.world, self.seed,
                                           self.shuffle, start=self.position)
         loader = DataLoader(DecodeTolerantRows(self.dataset), batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None)
         for batch in loader:
             self.position += 1
             yield batch, self.state_dict()
@@ -299,5 +399,6 @@ class StreamingMicroBatches:
             thread.join(timeout=5)
 
 
-__all__ = ["DecodeTolerantRows", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "StreamingMicroBatches",
-           "check_dataset_source", "load_packed_corpus"]
+__all__ = ["DecodeTolerantRows", "GlobalMicroBatchSampler", "MapStyleMicroBatches", "STOP_SIGNALS",
+           "StreamingMicroBatches", "check_dataset_source", "check_first_packs", "check_packing_stats",
+           "ignore_stop_signals", "load_packed_corpus", "packing_stats"]

@@ -6,7 +6,7 @@ Counted: every matrix multiplication the model needs (2 FLOPs per multiply-add),
   ``2 * (4 Dv^2 + 2 Dv Fv)`` (q, k, v, o, fc1, fc2) plus attention ``4 * Dv`` per (query, key) pair (P^2 pairs);
   the layers up to the feature layer (the model runs no further: 26 of 27 with -2), forward and in the ``full``
   stage backward;
-- projector, per image token: ``2 * (Dv Dt + Dt^2)``;
+- projector, per image token: ``2 * (Dv Dt + Dt^2)`` (linear_1, linear_2);
 - language model, per real position: ``2 * (d (h + 2 kv) hd + h hd d + 3 d F)`` per layer, plus attention
   ``4 * h * hd`` per (query, key) pair actually attended: causal pairs ``T(T+1)/2`` per row (``faithful``) or per
   document (``isolated``) -- not the full square;
@@ -128,9 +128,11 @@ def training_flops(config, work: StepWork, stage: str) -> float:
     vision_backward = (embed if vision_trains else 0) + backward_layers * 2 * (layer_linear + layer_attention)
     vision = work.images * (vision_forward + vision_backward)
 
-    # Projector (per image token); its input needs a gradient only when the vision tower trains.
+    # Projector (per image token): linear_1's input needs a gradient only when the vision tower trains; linear_2's
+    # always does, since linear_1 trains in every stage.
     dt = tc.hidden_size
-    projector = work.images * config.num_image_tokens * 2 * (dv * dt + dt * dt) * _mults(True, vision_trains)
+    projector = work.images * config.num_image_tokens * 2 * (dv * dt * _mults(True, vision_trains)
+                                                             + dt * dt * _mults(True, True))
 
     # Language model. Something upstream (at least the projector) always trains, so input gradients flow.
     heads, kv_heads = tc.num_attention_heads, tc.num_key_value_heads

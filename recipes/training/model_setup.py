@@ -45,7 +45,7 @@ def _vision_config(source: str, hidden_act: str):
 
 
 def _from_parts(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
-    vision_config = _vision_config(args.vision_model_name_or_path, args.vision_hidden_act)
+    vision_config = _vision_config(args.vision_model_name_or_path, args.vision_hidden_act or "gelu")
     text_config = AutoConfig.from_pretrained(args.text_model_name_or_path)
     if text_config.model_type != "qwen2":
         raise ValueError(f"{args.text_model_name_or_path} is not a Qwen2 checkpoint ({text_config.model_type!r})")
@@ -79,22 +79,37 @@ def _load_exact(module: nn.Module, state_dict: dict, source: str, skip_prefix: s
         raise ValueError(f"weights of {source} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def apply_config_overrides(config: OpenQwen2VLConfig, args: ModelArguments, source: str | None = None) -> None:
+    """The model arguments that are config changes without weights, applied to any source's config the same way:
+    ``num_image_tokens`` (pooling), ``vision_feature_layer`` (which hidden state) and, when set,
+    ``vision_hidden_act``. ``source``: a loaded checkpoint, whose changed values are logged."""
+    overrides = {"num_image_tokens": args.num_image_tokens, "vision_feature_layer": args.vision_feature_layer}
+    for name, value in overrides.items():
+        if source is not None and getattr(config, name) != value:
+            logger.info("%s %s -> %s (a config change of %s: no weights depend on it)", name, getattr(config, name),
+                        value, source)
+        setattr(config, name, value)
+    if args.vision_hidden_act is not None:
+        if source is not None and config.vision_config.hidden_act != args.vision_hidden_act:
+            logger.info("vision_hidden_act %s -> %s (a config change of %s)", config.vision_config.hidden_act,
+                        args.vision_hidden_act, source)
+        config.vision_config.hidden_act = args.vision_hidden_act
+    config._validate_open_qwen2vl()
+
+
 def build_model(args: ModelArguments) -> OpenQwen2VLForConditionalGeneration:
     """The model in float32, ready for a training stage (``use_cache`` off)."""
     if args.model_name_or_path is not None:
+        # Overrides go into the config before the modules are built (an activation is fixed at construction).
+        config = OpenQwen2VLConfig.from_pretrained(args.model_name_or_path)
+        apply_config_overrides(config, args, source=args.model_name_or_path)
         model = OpenQwen2VLForConditionalGeneration.from_pretrained(
-            args.model_name_or_path, dtype=torch.float32, attn_implementation=args.attn_implementation
+            args.model_name_or_path, config=config, dtype=torch.float32, attn_implementation=args.attn_implementation
         )
-        if model.config.num_image_tokens != args.num_image_tokens:
-            logger.info("num_image_tokens %d -> %d (a config change: pooling has no weights)",
-                        model.config.num_image_tokens, args.num_image_tokens)
-            model.config.num_image_tokens = args.num_image_tokens
-            model.config._validate_open_qwen2vl()
     elif args.model_preset is not None:
         preset = getattr(OpenQwen2VLConfig, args.model_preset)
         config = preset(num_image_tokens=args.num_image_tokens, **args.preset_kwargs)
-        config.vision_feature_layer = args.vision_feature_layer
-        config._validate_open_qwen2vl()
+        apply_config_overrides(config, args)
         torch.manual_seed(args.init_seed)
         model = OpenQwen2VLForConditionalGeneration(config)
     else:
@@ -159,5 +174,5 @@ def compile_layers(model: nn.Module, layer_class_names: tuple[str, ...]) -> int:
     return len(layers)
 
 
-__all__ = ["STAGE_TRAINABLE", "apply_stage", "build_model", "build_training_processor", "compile_layers",
-           "enable_activation_checkpointing"]
+__all__ = ["STAGE_TRAINABLE", "apply_config_overrides", "apply_stage", "build_model", "build_training_processor",
+           "compile_layers", "enable_activation_checkpointing"]

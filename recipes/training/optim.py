@@ -53,9 +53,12 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int = 
     return warmup_steps if warmup_steps > 0 else int(warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int):
-    """transformers' schedule (``cosine`` = linear warmup then cosine decay to 0), stepped once per optimizer step."""
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int,
+                    kwargs: dict | None = None):
+    """transformers' schedule (``cosine`` = linear warmup then cosine decay to 0), stepped once per optimizer step;
+    ``kwargs``: the schedule's own arguments (``lr_scheduler_kwargs``, e.g. ``min_lr_rate``)."""
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs or None)
 
 
 __all__ = ["build_optimizer", "build_scheduler", "decay_parameter_names", "parameter_groups", "warmup_steps_for"]

@@ -1,9 +1,11 @@
 """The pretraining loop: accelerate for devices, processes and trackers; the kit for loss, data position, checkpoints.
 
 ``run_pretraining(config)`` does, in order (every check that can fail runs before the first step):
-resolve the checkpoint to resume -> load and check the corpus -> build model + processor -> check the checkpoint
-fits this model and stage -> freeze per stage -> shard/prepare -> optimizer + schedule -> restore the checkpoint ->
-train, logging every step and checkpointing every ``save_steps`` -> final checkpoint and ``final_model``.
+resolve the checkpoint to resume and check it continues the same run (settings, output folder) -> load and check
+the corpus (packed for this run's image tokens and max_length) and the length of the run -> build model + processor
+-> check the checkpoint fits this model and stage -> freeze per stage -> shard/prepare -> optimizer + schedule ->
+restore the checkpoint -> train, logging every step and checkpointing every ``save_steps`` -> final checkpoint and
+``final_model``.
 
 SIGTERM or SIGUSR1 (Slurm preemption or time limit) make every process stop after the current step, write a
 checkpoint and exit with status 143; ``--resume`` continues from it.
@@ -31,6 +33,8 @@ from .checkpointing import (
     CHECKPOINTS,
     architecture,
     check_resumable,
+    check_same_run,
+    check_stage,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -40,7 +44,16 @@ from .checkpointing import (
     save_checkpoint,
     save_final_model,
 )
-from .data import MapStyleMicroBatches, StreamingMicroBatches, load_packed_corpus
+from .data import (
+    STOP_SIGNALS,
+    GlobalMicroBatchSampler,
+    MapStyleMicroBatches,
+    StreamingMicroBatches,
+    check_first_packs,
+    check_packing_stats,
+    load_packed_corpus,
+    packing_stats,
+)
 from .flops import StepWork, attention_pairs_for_batch, peak_flops_per_device, training_flops
 from .fsdp import WRAP_CLASS_NAMES, clip_grad_norm, no_gradient_sync, shard_model
 from .loss import micro_batch_objective, summed_lm_loss, supervised_tokens
@@ -108,22 +121,46 @@ class _Setup:
             if self.resume_path is None:
                 logger.info("--resume: no checkpoint in %s yet, starting from scratch", self.output_dir)
         self.resume_state = read_trainer_state(self.resume_path) if self.resume_path else None
-        self.earlier_checkpoints = complete_checkpoints(self.output_dir) if self.resume_path is None else []
+        if self.resume_state is not None:  # the same run, or refused naming what changed
+            check_stage(self.resume_path, self.resume_state, args.stage)
+            check_same_run(self.resume_path, self.resume_state, config_as_dict(config), self.world)
+        self.resume_in_output_dir = (self.resume_path is not None and self.resume_path.resolve().parent
+                                     == (self.output_dir / CHECKPOINTS).resolve())
+        # Checkpoints of another run: all of them on a fresh start, all of them when resuming from elsewhere.
+        self.earlier_checkpoints = [] if self.resume_in_output_dir else complete_checkpoints(self.output_dir)
         if self.earlier_checkpoints and not args.overwrite_output_dir:
-            # Starting over here would mix two runs: pruning would keep the old run's later steps, and a later
-            # --resume would continue the old run.
+            # Two runs in one folder would mix: pruning would keep the other run's later steps, and a later
+            # --resume (what a requeued job passes) would continue the other run.
+            newest = self.earlier_checkpoints[-1].name
+            if self.resume_path is None:
+                raise ValueError(
+                    f"{self.output_dir} holds checkpoints of an earlier run (newest: {newest}); continue it with "
+                    "--resume, start over with --overwrite_output_dir (deletes them), or choose another output_dir"
+                )
             raise ValueError(
-                f"{self.output_dir} holds checkpoints of an earlier run (newest: {self.earlier_checkpoints[-1].name});"
-                " continue it with --resume, start over with --overwrite_output_dir (deletes them), or choose "
-                "another output_dir"
+                f"{self.output_dir} holds checkpoints of another run (newest: {newest}), and this run resumes from "
+                f"{self.resume_path}, outside it; continue that run with --resume (no --resume_from_checkpoint), "
+                "delete its checkpoints with --overwrite_output_dir, or choose another output_dir"
             )
 
-        # 2. Data and model.
+        # 2. Data (and the length of the run), then the model.
         self.dataset = load_packed_corpus(data_args.dataset_name_or_path, data_args.dataset_config_name,
                                           data_args.dataset_split, data_args.streaming)
         if data_args.streaming and args.max_steps <= 0:
             raise ValueError("streaming=True needs max_steps > 0 (the stream's length is unknown, and the schedule "
                              "needs the number of steps)")
+        self.total_steps = self._total_steps()
+        if self.resume_state is not None and int(self.resume_state["global_step"]) > self.total_steps:
+            raise ValueError(
+                f"checkpoint {self.resume_path} is at step {self.resume_state['global_step']}, past this run's "
+                f"{self.total_steps} steps in all (max_steps={args.max_steps}, num_train_epochs="
+                f"{args.num_train_epochs}): it belongs to a longer run; raise max_steps to continue it"
+            )
+        corpus_name = f"{data_args.dataset_name_or_path} (config {data_args.dataset_config_name})"
+        corpus_stats = packing_stats(data_args.dataset_name_or_path, data_args.dataset_config_name,
+                                     data_args.dataset_split)
+        if corpus_stats is not None:  # what the corpus was packed for, known before the model is loaded
+            check_packing_stats(corpus_name, corpus_stats, model_args.num_image_tokens, data_args.max_length)
         model = build_model(model_args)
         self.processor = build_training_processor(model_args, model)
         if self.resume_state is not None:
@@ -142,6 +179,8 @@ class _Setup:
         self.collator = PackedCollator(self.processor, attention=data_args.attention,
                                        max_length=data_args.max_length, return_flash_attn_kwargs=varlen,
                                        on_bad_document=data_args.on_bad_document, padding_mask=False)
+        if corpus_stats is None:  # what its first packs say, read with this run's tokenizer
+            check_first_packs(self.dataset, self.collator, corpus_name, data_args.max_length)
         # Its batches carry the uids of the documents they train on (samples.jsonl).
         if data_args.streaming:
             self.batches = StreamingMicroBatches(self.dataset, self.collator, data_args.per_device_train_batch_size,
@@ -177,30 +216,25 @@ class _Setup:
         self.model, self.optimizer = model, optimizer
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # DCP needs the torch optimizer
 
-        # 4. Schedule length.
-        accum = args.gradient_accumulation_steps
-        if args.max_steps > 0:
-            self.total_steps = args.max_steps
-        else:
-            per_epoch = math.ceil(self.batches.micro_batches_per_epoch / accum)
-            self.total_steps = per_epoch * args.num_train_epochs
+        # 4. Schedule (its length is known since the corpus was loaded).
         warmup = warmup_steps_for(self.total_steps, args.warmup_ratio, args.warmup_steps)
-        self.scheduler = build_scheduler(self.raw_optimizer, args.lr_scheduler_type, self.total_steps, warmup)
+        self.scheduler = build_scheduler(self.raw_optimizer, args.lr_scheduler_type, self.total_steps, warmup,
+                                         args.lr_scheduler_kwargs)
 
         # 5. Restore.
         self.start_step = 0
+        if self.is_main:  # step-N.tmp / step-N.deleting left by a kill while saving or deleting
+            remove_unfinished(self.output_dir)
         if self.earlier_checkpoints and self.is_main:  # --overwrite_output_dir, now that everything is built
             logger.warning("--overwrite_output_dir: deleting %d checkpoint(s) of an earlier run in %s",
                            len(self.earlier_checkpoints), self.output_dir)
             remove_checkpoints_after(self.output_dir, -1)
         if self.resume_state is not None:
-            if self.is_main:
-                remove_unfinished(self.output_dir)
             trainer_state, data_state = load_checkpoint(self.resume_path, model=self.model,
                                                         optimizer=self.raw_optimizer, scheduler=self.scheduler)
             self.batches.load_state_dict(data_state)
             self.start_step = int(trainer_state["global_step"])
-            if self.is_main and self.resume_path.resolve().parent == (self.output_dir / CHECKPOINTS).resolve():
+            if self.is_main and self.resume_in_output_dir:
                 for path in remove_checkpoints_after(self.output_dir, self.start_step):
                     logger.warning("deleted %s: this run continues from the earlier step %d", path.name,
                                    self.start_step)
@@ -210,11 +244,21 @@ class _Setup:
             logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
         self.peak_flops = peak_flops_per_device(args.peak_tflops)
 
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run: max_steps, or epochs of global micro-batches grouped by accumulation
+        (a map-style epoch's last step takes what is left of it)."""
+        args, data_args = self.args, self.data_args
+        if args.max_steps > 0:
+            return args.max_steps
+        sampler = GlobalMicroBatchSampler(len(self.dataset), data_args.per_device_train_batch_size, self.rank,
+                                          self.world, args.seed, data_args.shuffle)
+        return math.ceil(sampler.per_epoch / args.gradient_accumulation_steps) * args.num_train_epochs
+
 
 class _StopRequest:
     """SIGTERM / SIGUSR1 (Slurm preemption, time limit) -> checkpoint at the end of the current step and exit."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = STOP_SIGNALS  # DataLoader workers ignore them (data.ignore_stop_signals)
 
     def __init__(self):
         self.requested, self.signal_name, self._previous = False, None, {}
