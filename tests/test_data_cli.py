@@ -48,6 +48,14 @@ def test_stage_help_documents_its_options(stage, capsys):
         assert option in text, (stage, option)
 
 
+def test_stats_of_a_folder_that_is_no_logging_folder_is_an_error(tmp_path):
+    # a mistyped path used to print "0 completed task(s): read 0 = kept 0 + dropped 0" and exit 0
+    proc = _run("stats", str(tmp_path / "corpus" / "no_such_webdataset" / ".datatrove" / "reshard"))
+    assert proc.returncode != 0
+    assert "is not a stage's logging folder (no stats/ or completions/ in it)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_named_option_is_a_clear_error(tmp_path):
     proc = _run("select", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--uids", "no-equals-sign")
     assert proc.returncode != 0

@@ -325,3 +325,12 @@ def test_eval_packing_packs_the_eval_split_on_its_own_with_the_same_eval_loss(ba
 def test_options_the_kit_cannot_apply_are_refused(base_dir, data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         _build(*_argv(tmp_path / "out", data, base_dir, *extra))
+
+
+def test_a_mammoth_split_index_row_without_a_path_is_named_with_the_format_hint():
+    # a file of samples given as a split index: every row names itself, and says which format reads it
+    sample_row = {"id": "s1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                                   {"from": "gpt", "value": "Hello"}]}
+    with pytest.raises(BadSampleError, match=r"row 3.*needs a `path`.*--dataset_format mammoth") as caught:
+        to_sft_sample(sample_row, "mammoth_split", index=3, sample_dir=".")
+    assert caught.value.kind == "bad_index_row"

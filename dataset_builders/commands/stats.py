@@ -21,8 +21,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..accounting import collect
 
-    accounting = collect(args.logging_dir)
     folder = get_datafolder(args.logging_dir)
+    if not folder.isdir("stats") and not folder.isdir("completions"):
+        # a mistyped folder would otherwise print "0 completed task(s): read 0 = kept 0" and succeed
+        raise SystemExit(f"error: {args.logging_dir} is not a stage's logging folder (no stats/ or completions/ in "
+                         "it); stages log under <output>/.datatrove/<stage>")
+    accounting = collect(args.logging_dir)
     completed = len(folder.list_files("completions")) if folder.isdir("completions") else 0
     print(json.dumps({**accounting.to_dict(), "completed_tasks": completed}, indent=2) if args.json
           else f"{completed} completed task(s): {accounting.summary()}")

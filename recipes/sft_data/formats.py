@@ -286,6 +286,11 @@ def to_sft_sample(
     fallback_id = f"row {index}" if index is not None else "row ?"
     if data_format == "mammoth_split":
         sample_id = str(row.get("path") or fallback_id)
+        if not isinstance(row.get("path"), str) or not row["path"]:
+            hint = (" (this row is a sample itself: read such a file with --dataset_format mammoth)"
+                    if "conversations" in row else "")
+            raise BadSampleError(sample_id, "bad_index_row", "a mammoth_split index row needs a `path` to its "
+                                 f"sample file, got keys {sorted(row)}{hint}")
         row = read_split_sample(sample_dir or ".", row["path"], sample_id)
         data_format = "mammoth"
     raw_id = row.get("id")
