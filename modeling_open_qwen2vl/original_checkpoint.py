@@ -207,21 +207,33 @@ def validate_original_groups(original: Mapping, source: str = "checkpoint") -> N
                 raise CheckpointError(f"{source}: {group}/{key} is a {type(value).__name__}, not a tensor")
 
 
-def read_prismatic_run_config(path: str | Path) -> dict:
-    """The ``model`` section of a prismatic run's ``config.json`` (a folder holding it is accepted too)."""
+def read_prismatic_run_file(path: str | Path) -> tuple[Path, dict]:
+    """A prismatic run's ``config.json`` (or the folder holding it): its path and the JSON object with a ``model``
+    object in it; ``CheckpointError`` otherwise (with a hint when it is a transformers config.json)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"prismatic config not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or "arch_specifier" not in model:
+        raise FileNotFoundError(f"prismatic run config (--config) not found: {path}") from None
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} is not a readable JSON file: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        hint = " (that is a transformers config.json)" if isinstance(data, dict) and "model_type" in data else ""
+        raise CheckpointError(
+            f"{path} is not a prismatic run config: it needs a 'model' object (vision_backbone_id, llm_backbone_id, "
+            f"...){hint}; pass the original run's config.json with --config"
+        )
+    return path, data
+
+
+def read_prismatic_run_config(path: str | Path) -> dict:
+    """The ``model`` section of a prismatic run's ``config.json`` (a folder holding it is accepted too)."""
+    path, data = read_prismatic_run_file(path)
+    if "arch_specifier" not in data["model"]:
         raise CheckpointError(f"{path}: expected a prismatic run config with model.arch_specifier")
-    return model
+    return data["model"]
 
 
 def _strip_timm_prefix(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from .configuration_open_qwen2vl import OpenQwen2VLConfig
 from .conversion_config import is_released_architecture
 from .conversion_errors import CheckpointError
 from .hf_folder import check_output_folder, remove_weight_files
+from .original_checkpoint import read_prismatic_run_file
 from .prismatic_layout import arch_specifier_for
 from .weight_mapping import convert_to_prismatic
 
@@ -56,22 +57,7 @@ def load_hf_folder_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def read_run_config_template(path: str | Path) -> dict:
     """A prismatic run config (its ``config.json`` or folder) to fill in: a JSON object with a ``model`` object."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prismatic run config (--config) not found: {path}") from None
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise CheckpointError(f"{path} is not a readable JSON file: {error}") from error
-    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
-        hint = " (that is a transformers config.json)" if isinstance(run, dict) and "model_type" in run else ""
-        raise CheckpointError(
-            f"{path} is not a prismatic run config: it needs a 'model' object (vision_backbone_id, llm_backbone_id, "
-            f"...){hint}; pass the original run's config.json with --config"
-        )
-    return run
+    return read_prismatic_run_file(path)[1]
 
 
 def export_to_prismatic(

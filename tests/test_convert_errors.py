@@ -174,4 +174,4 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json")
     code = main(["--checkpoint", str(tmp_path / "bad.pt"), "--config", str(tmp_path / "broken.json"),
                  "--output", str(tmp_path / "out")])
-    assert code == 2 and "broken.json is not valid JSON" in capsys.readouterr().err
+    assert code == 2 and "broken.json is not a readable JSON file" in capsys.readouterr().err
