@@ -159,39 +159,11 @@ class Expression:
 
     def check_types(self, conditions: set[str] = frozenset()) -> None:
         """Raise the ``RuleError`` that ``evaluate`` would (a number where a condition is expected, or the reverse)
-        without any data: ``conditions`` are the names that are true/false (uid lists, selections), every other name
-        a number. Run before a stage records its settings: a shard with no samples never evaluates the rule."""
-        if self._kind(self.tree.body, conditions) != "condition":
-            raise RuleError(f"selection rule {self.source!r} is a number, not a condition")
-
-    def _kind(self, node, conditions: set[str]) -> str:
-        """"condition" or "number", with the checks of ``_truth`` and ``_number`` (same messages)."""
-        def truth(child) -> str:
-            if self._kind(child, conditions) != "condition":
-                raise RuleError(f"selection rule {self.source!r} uses a number where a condition is expected")
-            return "condition"
-
-        def number(child) -> str:
-            if self._kind(child, conditions) != "number":
-                raise RuleError(f"selection rule {self.source!r} compares or adds a condition, not a number")
-            return "number"
-
-        if isinstance(node, ast.BoolOp):
-            return [truth(v) for v in node.values][0]
-        if isinstance(node, ast.UnaryOp):
-            return truth(node.operand) if isinstance(node.op, ast.Not) else number(node.operand)
-        if isinstance(node, ast.Compare):
-            for operand in (node.left, *node.comparators):
-                number(operand)
-            return "condition"
-        if isinstance(node, ast.BinOp):
-            return number(node.left) and number(node.right)
-        if isinstance(node, ast.Name):
-            return "condition" if node.id in conditions else "number"
-        if isinstance(node, ast.Constant):
-            return "condition" if isinstance(node.value, bool) else "number"
-        number(node.args[0])  # top(name, fraction), validated in _check
-        return "condition"
+        without any data, by evaluating on zero rows: ``conditions`` are the names that are true/false (uid lists,
+        selections), every other name a number. Run before a stage records its settings: a shard with no samples
+        never evaluates the rule."""
+        columns = {name: np.zeros(0, dtype=bool if name in conditions else float) for name in self.names}
+        self.evaluate(columns, 0, {top_key(name, fraction): 0.0 for name, fraction in self.top_calls})
 
     def evaluate(self, columns: dict[str, np.ndarray], size: int, thresholds: dict[str, float] | None = None) -> Truth:
         """Evaluate on ``size`` rows. Numeric columns use NaN for missing; bool columns are always known.
