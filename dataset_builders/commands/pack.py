@@ -147,7 +147,7 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
                                logging_dir=logging_dir)
     # settings bind once a task completed or wrote its file (a failed first try, e.g. a mistyped --tokenizer, does not)
     started = completed_tasks(logging_dir) > 0 or bool(open_folder(output_folder).glob(packs))
-    _check_settings(log_folder, recorded, started, outputs=f"{open_folder(output_folder).path}/{packs}")
+    _check_settings(log_folder, recorded, previous, started, outputs=f"{open_folder(output_folder).path}/{packs}")
     executor = make_executor([reader, writer], config, tasks, logging_dir, job_name="pack")
     if not run_executor(executor, config):
         return None
@@ -183,23 +183,22 @@ def _recorded_settings(folder) -> dict | None:
         return json.load(handle)
 
 
-def _check_settings(folder, recorded: dict, started: bool = True, outputs: str = "") -> None:
+def _check_settings(folder, recorded: dict, previous: dict | None, started: bool = True, outputs: str = "") -> None:
     """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently once
     ``started`` (some task completed or wrote its file); before that, the new settings replace the old.
-    ``outputs``: the packs that run made, named in the error (deleting the logs alone would leave them behind)."""
+    ``previous``: the folder's recorded settings (``_recorded_settings``). ``outputs``: the packs that run made,
+    named in the error (deleting the logs alone would leave them behind)."""
     from ..shards import atomic_write
 
-    text = json.dumps(recorded, sort_keys=True, default=str)
-    previous = _recorded_settings(folder)
     if previous is not None:
-        if previous == json.loads(text):
+        if previous == _as_recorded(recorded):
             return
         if started:
             also = f" and {outputs}" if outputs else ""
             raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
                              f"--config-name or output folder, or delete that folder{also} to start over")
     with atomic_write(folder, "settings.json", "wt") as handle:  # every rerun reads it back: never half-written
-        handle.write(text)
+        handle.write(json.dumps(recorded, sort_keys=True, default=str))
 
 
 def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict) -> dict:
