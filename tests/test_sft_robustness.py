@@ -141,6 +141,19 @@ def test_openai_image_url_and_every_image_payload_give_the_batch_of_an_images_co
             assert torch.equal(batch[key], expected[key]), (name, key)
 
 
+def test_images_both_in_the_column_and_inside_message_parts_are_a_named_conflict(data):
+    image = str(sorted((data / "images").glob("*.png"))[0])
+    question = {"type": "text", "text": "What shape?"}
+    row = {"id": "both", "messages": _messages([{"type": "image", "path": image}, question]), "images": [image]}
+    with pytest.raises(BadSampleError, match=r"sample 'both': the row has 1 image\(s\) in its `images` column and 1 "
+                                             r"inside its message parts") as info:
+        to_sft_sample(row, "messages")
+    assert info.value.kind == "conflicting_images"
+    # payload-free parts (TRL's layout, or datasets' null-filled part keys) next to the column are no conflict
+    row["messages"] = _messages([{"type": "image", "image": None, "path": None}, question])
+    assert len(to_sft_sample(row, "messages").images) == 1
+
+
 @pytest.mark.parametrize("part, shown", [
     ({"type": "input_text", "text": "What shape?"}, "part 1 has type 'input_text'"),
     ({"text": "What shape?"}, "part 1 has type None"),

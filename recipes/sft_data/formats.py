@@ -280,7 +280,8 @@ def to_sft_sample(
 
     Raises:
         BadSampleError: unknown role, content the chat template cannot take (``bad_content``), no assistant turn, an
-            empty assistant turn, a different number of image markers and images, a web image address, or
+            empty assistant turn, a different number of image markers and images, images both in the ``images``
+            column and inside message parts (``conflicting_images``), a web image address, or
             (``check_files``) an image file that does not exist.
     """
     fallback_id = f"row {index}" if index is not None else "row ?"
@@ -305,8 +306,12 @@ def to_sft_sample(
                                  "list of {role, content} objects")
         messages = [_checked_message(m, i, sample_id) for i, m in enumerate(raw_messages or [])]
         images = _as_list(row.get("images", row.get("image")))
-        if not images:  # transformers' chat convention: the image inside its part ({"type": "image", "image": ...})
-            images = _inline_images(messages, sample_id)
+        inline = _inline_images(messages, sample_id)  # transformers' convention: {"type": "image", "image": ...}
+        if images and inline:  # which set is meant cannot be told, and taking one would drop the other silently
+            raise BadSampleError(sample_id, "conflicting_images",
+                                 f"the row has {len(images)} image(s) in its `images` column and {len(inline)} "
+                                 "inside its message parts; give the images in one place only")
+        images = images or inline
         unknown = sorted({m["role"] for m in messages} - {"user", "assistant", "system"})
         if unknown:
             raise BadSampleError(sample_id, "bad_role", f"unsupported message role(s) {unknown}")
