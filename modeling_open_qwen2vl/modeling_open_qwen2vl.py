@@ -138,7 +138,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             torch._check_tensor_all(mask.sum() == num_image_features,
                                     lambda: "Image features and image tokens do not match")
             return mask
-        per_row = mask.reshape(-1, mask.shape[-1]).sum(-1).tolist()  # one device sync for both checks
+        per_row = mask.sum(-1).reshape(-1).tolist()  # one device sync for both checks (an empty prompt too)
         num_placeholders = sum(per_row)
         per_image = self.config.num_image_tokens
         split = [row for row, count in enumerate(per_row) if count % per_image]
@@ -171,6 +171,10 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+            # Qwen2's attention would fail on it with a reshape error that names nothing
+            raise ValueError("the input has no tokens (an empty prompt): give at least one token, e.g. the `<s>` "
+                             "the kit's prompts start with")
         # Set by prepare_inputs_for_generation when generate() withholds the images on purpose (see there).
         images_withheld = kwargs.pop(IMAGES_WITHHELD, False)
         if use_cache is None and self.training:

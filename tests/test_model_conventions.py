@@ -1,5 +1,5 @@
 """transformers conventions the processor and model follow: truncation side, image batches given as one array,
-assisted generation, integer ids for empty text, return_dict=False. Each is checked against what the tokenizer,
+assisted generation, integer ids for empty text (and a clear error for an empty prompt), return_dict=False. Each is checked against what the tokenizer,
 transformers' image helpers or plain greedy decoding do on their own."""
 
 import numpy as np
@@ -116,6 +116,22 @@ def test_empty_text_gives_int64_ids_like_the_tokenizer(processor, return_tensors
     assert batch["input_ids"].dtype == alone["input_ids"].dtype and tuple(batch["input_ids"].shape) == (2, 0)
     assert batch["attention_mask"].dtype == alone["attention_mask"].dtype
 
+
+
+@pytest.mark.parametrize("call", ["forward", "generate", "embeds"])
+def test_an_empty_prompt_is_a_clear_error_where_qwen2_fails_in_a_reshape(tiny_model, processor, call):
+    from transformers import Qwen2Model
+
+    inputs = processor(text="", return_tensors="pt")
+    with pytest.raises(RuntimeError, match="cannot reshape"):  # what transformers' own Qwen2 gives
+        Qwen2Model(tiny_model.config.text_config)(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"the input has no tokens \(an empty prompt\)"), torch.no_grad():
+        if call == "forward":
+            tiny_model(**inputs)
+        elif call == "generate":
+            tiny_model.generate(**inputs, max_new_tokens=2)
+        else:
+            tiny_model(inputs_embeds=torch.zeros(1, 0, tiny_model.config.text_config.hidden_size))
 
 # 5. return_dict=False gives a tuple, as Qwen2Model
 
