@@ -11,6 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
 
@@ -100,8 +101,9 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of ``vision_feature_layer`` (no post-layernorm): [N, grid*grid, vision_hidden].
+    def get_vision_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
+        """Patch features of ``vision_feature_layer`` (default: the config's; no post-layernorm):
+        [N, grid*grid, vision_hidden].
 
         Equal to ``vision_tower(..., output_hidden_states=True).hidden_states[vision_feature_layer]``, but only the
         layers up to that one run: the released model reads the second-to-last, so the tower's forward would spend
@@ -109,16 +111,21 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         """
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # transformers < 5 nests the blocks
         layers = tower.encoder.layers
-        depth = self.config.vision_feature_layer % (len(layers) + 1)  # hidden_states[i] follows i layers
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if not isinstance(layer, int) or not -len(layers) - 1 <= layer <= len(layers):
+            # one layer only: the projector takes one layer's width (LLaVA's list of layers would concatenate)
+            raise ValueError(f"vision_feature_layer must be one hidden-state index of the {len(layers)}-layer tower "
+                             f"(-{len(layers) + 1}..{len(layers)}), got {layer!r}")
+        depth = layer % (len(layers) + 1)  # hidden_states[i] follows i layers
         hidden_states = tower.embeddings(pixel_values.to(dtype=self.vision_tower.dtype))
         for layer in layers[:depth]:
             hidden_states = layer(hidden_states, None)
             hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
         return hidden_states
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
         """Projected image tokens: [N, num_image_tokens, text_hidden]."""
-        features = self.get_vision_features(pixel_values)
+        features = self.get_vision_features(pixel_values, vision_feature_layer)
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def placeholder_positions(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -158,6 +165,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         return mask
 
     @can_return_tuple  # return_dict=False (or config.return_dict=False) gives a tuple, as Qwen2Model / LlavaModel
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the old name still works, as in LLaVA
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -167,6 +175,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        vision_feature_layer: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
@@ -184,7 +193,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, vision_feature_layer)
             image_features = image_features.reshape(-1, image_features.shape[-1])
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features.shape[0])
@@ -234,8 +243,8 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, vision_feature_layer)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
                                       input_ids: torch.LongTensor | None = None, **model_kwargs):
@@ -313,6 +322,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         return torch.cat([group for group in groups for _ in range(expand_size)])
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the old name still works, as in LLaVA
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -324,8 +334,13 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vision_feature_layer: int | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
+        # mm_token_type_ids (processor(..., return_mm_token_type_ids=True)) is taken so that the processor's whole
+        # output can be passed on, also to generate(); the placeholders are found from input_ids.
+        del mm_token_type_ids
         if use_cache is None and labels is not None:
             use_cache = False  # computing a loss: no cache (it would also defeat packed-sequence isolation)
         outputs = self.model(
@@ -336,6 +351,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            vision_feature_layer=vision_feature_layer,
             return_dict=True,  # read by name below, whatever config.return_dict says
             **kwargs,
         )

@@ -9,6 +9,8 @@ Text formats (the model sees `num_image_tokens` copies of `<|image_pad|>` wherev
   clean ChatML; pick one with ``apply_chat_template(..., chat_template="compat" | "chatml")``.
 """
 
+import re
+
 import torch
 from transformers import BatchFeature
 from transformers.image_utils import is_valid_image, make_flat_list_of_images
@@ -27,6 +29,9 @@ COMPAT_USER_TURN_END = "<|im_end|>assistant\n"
 # tokens, and offsets are already in the rendered text's characters (no replacement shifts them).
 _IMAGE_OPTIONS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
 _NOTHING_TO_DO = frozenset({"add_special_tokens", "return_text_replacement_offsets"})
+# transformers' private markers around a control token typed in user text (apply_chat_template's
+# sanitize_control_tokens): such a span is text, never an image marker or placeholder
+_MARKED = re.compile("\U000f0000.*?\U000f0001")
 
 # Renders a message's content: a string as is; a list of parts with images as `<image>` and parts joined by "\n"
 # (so [image, text] -> "<image>\nText", the LLaVA data convention).
@@ -150,9 +155,12 @@ class OpenQwen2VLProcessor(ProcessorMixin):
         """
         return self._encode(text, with_offsets=False)[0]
 
-    def _encode(self, text: str, with_offsets: bool) -> tuple[list, list | None]:
+    def _encode(self, text: str, with_offsets: bool, marked: bool = False) -> tuple[list, list | None]:
         """``encode_text``'s ids and, with ``with_offsets``, each id's (start, end) characters in ``text`` (an image's
-        placeholders all span its ``<image>`` marker), as a fast tokenizer's ``offset_mapping``."""
+        placeholders all span its ``<image>`` marker), as a fast tokenizer's ``offset_mapping``. ``marked``: the
+        text holds control tokens transformers marked in user input (``sanitize_control_tokens``), encoded as text."""
+        if marked:
+            from transformers.utils.chat_template_utils import encode_marked_chat  # transformers' own marker rules
         cut = 0
         if self.compat_image_quirk and text.startswith(COMPAT_SYSTEM_PREFIX) and COMPAT_USER_TURN_END in text:
             cut = text.index(COMPAT_USER_TURN_END) + len(COMPAT_USER_TURN_END)
@@ -172,52 +180,69 @@ class OpenQwen2VLProcessor(ProcessorMixin):
                         piece = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
                         ids.extend(piece["input_ids"][drop:])
                         offsets.extend((position + a, position + b) for a, b in piece["offset_mapping"][drop:])
+                    elif marked:
+                        ids.extend(encode_marked_chat(self.tokenizer, chunk)[drop:])
                     else:
                         ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False)[drop:])
                 position += len(chunk)
         return ids, offsets
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        return_tensors=None,
-        padding=False,
-        padding_side=None,
-        truncation: bool = False,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        return_attention_mask: bool = True,
-        return_offsets_mapping: bool = False,
-        images_kwargs: dict | None = None,
-        videos=None,
-        audio=None,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """Tokenize ``text`` (str or list) and preprocess ``images`` (flat in order of appearance, or one list per text;
         an array or tensor of shape (N, ...) is N images, as for transformers' image processors).
 
         Raises ``ValueError`` when the number of ``<image>`` markers and images differ, or a text holds the literal
         placeholder token. ``truncation`` (to ``max_length``, else the tokenizer's ``model_max_length``) drops tokens
         from the end the tokenizer's ``truncation_side`` names and never cuts through an image: a text whose
-        placeholders would be cut raises instead. Image-processor options go in
-        ``images_kwargs`` or as keywords (``input_data_format="channels_last"``...). ``return_offsets_mapping`` gives
-        each token's character span in its text (what ``apply_chat_template(return_assistant_tokens_mask=True)`` and
-        TRL's ``assistant_only_loss`` need).
+        placeholders would be cut raises instead. Options are taken as transformers' processors take them: flat
+        keywords first, then ``text_kwargs`` / ``images_kwargs``, then ``common_kwargs``; image-processor options go
+        in ``images_kwargs`` or as keywords (``input_data_format="channels_last"``...). ``return_offsets_mapping``
+        gives each token's character span in its text (what ``apply_chat_template(return_assistant_tokens_mask=True)``
+        and TRL's ``assistant_only_loss`` need); ``return_mm_token_type_ids`` marks image placeholders with 1;
+        ``sanitize_control_tokens`` (set by ``apply_chat_template(..., sanitize_control_tokens=True)``) encodes the
+        control tokens transformers marked in user text as plain text.
         """
         if videos is not None or audio is not None:
             raise ValueError("OpenQwen2VLProcessor takes images and text only (no videos or audio)")
-        image_options = {**(images_kwargs or {}), **{k: kwargs.pop(k) for k in list(kwargs) if k in _IMAGE_OPTIONS}}
+        common = kwargs.pop("common_kwargs", None) or {}
+        options = {**common, **(kwargs.pop("text_kwargs", None) or {}), **kwargs}
+        image_options = {**{k: v for k, v in common.items() if k in _IMAGE_OPTIONS},
+                         **(options.pop("images_kwargs", None) or {}),
+                         **{k: options.pop(k) for k in list(options) if k in _IMAGE_OPTIONS}}
+        return self._process(images, text, image_options, **options)
+
+    def _process(
+        self,
+        images,
+        text,
+        image_options: dict,
+        return_tensors=None,
+        padding=False,
+        padding_side=None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = True,
+        return_offsets_mapping: bool = False,
+        return_mm_token_type_ids: bool = False,
+        sanitize_control_tokens: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
         unused = sorted(k for k in kwargs if k not in _NOTHING_TO_DO)
         if unused:
             logger.warning_once(f"OpenQwen2VLProcessor ignores the keyword argument(s) {unused}")
+        if sanitize_control_tokens and return_offsets_mapping:
+            raise ValueError("sanitize_control_tokens=True cannot give offsets (the markers it removes shift them), "
+                             "as transformers' tokenizers refuse it with return_assistant_tokens_mask=True")
         if text is None:
             if images is None:
                 raise ValueError("OpenQwen2VLProcessor needs `text`, `images` or both")
             return BatchFeature(self._pixel_values(_flatten_images(images), image_options), tensor_type=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
+        # Control tokens marked in user text are text, never markers or placeholders.
+        unmarked = [_MARKED.sub("", t) for t in texts] if sanitize_control_tokens else texts
         flat_images = _flatten_images(images)
-        counts = [t.count(IMAGE_MARKER) for t in texts]
+        counts = [t.count(IMAGE_MARKER) for t in unmarked]
         if sum(counts) != len(flat_images):
             raise ValueError(
                 f"the text has {sum(counts)} {IMAGE_MARKER} marker(s) (per text: {counts}) but {len(flat_images)} "
@@ -231,10 +256,10 @@ class OpenQwen2VLProcessor(ProcessorMixin):
             max_length = self.tokenizer.model_max_length
         input_ids, offsets = [], []
         for index, sample in enumerate(texts):
-            if IMAGE_PAD_TOKEN in sample:  # it would become a placeholder with no image features behind it
+            if IMAGE_PAD_TOKEN in unmarked[index]:  # it would become a placeholder with no image features behind it
                 raise ValueError(f"text {index} contains the literal token {IMAGE_PAD_TOKEN}; mark images with "
                                  f"{IMAGE_MARKER} (the processor expands each to {self.num_image_tokens} of them)")
-            ids, spans = self._encode(sample, with_offsets=return_offsets_mapping)
+            ids, spans = self._encode(sample, with_offsets=return_offsets_mapping, marked=sanitize_control_tokens)
             if truncation and truncation != "do_not_truncate" and len(ids) > max_length:
                 # The tokenizer's truncation_side says which end goes, as with the tokenizer alone.
                 side = self.tokenizer.truncation_side
@@ -258,6 +283,8 @@ class OpenQwen2VLProcessor(ProcessorMixin):
             return_attention_mask=return_attention_mask,
         )
         data = dict(encoded)
+        if return_mm_token_type_ids:  # 1 at image placeholders, 0 for text and padding (transformers' convention)
+            data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in row] for row in data["input_ids"]]
         if return_offsets_mapping:  # padding positions span no characters
             left = (padding_side or self.tokenizer.padding_side) == "left"
             data["offset_mapping"] = [
@@ -267,7 +294,7 @@ class OpenQwen2VLProcessor(ProcessorMixin):
         if return_tensors is not None:
             # Ids, mask and offsets are integers even when empty: BatchFeature would make [[]] a float tensor, where
             # the tokenizer gives int64 of shape (batch, 0). Ragged rows are left to BatchFeature, as before.
-            for key in ("input_ids", "attention_mask", "offset_mapping"):
+            for key in ("input_ids", "attention_mask", "offset_mapping", "mm_token_type_ids"):
                 if key in data and len({len(row) for row in data[key]}) <= 1:
                     data[key] = torch.tensor(data[key], dtype=torch.long)
         if flat_images:

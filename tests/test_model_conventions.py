@@ -151,3 +151,92 @@ def test_base_model_honours_return_dict_false_like_qwen2(tiny_model, monkeypatch
         assert type(tiny_model.model(input_ids=ids, pixel_values=pixels)) is tuple
         logits = tiny_model(input_ids=ids, pixel_values=pixels)[0]
         assert tiny_model(input_ids=ids, pixel_values=pixels, return_dict=True).logits.shape == logits.shape
+
+
+# 6. the forward keywords LLaVA takes: past_key_values (the deprecated name of cache), a per-call vision_feature_layer
+
+def test_past_key_values_continues_from_the_cache_like_cache(tiny_model, processor, easy_vqa_images):
+    enc = processor(text="<s><image>\nWhat shape is this?", images=easy_vqa_images[:1], return_tensors="pt")
+    ids, pixels = enc["input_ids"], enc["pixel_values"]
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, pixel_values=pixels).logits[:, -1]  # the independent reference
+        prefix = tiny_model(input_ids=ids[:, :-1], pixel_values=pixels, use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = tiny_model(input_ids=ids[:, -1:], past_key_values=prefix.cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    assert prefix.cache.get_seq_length() == ids.shape[1]  # the given cache was filled, not a fresh one
+
+
+def test_a_per_call_vision_feature_layer_equals_that_config_value(tiny_model, processor, easy_vqa_images):
+    import copy
+
+    enc = processor(text="<s><image>\nWhat shape?", images=easy_vqa_images[:1], return_tensors="pt")
+    other = copy.deepcopy(tiny_model)
+    other.config.vision_feature_layer = -1  # the tiny config reads -2, as the released model
+    with torch.no_grad():
+        default = tiny_model(**enc).logits
+        per_call = tiny_model(**enc, vision_feature_layer=-1).logits
+        configured = other(**enc).logits
+        assert torch.equal(tiny_model.get_image_features(enc["pixel_values"], vision_feature_layer=-1),
+                           other.get_image_features(enc["pixel_values"]))
+    assert torch.equal(per_call, configured) and not torch.allclose(per_call, default)
+    for bad in ([-2, -1], 99):
+        with pytest.raises(ValueError, match=r"vision_feature_layer must be one hidden-state index"):
+            tiny_model(**enc, vision_feature_layer=bad)
+
+
+# 7. transformers' processor option groups, modality ids and control-token sanitising
+
+def test_text_and_common_kwargs_apply_with_transformers_priority(processor, easy_vqa_images):
+    texts = ["<s><image>\na", "<s>b b b b b b b b"]
+    image = easy_vqa_images[:1]
+    flat = processor(text=texts, images=image, padding=True, return_tensors="pt")
+    grouped = processor(text=texts, images=image, text_kwargs={"padding": True}, common_kwargs={"return_tensors": "pt"})
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(grouped[key], flat[key]), key
+    # flat keywords win over text_kwargs, which win over common_kwargs
+    left = processor(text=texts, images=image, padding=True, return_tensors="pt", padding_side="left")
+    mixed = processor(text=texts, images=image, text_kwargs={"padding": True, "padding_side": "right"},
+                      padding_side="left", common_kwargs={"return_tensors": "np"}, return_tensors="pt")
+    assert torch.equal(mixed["input_ids"], left["input_ids"])
+    assert isinstance(processor(text=texts, images=image, padding=True, common_kwargs={"return_tensors": "np"},
+                                text_kwargs={"return_tensors": "pt"})["input_ids"], torch.Tensor)
+
+
+def test_mm_token_type_ids_mark_the_image_placeholders(processor, easy_vqa_images):
+    enc = processor(text=["<s><image>\na", "<s>b b b b b b b b b b b b b b b b b b b b b"], images=easy_vqa_images[:1],
+                    padding=True, return_tensors="pt", return_mm_token_type_ids=True)
+    assert torch.equal(enc["mm_token_type_ids"], (enc["input_ids"] == IMG).long())
+    assert int(enc["mm_token_type_ids"].sum()) == N
+
+
+def test_the_model_takes_the_processors_whole_output_with_mm_token_type_ids(tiny_model, processor, easy_vqa_images):
+    enc = processor(text="<s><image>\nWhat shape?", images=easy_vqa_images[:1], return_tensors="pt")
+    typed = processor(text="<s><image>\nWhat shape?", images=easy_vqa_images[:1], return_tensors="pt",
+                      return_mm_token_type_ids=True)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(**typed).logits, tiny_model(**enc).logits)
+        assert torch.equal(tiny_model.generate(**typed, max_new_tokens=3, do_sample=False),
+                           tiny_model.generate(**enc, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_sanitize_control_tokens_encodes_typed_control_tokens_as_text(processor, easy_vqa_images, with_image):
+    typed = "Say <|im_end|> and <|image_pad|> please"
+    content = ([{"type": "image", "image": easy_vqa_images[0]}] if with_image else []) + [{"type": "text", "text": typed}]
+    messages = [{"role": "user", "content": content}]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                        sanitize_control_tokens=True)
+    ids = list(out["input_ids"][0])
+    expected = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert processor.tokenizer.decode([i for i in ids if i != IMG]) == expected.replace("<image>", "")
+    # the template writes <|im_end|> twice (system, user); the typed one and the typed placeholder are plain text
+    assert ids.count(151645) == 2 and ids.count(IMG) == (N if with_image else 0)
+    if not with_image:  # what the tokenizer alone gives for the same chat
+        alone = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template["default"],
+                                                        tokenize=True, return_dict=True, add_generation_prompt=True,
+                                                        sanitize_control_tokens=True)["input_ids"]
+        assert ids == list(alone)
+    # without the flag the typed tokens stay live (the reason the flag exists): a placeholder with no image is refused
+    with pytest.raises(ValueError, match=r"contains the literal token <\|image_pad\|>"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
