@@ -70,7 +70,7 @@ class SFTScriptArguments(ScriptArguments):
         "help": "mammoth_split only: folder of the per-sample JSON files the index points to"})
     eval_dataset_name: str | None = field(default=None, metadata={
         "help": "optional evaluation data, same layout and image_root as the training data (a folder or hub id "
-                "gives its dataset_test_split)"})
+                "gives its dataset_test_split; easy_vqa, with dataset_name easy_vqa, its test split)"})
     chat_format: str = field(default="chatml", metadata={
         "help": "chatml (clean ChatML, new training) or compat (the original's SFT strings, for released checkpoints)"})
     num_image_tokens: int | None = field(default=None, metadata={
@@ -122,7 +122,9 @@ def _prepare_data(source, split, script_args, training_args, encoder, skip_log, 
     raw = load_raw_sft_dataset(source, split=split, streaming=script_args.dataset_streaming,
                                config_name=script_args.dataset_config)
     if script_args.dataset_streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
-        raw = raw.shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
+        from recipes.sft_data.loading import number_rows  # bad rows are then named by their row in the source
+
+        raw = number_rows(raw).shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
     encoded = encode_sft_dataset(
         raw, encoder, data_format=script_args.dataset_format, image_root=script_args.image_root,
         sample_dir=script_args.sample_dir, skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log,
@@ -137,14 +139,23 @@ def _prepare_data(source, split, script_args, training_args, encoder, skip_log, 
 
 
 def _maybe_write_easy_vqa(script_args, training_args) -> None:
-    if script_args.dataset_name != EASY_VQA or os.path.exists(EASY_VQA):
+    """``easy_vqa`` as ``dataset_name`` (its train split) or ``eval_dataset_name`` (its test split): written to
+    ``output_dir/easy_vqa_data`` first (the two splits share its ``--image_root``)."""
+    train = script_args.dataset_name == EASY_VQA and not os.path.exists(EASY_VQA)
+    evaluate = script_args.eval_dataset_name == EASY_VQA and not os.path.exists(EASY_VQA)
+    if not (train or evaluate):
         return
+    if evaluate and not train:
+        raise ValueError("--eval_dataset_name easy_vqa goes with --dataset_name easy_vqa: the two splits share "
+                         "--image_root; for other training data, write its test split with `python -m "
+                         "recipes.sft_data.easy_vqa --split test` into your data's image root")
     from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 
     folder = Path(training_args.output_dir) / "easy_vqa_data"
     with training_args.main_process_first(desc="write easy-vqa SFT data"):
-        path = write_easy_vqa_sft(folder, "train", limit=script_args.easy_vqa_limit)
-    script_args.dataset_name = str(path)
+        script_args.dataset_name = str(write_easy_vqa_sft(folder, "train", limit=script_args.easy_vqa_limit))
+        if evaluate:
+            script_args.eval_dataset_name = str(write_easy_vqa_sft(folder, "test", limit=script_args.easy_vqa_limit))
     script_args.image_root = str(folder)
     script_args.dataset_format = "messages"
 
@@ -210,9 +221,22 @@ def _refuse_unsupported_options(training_args: SFTConfig, model_args: ModelConfi
         raise ValueError(f"packing_strategy={training_args.packing_strategy!r} packs a token stream, cutting "
                          "conversations (and their images) apart; the kit packs whole conversations (isolated "
                          "packing): choose its bin packing with --packing_algorithm default|exact|ffd|bfd")
+    if training_args.chat_template_path:
+        raise ValueError("chat_template_path: the kit renders conversations with its own templates (--chat_format "
+                         "compat|chatml), which the saved model then carries; a custom template would train the "
+                         "model in one format and save it with another")
+    if (training_args.packing or training_args.eval_packing) and not training_args.max_length:
+        raise ValueError("--packing / --eval_packing need --max_length: it is the capacity of a pack")
     if model_args.use_peft and model_args.lora_target_parameters:
         raise ValueError("lora_target_parameters (LoRA on bare nn.Parameters, e.g. MoE experts) has no target in "
                          "Open-Qwen2VL; choose linears with --lora_target_modules")
+
+
+def _set_pad_token(processor, pad_token: str) -> None:
+    tokenizer = processor.tokenizer
+    if pad_token not in tokenizer.get_vocab():
+        raise ValueError(f"--pad_token {pad_token!r} is not a token of the tokenizer's vocabulary")
+    tokenizer.pad_token = pad_token
 
 
 def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
@@ -250,10 +274,12 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
 
     # TRL refuses packing for image datasets and would tokenize the data itself: the kit packs and encodes instead
     # (and labels the assistant turns itself: TRL's assistant_only_loss check would look for raw `messages`).
-    packing = training_args.packing
+    packing, assistant_only_loss = training_args.packing, training_args.assistant_only_loss
     eval_packing = packing if training_args.eval_packing is None else training_args.eval_packing
     training_args.packing = False
     training_args.assistant_only_loss = False
+    if training_args.pad_token:  # TRL applies it only to its own collator; the kit's pads with the tokenizer's
+        _set_pad_token(processor, training_args.pad_token)
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     if script_args.dataset_streaming and training_args.max_steps <= 0:
@@ -282,6 +308,8 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
         callbacks=[SkipReport(skip_log), TrainingLog()],
     )
     trainer.kit_packing = packing
+    # TRL reads both only while it is built; restored, the saved training_args.bin records what the run did
+    training_args.packing, training_args.assistant_only_loss = packing, assistant_only_loss
     logger.info("trainable parameters: %s", trainable_counts(trainer.model))
     return trainer
 

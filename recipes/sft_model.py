@@ -76,6 +76,8 @@ def load_model_and_processor(
         config = PRESETS[init_from_preset](**({"num_image_tokens": num_image_tokens} if num_image_tokens else {}))
         torch.manual_seed(seed)
         model = OpenQwen2VLForConditionalGeneration(config)
+        if dtype not in (None, "auto"):  # as from_pretrained(dtype=...) does for a saved model
+            model.to(getattr(torch, dtype))
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         processor = build_processor(model.config, chat_format=chat_format)

@@ -334,6 +334,9 @@ def test_eval_packing_packs_the_eval_split_on_its_own_with_the_same_eval_loss(ba
     (["--use_peft", "--lora_target_parameters", "experts"], r"lora_target_parameters .* has no target"),
     (["--init_from_preset", "tiny", "--model_name_or_path", "", "--model_revision", "v1"],
      r"model_revision='v1' selects a version of a hub model, but a preset is not one"),
+    (["--chat_template_path", "template.jinja"], r"chat_template_path: the kit renders conversations with its own"),
+    (["--packing", "--max_length", "None"], r"--packing / --eval_packing need --max_length"),
+    (["--eval_dataset_name", "easy_vqa"], r"--eval_dataset_name easy_vqa goes with --dataset_name easy_vqa"),
 ])
 def test_options_the_kit_cannot_apply_are_refused(base_dir, data, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
@@ -347,3 +350,80 @@ def test_a_mammoth_split_index_row_without_a_path_is_named_with_the_format_hint(
     with pytest.raises(BadSampleError, match=r"row 3.*needs a `path`.*--dataset_format mammoth") as caught:
         to_sft_sample(sample_row, "mammoth_split", index=3, sample_dir=".")
     assert caught.value.kind == "bad_index_row"
+
+
+# --- 5. options TRL applies only where the kit replaces TRL's own parts ----------------------------------------------
+
+def test_pad_token_is_what_the_collator_pads_with(base_dir, data, tmp_path):
+    trainer = _build(*_argv(tmp_path / "out", data, base_dir, "--pad_token", "<|im_end|>"))
+    rows = sorted((trainer.train_dataset[i] for i in range(4)), key=lambda row: len(row["input_ids"]))
+    batch = trainer.data_collator([rows[0], rows[-1]])
+    assert len(rows[0]["input_ids"]) < len(rows[-1]["input_ids"])  # the shorter row is padded
+    assert set(batch["input_ids"][batch["attention_mask"] == 0].tolist()) == {151645}
+    assert trainer.processing_class.tokenizer.pad_token == "<|im_end|>"
+    with pytest.raises(ValueError, match=r"--pad_token '<nope>' is not a token of the tokenizer's vocabulary"):
+        _build(*_argv(tmp_path / "bad", data, base_dir, "--pad_token", "<nope>"))
+
+
+def test_dtype_applies_to_a_preset_model_too():
+    from recipes.sft_model import load_model_and_processor
+
+    model, _ = load_model_and_processor(None, init_from_preset="tiny", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_saved_training_args_record_the_packing_and_loss_the_run_used(base_dir, data, tmp_path):
+    trainer = _build(*_argv(tmp_path / "out", data, base_dir, "--packing", "--assistant_only_loss", "true"))
+    trainer.save_model(str(tmp_path / "saved"))
+    recorded = torch.load(tmp_path / "saved" / "training_args.bin", weights_only=False)
+    assert recorded.packing is True and recorded.assistant_only_loss is True
+    assert trainer.kit_packing is True
+
+
+def test_easy_vqa_as_eval_data_is_its_test_split_with_its_own_images(base_dir, tmp_path):
+    import easy_vqa
+
+    trainer = _build("--output_dir", str(tmp_path / "out"), "--dataset_name", "easy_vqa", "--eval_dataset_name",
+                     "easy_vqa", "--easy_vqa_limit", "6", "--model_name_or_path", str(base_dir), "--max_steps", "1",
+                     "--max_length", "256", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+                     "--save_strategy", "no", "--activation_checkpointing", "false")
+    test_paths = easy_vqa.get_test_image_paths()
+    train_paths = easy_vqa.get_train_image_paths()
+    assert len(trainer.eval_dataset) == 6 and len(trainer.train_dataset) == 6
+    for split, dataset, paths in (("test", trainer.eval_dataset, test_paths), ("train", trainer.train_dataset,
+                                                                                train_paths)):
+        for row in dataset:
+            image_id = int(row["sample_id"].split("-")[1])  # ids are <split>-<image id>-<turn>
+            assert row["sample_id"].startswith(split)
+            assert Path(row["images"][0]["path"]).read_bytes() == Path(paths[image_id]).read_bytes()
+
+
+# --- 6. images the data may hold -------------------------------------------------------------------------------------
+
+def test_a_cmyk_image_inside_a_message_part_trains_as_its_rgb_conversion(processor):
+    rgb = Image.new("RGB", (24, 16), (200, 30, 90))
+    cmyk = rgb.convert("CMYK")
+    question = {"type": "text", "text": "What colour?"}
+    sample, batch = _encode(processor, {"id": "cmyk", "messages": _messages([{"type": "image", "image": cmyk},
+                                                                             question])})
+    expected = processor(images=[cmyk.convert("RGB")], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"], expected)
+
+
+def test_a_shuffled_stream_names_a_bad_row_by_its_row_in_the_file(base_dir, tmp_path):
+    image = tmp_path / "images" / "0.png"
+    image.parent.mkdir()
+    Image.new("RGB", (32, 32), (0, 128, 0)).save(image)
+    rows = [{"messages": _messages([{"type": "image"}, {"type": "text", "text": f"q{i}"}], f"a{i}"),
+             "images": ["images/missing.png" if i == 7 else "images/0.png"]} for i in range(24)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    trainer = _build("--output_dir", str(out), "--dataset_name", str(tmp_path / "train.jsonl"), "--image_root",
+                     str(tmp_path), "--model_name_or_path", str(base_dir), "--max_steps", "6",
+                     "--per_device_train_batch_size", "4", "--max_length", "256", "--bf16", "false", "--use_cpu",
+                     "true", "--report_to", "none", "--save_strategy", "no", "--activation_checkpointing", "false",
+                     "--dataset_streaming", "--shuffle_dataset", "--shuffle_buffer_size", "24", "--skip_bad_samples",
+                     "--learning_rate", "0")
+    trainer.train()
+    skipped = json.loads((out / "skipped_samples.json").read_text())["examples"]
+    assert [(s["sample_id"], s["kind"]) for s in skipped] == [("row 7", "missing_image")]

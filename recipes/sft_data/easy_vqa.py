@@ -1,6 +1,6 @@
 """Write easy-vqa (MIT, installed from PyPI) as an SFT dataset folder in the layouts ``recipes/sft.py`` reads.
 
-The folder is self-contained: ``images/<id>.png`` copied from the package, and ``train.jsonl`` (TRL ``messages`` +
+The folder is self-contained: ``images/<id>.png`` copied from the package (``images_test/`` for the test split), and ``train.jsonl`` (TRL ``messages`` +
 ``images``, paths relative to the folder: pass the folder as ``--image_root``) or ``train.json`` (LLaVA
 ``conversations`` layout). ``turns`` > 1 groups several questions about the same image into one multi-turn
 conversation (image in the first user turn).
@@ -38,7 +38,9 @@ def write_easy_vqa_sft(
     if layout not in ("messages", "llava"):
         raise ValueError(f"layout must be 'messages' or 'llava', got {layout!r}")
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    # each split's own folder: the two splits number their images alike, so a shared one would mix them up
+    image_folder = "images" if split == "train" else f"images_{split}"
+    (folder / image_folder).mkdir(parents=True, exist_ok=True)
     (questions, answers, image_ids), image_paths = _questions(split)
     by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids):
@@ -49,7 +51,7 @@ def write_easy_vqa_sft(
         for start in range(0, len(qa), turns):
             if limit is not None and len(rows) >= limit:
                 break
-            image = f"images/{image_id}.png"
+            image = f"{image_folder}/{image_id}.png"
             if not (folder / image).exists():
                 shutil.copyfile(image_paths[image_id], folder / image)
             rows.append(_row(f"{split}-{image_id}-{start}", image, qa[start:start + turns], layout))

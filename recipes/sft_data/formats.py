@@ -78,6 +78,9 @@ def detect_format(row: dict) -> str:
     )
 
 
+PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})  # what PIL writes as PNG losslessly
+
+
 def image_ref(value: Any, image_root: str | None, sample_id: str) -> dict[str, Any]:
     """Normalise one image (path, ``{"bytes", "path"}`` dict or PIL image) to ``{"bytes", "path"}``."""
     if isinstance(value, (str, os.PathLike)):
@@ -91,8 +94,15 @@ def image_ref(value: Any, image_root: str | None, sample_id: str) -> dict[str, A
         from PIL import Image
 
         if isinstance(value, Image.Image):
+            if value.mode not in PNG_MODES:  # e.g. CMYK JPEGs: PNG cannot hold them; the collator makes RGB anyway
+                from dataset_builders.images import to_rgb
+
+                value = to_rgb(value)
             buffer = io.BytesIO()
-            value.save(buffer, format="PNG")
+            try:
+                value.save(buffer, format="PNG")
+            except (OSError, ValueError) as error:
+                raise BadSampleError(sample_id, "bad_image", f"cannot keep the {value.mode} image: {error}") from None
             return {"bytes": buffer.getvalue(), "path": None}
     except ImportError:  # pragma: no cover - PIL is a dependency of the kit
         pass

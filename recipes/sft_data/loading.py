@@ -33,6 +33,7 @@ ENCODED_FEATURES = Features(
         "skip_reason": Value("string"),
     }
 )
+SOURCE_ROW = "__source_row__"  # see number_rows
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
@@ -101,10 +102,18 @@ def resolve_format(dataset: Dataset | IterableDataset, data_format: str = "auto"
     return detect_format(_first_row(dataset))
 
 
+def number_rows(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """Each row's number in the source, kept in a column, for error messages: a shuffled stream's own indices are
+    positions in the shuffled order (call before shuffling)."""
+    return dataset.map(lambda _, index: {SOURCE_ROW: index}, with_indices=True)
+
+
 def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_format: str, image_root: str | None,
                   sample_dir: str | None, skip_bad_samples: bool) -> dict:
     out = {name: [] for name in ENCODED_FEATURES}
-    columns = list(batch)
+    columns = [name for name in batch if name != SOURCE_ROW]
+    if SOURCE_ROW in batch:
+        indices = batch[SOURCE_ROW]
     for row_number, index in enumerate(indices):
         row = {name: batch[name][row_number] for name in columns}
         try:
