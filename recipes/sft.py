@@ -49,6 +49,7 @@ from recipes.sft_data import (
 )
 from recipes.sft_cpu_head import enable_compact_lm_head_on_cpu
 from recipes.sft_model import build_lora_config, load_model_and_processor, set_trainable, trainable_counts
+from recipes.training.model_setup import freeze_unread_vision_parameters
 from recipes.training.run_logs import SFT_TRAINING_LOG, JsonLinesLog
 
 logger = logging.getLogger("recipes.sft")
@@ -310,6 +311,8 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
     trainer.kit_packing = packing
     # TRL reads both only while it is built; restored, the saved training_args.bin records what the run did
     training_args.packing, training_args.assistant_only_loss = packing, assistant_only_loss
+    if peft_config is not None:  # peft's trainable copy of the tower (--train_vision) has the unread layers too
+        freeze_unread_vision_parameters(trainer.model)
     logger.info("trainable parameters: %s", trainable_counts(trainer.model))
     return trainer
 

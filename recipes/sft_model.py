@@ -19,6 +19,7 @@ from modeling_open_qwen2vl import (
     build_processor,
     chat_templates,
 )
+from recipes.training.model_setup import freeze_unread_vision_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def set_trainable(model, train_vision: bool = False) -> dict[str, int]:
     """
     model.requires_grad_(True)
     model.model.vision_tower.requires_grad_(train_vision)
+    freeze_unread_vision_parameters(model)  # the tower's layers past the feature layer get no gradient
     return trainable_counts(model)
 
 

@@ -128,13 +128,16 @@ def test_fsdp_sharded_training_matches_one_process(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_data_parallel_under_torchrun_matches_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("stage", ["pretrain", "full"])
+def test_plain_data_parallel_under_torchrun_matches_one_process(corpus, tmp_path, stage):
     """2 processes without --cpu_fsdp: accelerate wraps the model in DistributedDataParallel (gloo on CPU, set up by
-    the recipe itself); same global batch as 1 process x 2 packs, same losses, one metrics file."""
+    the recipe itself); same global batch as 1 process x 2 packs, same losses, one metrics file, the same final
+    model. Stage ``full`` trains the vision tower, whose layers past the feature layer never run: DDP would stop at
+    the second step waiting for their gradients if they were left trainable."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
-    common = ("--max_steps", 2, "--save_steps", 0, "--save_final_model", "false", "--save_final_checkpoint", "false")
+    common = ("--max_steps", 2, "--save_steps", 0, "--save_final_checkpoint", "false", "--stage", stage)
     _run([torchrun, "--nproc_per_node", "2", "--master_port", "29537", str(ROOT / "recipes" / "pretrain.py"),
           *_args(corpus, ddp, "--per_device_train_batch_size", 1, *common)], env=env)
     _run([sys.executable, str(ROOT / "recipes" / "pretrain.py"),
@@ -144,6 +147,14 @@ def test_plain_data_parallel_under_torchrun_matches_one_process(corpus, tmp_path
     for a, b in zip(expected, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(single / "final_model" / "model.safetensors"))
+    b = load_file(str(ddp / "final_model" / "model.safetensors"))  # written from the DDP-wrapped model
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
 def test_slurm_script_launches_one_accelerate_per_node(tmp_path):

@@ -38,11 +38,18 @@ def _batch(processor, images, captions, attention="faithful"):
     [("projector", {"multi_modal_projector"}), ("pretrain", {"multi_modal_projector", "language_model"}),
      ("full", {"multi_modal_projector", "language_model", "vision_tower"})],
 )
-def test_stage_freezes_exactly_the_other_modules(fresh_model, stage, trains):
+def test_stage_freezes_exactly_the_other_modules(fresh_model, stage, trains, processor, easy_vqa_images):
+    # Independent of the model's code: the parameters a forward/backward never reaches (vision layers past the
+    # feature layer, the post-layernorm) stay frozen even in a stage that trains their module.
+    fresh_model.requires_grad_(True)
+    fresh_model(**_batch(processor, easy_vqa_images, ["A red circle."])).loss.backward()
+    unread = {name for name, param in fresh_model.named_parameters() if param.grad is None}
+    assert unread and all(".vision_tower." in name for name in unread)
+    fresh_model.zero_grad(set_to_none=True)
     counts = apply_stage(fresh_model, stage)
     for name, param in fresh_model.named_parameters():
         module = name.split(".")[1] if name.startswith("model.") else "language_model"  # lm_head is tied to the LM
-        assert param.requires_grad == (module in trains), name
+        assert param.requires_grad == (module in trains and name not in unread), name
     expected = sum(p.numel() for n, p in fresh_model.named_parameters() if p.requires_grad)
     assert counts["trainable"] == expected
     assert counts["trainable"] + counts["frozen"] == sum(p.numel() for p in fresh_model.parameters())
@@ -59,7 +66,8 @@ def test_weight_decay_only_on_matrices(fresh_model):
     assert any(names[id(p)].endswith("input_layernorm.weight") for p in no_decay["params"])
     assert any(names[id(p)].endswith("q_proj.bias") for p in no_decay["params"])
     total = len(decay["params"]) + len(no_decay["params"])
-    assert total == len(list(fresh_model.parameters()))  # every trainable parameter once, tied head counted once
+    # every trainable parameter once, tied head counted once
+    assert total == len([p for p in fresh_model.parameters() if p.requires_grad])
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
 
 

@@ -60,9 +60,12 @@ def _build(*argv):
 # --- 1. LoRA: --lora_modules_to_save adds to the modules that must train -------------------------------------------
 
 def _module_sizes(model) -> dict[str, int]:
+    """Sizes of the modules; the tower counts only what a backward through the image features reaches (its layers
+    past the feature layer never run, so they cannot train)."""
     inner = model.model
+    inner.get_image_features(torch.randn(1, 3, 64, 64)).sum().backward()
     return {"projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
-            "tower": sum(p.numel() for p in inner.vision_tower.parameters()),
+            "tower": sum(p.numel() for p in inner.vision_tower.parameters() if p.grad is not None),
             "embeddings": inner.language_model.embed_tokens.weight.numel()}
 
 
@@ -95,6 +98,17 @@ def test_lora_modules_to_save_adds_to_the_projector_and_tower_instead_of_replaci
     assert counts["embeddings"] == sizes["embeddings"] and counts["lora"] > 0 and counts["other"] == 0, counts
     added = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
     assert any(f"also training {added} fully" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_train_vision_trains_exactly_the_tower_parameters_that_get_a_gradient(base_dir, data, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    reference = AutoModelForImageTextToText.from_pretrained(base_dir)
+    reference.model.get_image_features(torch.randn(1, 3, 64, 64)).sum().backward()
+    reached = {name for name, p in reference.model.vision_tower.named_parameters() if p.grad is not None}
+    trainer = _build(*_argv(tmp_path / "out", data, base_dir, "--train_vision"))
+    trainable = {name for name, p in trainer.model.model.vision_tower.named_parameters() if p.requires_grad}
+    assert trainable == reached and len(reached) < len(list(reference.model.vision_tower.parameters()))
 
 
 def test_modules_to_save_already_naming_the_projector_are_not_doubled():

@@ -322,7 +322,7 @@ def save_final_model(model, processor, directory: str | Path, is_main: bool) -> 
     if is_main:
         from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
 
-        config = copy.deepcopy(model.config)
+        config = copy.deepcopy(getattr(model, "module", model).config)  # DDP wraps the model (FSDP2 does not)
         config.use_cache = True
         config.text_config.use_cache = True
         # A fresh, unwrapped instance: FSDP and activation-checkpoint wrappers must not leak into the saved code.

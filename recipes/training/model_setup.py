@@ -8,6 +8,7 @@ Weights are kept in float32 (master weights); mixed precision is the accelerator
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -134,13 +135,40 @@ def build_training_processor(args: ModelArguments, model: OpenQwen2VLForConditio
     return build_processor(model.config, tokenizer_source=args.tokenizer_name_or_path)
 
 
+# A vision-tower module past the feature layer: encoder layer k (the index is checked against the depth read), the
+# post-layernorm or the pooling head; matched on qualified names, so peft's wrapped copies match too.
+_VISION_MODULE = re.compile(r"(^|\.)vision_tower\.(.*\.)?(encoder\.layers\.(?P<layer>\d+)|post_layernorm|head)$")
+
+
+def freeze_unread_vision_parameters(model: nn.Module) -> int:
+    """Freeze the vision tower's modules the model never runs: the encoder layers after ``vision_feature_layer``, the
+    post-layernorm and the pooling head. Trainable, they would get no gradient: data-parallel training (DDP) stops at
+    the second step waiting for it, and the optimizer would carry state for weights that cannot change. Works on a
+    peft-wrapped model too (its copies of the tower). Returns the number of parameters frozen."""
+    config = model.config
+    num_layers = config.vision_config.num_hidden_layers
+    depth = config.vision_feature_layer % (num_layers + 1)  # layers [0, depth) produce the features
+    frozen = 0
+    for name, module in model.named_modules():
+        match = _VISION_MODULE.search(name)
+        if match is None or (match["layer"] is not None and int(match["layer"]) < depth):
+            continue
+        for param in module.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
 def apply_stage(model: OpenQwen2VLForConditionalGeneration, stage: str) -> dict[str, int]:
-    """Freeze everything but the stage's modules; returns parameter counts {trainable, frozen}."""
+    """Freeze everything but the stage's modules (and, in a stage that trains the vision tower, its modules the model
+    never runs); returns parameter counts {trainable, frozen}."""
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_TRAINABLE)}")
     model.requires_grad_(False)
     for name in STAGE_TRAINABLE[stage]:
         getattr(model.model, name).requires_grad_(True)
+    freeze_unread_vision_parameters(model)
     # The LM head is tied to the input embeddings; untied, it trains with the language model.
     model.lm_head.requires_grad_("language_model" in STAGE_TRAINABLE[stage])
     seen, counts = set(), {"trainable": 0, "frozen": 0}
@@ -175,4 +203,4 @@ def compile_layers(model: nn.Module, layer_class_names: tuple[str, ...]) -> int:
 
 
 __all__ = ["STAGE_TRAINABLE", "apply_config_overrides", "apply_stage", "build_model", "build_training_processor",
-           "compile_layers", "enable_activation_checkpointing"]
+           "compile_layers", "enable_activation_checkpointing", "freeze_unread_vision_parameters"]
