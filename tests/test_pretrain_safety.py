@@ -407,3 +407,19 @@ def test_first_packs_without_lengths_or_from_another_tokenizer(processor):
     packed_64 = datasets.Dataset.from_dict({"texts": texts, "lengths": [[n + 48 for n in row] for row in ours]})
     with pytest.raises(ValueError, match="packed for num_image_tokens=64 .* this run uses num_image_tokens=16"):
         check_first_packs(packed_64, collator, "packed_64", max_length=4096)
+
+
+def test_a_resume_with_another_run_length_uses_the_new_schedule_from_its_first_step(corpus, tmp_path):
+    """A finished 6-step cosine run continued to 9 steps: step 7 runs at the 9-step schedule's learning rate (the
+    checkpoint's optimizer holds the 6-step schedule's, 0 at its end), as a 9-step run from scratch would."""
+    schedule = ("--lr_scheduler_type", "cosine", "--warmup_ratio", 0, "--learning_rate", 0.01, "--save_steps", 0)
+    _main(_args(corpus, tmp_path / "short", "--max_steps", 6, *schedule))
+    _main(_args(corpus, tmp_path / "short", "--max_steps", 9, "--resume", *schedule))
+    _main(_args(corpus, tmp_path / "long", "--max_steps", 9, *schedule))
+    continued, uninterrupted = read_jsonl(tmp_path / "short" / "metrics.jsonl"), read_jsonl(tmp_path / "long" /
+                                                                                              "metrics.jsonl")
+    assert [r["step"] for r in continued] == list(range(1, 10))
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 9)) for step in (7, 8, 9)]  # cosine, by hand
+    assert [r["lr"] for r in continued[6:]] == pytest.approx(expected, rel=1e-6)
+    assert [r["lr"] for r in uninterrupted[6:]] == pytest.approx(expected, rel=1e-6)
+    assert continued[5]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)), rel=1e-6)

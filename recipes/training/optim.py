@@ -61,4 +61,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
                          scheduler_specific_kwargs=kwargs or None)
 
 
-__all__ = ["build_optimizer", "build_scheduler", "decay_parameter_names", "parameter_groups", "warmup_steps_for"]
+def apply_schedule_at_current_step(scheduler, optimizer: torch.optim.Optimizer) -> list[float]:
+    """Set the optimizer's learning rates to ``scheduler``'s at its current step. A checkpoint restores the rates its
+    own schedule set; a resume with another run length (a new ``total_steps``) must use this schedule's from its first
+    step on, not from the second. The schedules are ``LambdaLR`` (transformers' step schedules): lr = base x
+    lambda(step)."""
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)  # what get_last_lr() reports (and the step's log shows)
+    return rates
+
+
+__all__ = ["apply_schedule_at_current_step", "build_optimizer", "build_scheduler", "decay_parameter_names", "parameter_groups", "warmup_steps_for"]

@@ -64,7 +64,7 @@ from .model_setup import (
     compile_layers,
     enable_activation_checkpointing,
 )
-from .optim import build_optimizer, build_scheduler, warmup_steps_for
+from .optim import apply_schedule_at_current_step, build_optimizer, build_scheduler, warmup_steps_for
 from .run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SAMPLES_FILE, JsonLinesLog
 
 logger = logging.getLogger("recipes.pretrain")
@@ -239,8 +239,10 @@ class _Setup:
                     logger.warning("deleted %s: this run continues from the earlier step %d", path.name,
                                    self.start_step)
             if trainer_state.get("total_steps") != self.total_steps:
-                logger.warning("the checkpoint's run had %s steps in all, this run has %s: the schedule differs",
-                               trainer_state.get("total_steps"), self.total_steps)
+                rates = apply_schedule_at_current_step(self.scheduler, self.raw_optimizer)
+                logger.warning("the checkpoint's run had %s steps in all, this run has %s: the schedule differs "
+                               "(learning rate from now on: this run's, %.3g at step %d)",
+                               trainer_state.get("total_steps"), self.total_steps, rates[0], self.start_step + 1)
             logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
         self.peak_flops = peak_flops_per_device(args.peak_tflops)
 
