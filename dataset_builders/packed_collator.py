@@ -67,7 +67,8 @@ class PackedCollator:
             and attention is causal, so no real position ever sees the padding: the loss is the same, and without a
             mask transformers gives sdpa ``is_causal`` (flash kernels on GPUs) instead of a materialised 4-D mask.
         on_bad_document: what a bad document does -- no image, an image that cannot be decoded, an empty caption, a
-            caption that tokenizes to image placeholders, or a first document longer than ``max_length``.
+            caption that tokenizes to image placeholders, or a document that does not fit ``max_length`` (with the
+            ones after it: a row never loses a document from its middle).
             ``"drop"`` (default): it leaves its row, counted in ``stats["documents_dropped_<reason>"]`` and logged
             with its uid (a batch left with no document becomes one padding position without a loss, counted in
             ``stats["batches_without_documents"]``); ``"raise"``: a ValueError naming it. A malformed row (image and text counts differ, no
@@ -251,7 +252,7 @@ class PackedCollator:
                 self._bad_document(name, i, uid, "bad_image", f"has an image that cannot be decoded: {error}")
                 continue
             usable.append((i, uid, text, image))
-        documents, kept_images, kept_uids = [], [], []
+        documents, kept_images, kept_uids, indices = [], [], [], []
         for (i, uid, text, image), ids in zip(usable, self._document_ids_or_none([u[2] for u in usable])):
             if ids is None:
                 self._bad_document(name, i, uid, "image_token_in_caption",
@@ -260,21 +261,23 @@ class PackedCollator:
             documents.append(ids)
             kept_images.append(image)
             kept_uids.append(uid)
+            indices.append(i)
         kept, total = [], 0
         for doc in documents:
             if total + len(doc) > self.max_length:
                 break
             kept.append(doc)
             total += len(doc)
-        if documents and not kept and self.on_bad_document == "raise":
-            raise ValueError(f"{name}: its first document alone is longer than max_length={self.max_length}")
         if len(kept) < len(documents):
-            dropped = len(documents) - len(kept)
-            self.stats["documents_dropped_over_max_length"] += dropped
-            logger.warning(
-                "%s re-tokenizes to %d positions, over max_length=%d: dropping its last %d document(s)",
-                name, sum(len(d) for d in documents), self.max_length, dropped,
-            )
+            # The documents from the first that does not fit on leave the row (never cut through one).
+            first = len(kept)
+            where = (f"the row re-tokenizes to {sum(len(d) for d in documents)} positions, over "
+                     f"max_length={self.max_length} (this document: {len(documents[first])})")
+            if self.on_bad_document == "raise":
+                raise ValueError(f"{name}: document {indices[first]} (uid {kept_uids[first]}) does not fit: {where}")
+            dropped = [f"{index} (uid {uid})" for index, uid in zip(indices[first:], kept_uids[first:])]
+            self.stats["documents_dropped_over_max_length"] += len(dropped)
+            logger.warning("%s: %s; dropping document(s) %s", name, where, ", ".join(dropped))
         self.stats["documents"] += len(kept)
         return kept, kept_images[: len(kept)], kept_uids[: len(kept)]
 

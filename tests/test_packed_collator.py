@@ -210,9 +210,16 @@ def test_overlong_row_drops_trailing_documents_and_counts_them(processor, rows, 
     assert batch["input_ids"].shape[1] == lengths[0] + lengths[1]
     assert batch["pixel_values"].shape[0] == 2
     assert collator.stats["documents_dropped_over_max_length"] == 1
-    assert "dropping its last 1 document" in caplog.text
-    with pytest.raises(ValueError, match="first document alone is longer than max_length"):
+    uids = rows[0]["uids"]
+    total = sum(lengths)
+    assert (f"the row re-tokenizes to {total} positions, over max_length={lengths[0] + lengths[1]} (this document: "
+            f"{lengths[2]}); dropping document(s) 2 (uid {uids[2]})") in caplog.text
+    with pytest.raises(ValueError, match=rf"document 0 \(uid {uids[0]}\) does not fit: the row re-tokenizes"):
         PackedCollator(processor, max_length=lengths[0] - 1, on_bad_document="raise")(rows[:1])
+    # raise stops at any document that does not fit, not only a first one, naming it
+    with pytest.raises(ValueError, match=rf"document 2 \(uid {uids[2]}\) does not fit: .* \(this document: "
+                                         rf"{lengths[2]}\)"):
+        PackedCollator(processor, max_length=lengths[0] + lengths[1], on_bad_document="raise")(rows[:1])
     # By default such a row is dropped whole (counted): here the batch keeps only the second row.
     dropping = PackedCollator(processor, max_length=lengths[0] - 1)
     batch = dropping([rows[0], dict(rows[1], images=rows[1]["images"][:1], texts=["a dot"], uids=["d"])])
