@@ -48,10 +48,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def prepare_cpu_training(device: torch.device, mixed_precision: str | None) -> None:
-    """On a CPU device: keep freed memory for reuse; warn when bf16 mixed precision will be emulated, and when an
-    accelerate FSDP config asks for sharding that accelerate drops on CPUs without a word."""
+    """On a CPU device: refuse fp16 mixed precision (nothing applies it there); keep freed memory for reuse; warn when
+    bf16 mixed precision will be emulated, and when an accelerate FSDP config asks for sharding that accelerate drops
+    on CPUs without a word."""
     if device.type != "cpu":
         return
+    if mixed_precision == "fp16":  # accelerate sets up neither fp16 autocast nor a scaler on a CPU
+        raise ValueError("mixed_precision fp16 has no effect on a CPU: the run would train in fp32 while its config "
+                         "records fp16; use bf16 (the paper's precision) or no mixed precision")
     if keep_freed_memory_for_reuse():
         logger.info("CPU training: freed blocks up to %d MiB stay in the heap for reuse", KEEP_BYTES >> 20)
     if mixed_precision == "bf16" and not cpu_has_native_bf16():

@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> Path:
     script_args, training_args, model_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prepare_cpu_training(training_args.device, "bf16" if training_args.bf16 else None)
+    prepare_cpu_training(training_args.device,
+                         "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None)
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # resolved by build_trainer
     out = save_outputs(trainer, script_args, model_args)

@@ -105,3 +105,37 @@ def test_gpu_runs_keep_the_default_allocator(monkeypatch, caplog, allocator_call
     with caplog.at_level(logging.INFO, logger="recipes.cpu_runtime"):
         cpu_runtime.prepare_cpu_training(torch.device("cuda"), "bf16")
     assert allocator_calls == [] and not caplog.records
+
+
+def test_fp16_on_cpu_is_refused_because_accelerate_applies_nothing_there(allocator_calls, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # The premise, checked on accelerate itself: its fp16 autocast on a CPU leaves products in fp32.
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    try:
+        with accelerator.autocast():
+            product = torch.ones(4, 4) @ torch.ones(4, 4)
+        assert product.dtype == torch.float32 and accelerator.scaler is None
+    finally:
+        AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="mixed_precision fp16 has no effect on a CPU"):
+        cpu_runtime.prepare_cpu_training(torch.device("cpu"), "fp16")
+    cpu_runtime.prepare_cpu_training(torch.device("cuda"), "fp16")  # a GPU applies it
+
+    # Both recipes stop before loading anything.
+    from recipes.sft import main as sft_main
+
+    with pytest.raises(ValueError, match="mixed_precision fp16 has no effect on a CPU"):
+        sft_main(["--output_dir", str(tmp_path / "sft"), "--init_from_preset", "tiny", "--dataset_name", "easy_vqa",
+                  "--fp16", "true", "--bf16", "false", "--use_cpu", "true", "--report_to", "none"])
+    from recipes.pretrain import main as pretrain_main
+
+    try:
+        with pytest.raises(ValueError, match="mixed_precision fp16 has no effect on a CPU"):
+            pretrain_main(["--config", str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml"),
+                           "--dataset_name_or_path", str(tmp_path / "none"), "--output_dir", str(tmp_path / "pre"),
+                           "--mixed_precision", "fp16", "--report_to", "none"])
+    finally:
+        AcceleratorState._reset_state(True)
+    assert not (tmp_path / "sft" / "easy_vqa_data").exists()  # SFT stopped before writing its data
