@@ -6,8 +6,9 @@ the one partial pack at the end of a window) are not yielded but carried into th
 almost as well as one global packing (99.9% fill on caption lengths with 10k-sample windows) in bounded memory.
 
 Resume is exact for a deterministic source: ``state_dict()`` records the source position at the start of the
-current window (the source's own ``state_dict()`` when it has one, e.g. a datasets ``IterableDataset``; otherwise the
-number of samples consumed, skipped again on resume), the samples carried into it, how many of its packs were
+current window (the source's own ``state_dict()`` when it has one, e.g. a datasets ``IterableDataset``, or ``None``
+for the first window of an iteration: the source's own start; otherwise the number of samples consumed, skipped
+again on resume), the samples carried into it, how many of its packs were
 already yielded and the drop counters at that point. ``load_state_dict`` re-reads that window, packs it again
 (packing is deterministic) and skips the packs already yielded.
 
@@ -95,7 +96,7 @@ class StreamingPacker:
         self._logged: Counter = Counter()
         self._uses_source_state = hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
         # Resume state: where the current window started, what was carried into it, packs already yielded.
-        self._window_start: Any = self._source_position(0)
+        self._window_start: Any = None if self._uses_source_state else 0  # the source's own start
         self._window_carry: list = []
         self._window_stats: Counter = Counter()
         self._yielded_in_window = 0
@@ -107,15 +108,22 @@ class StreamingPacker:
         skip_packs = self._yielded_in_window if restored else 0
         carry = list(self._window_carry) if restored else []
         self.stats = Counter(self._window_stats) if restored else Counter()
-        if restored and self._uses_source_state:
+        if restored and self._uses_source_state and self._window_start is not None:
             self.source.load_state_dict(copy.deepcopy(self._window_start))
         iterator = iter(self.source)
         self._consumed = 0
         if restored and not self._uses_source_state:
             self._consumed = sum(1 for _ in itertools.islice(iterator, self._window_start))
-        exhausted = False
+        exhausted, first_window = False, True
         while not exhausted:
-            self._window_start = self._source_position(self._consumed)
+            if not first_window or not self._uses_source_state:
+                self._window_start = self._source_position(self._consumed)
+            elif not restored:
+                # The source's own start. Its state_dict() cannot tell it yet: a datasets iterator applies its
+                # starting state only when the first item is pulled, so the state read now is whatever an earlier
+                # iteration left. (Restored, the first window starts at the loaded state, kept as it is.)
+                self._window_start = None
+            first_window = False
             self._window_carry = list(carry)
             self._window_stats = Counter(self.stats)
             self._yielded_in_window = 0

@@ -83,6 +83,54 @@ def test_resume_is_exact_for_a_datasets_iterable_dataset():
     assert _ids(head) + _ids(resumed) == full
 
 
+def _stream(n=200, shards=2):
+    return datasets.Dataset.from_dict({"i": list(range(n)), "n": [100 + (i * 37) % 300 for i in range(n)]}
+                                      ).to_iterable_dataset(shards)
+
+
+def _packer(stream, buffer_size=80):
+    return StreamingPacker(stream, lambda x: x["n"], capacity=1024, buffer_size=buffer_size)
+
+
+def _resume(state, stream=None, buffer_size=80):
+    resumed = _packer(stream if stream is not None else _stream(), buffer_size)  # a restarted job: fresh objects
+    resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
+    return resumed
+
+
+def test_resume_twice_from_a_first_window_is_exact():
+    """Checkpoint, resume, checkpoint again in the resumed run's first window, resume again (fresh objects each
+    time): the state saved after a resume still points at that window, not at the stream's start."""
+    def stream():
+        return _stream(300, shards=3)
+
+    full = _ids(_packer(stream(), 100))
+    first = iter(packer := _packer(stream(), 100))
+    head = [next(first) for _ in range(30)]  # a few windows in
+    resumed = _resume(packer.state_dict(), stream(), 100)
+    middle_iterator = iter(resumed)
+    middle = [next(middle_iterator) for _ in range(2)]
+    again = _resume(resumed.state_dict(), stream(), 100)
+    got = _ids(head) + _ids(middle) + _ids(again)
+    assert got == full and sorted(i for pack in got for i in pack) == list(range(300))
+
+
+def test_resume_after_a_peek_or_in_a_second_pass_is_exact():
+    """The stream was iterated before (a peek at its first example, or the packer's previous pass): its state_dict()
+    before the first item of the new pass is stale, and must not be recorded as the first window's start."""
+    full = _ids(_packer(_stream()))
+    peeked = _stream()
+    next(iter(peeked))
+    for passes in (0, 1):
+        packer = _packer(peeked)
+        for _ in range(passes):
+            assert _ids(packer) == full
+        iterator = iter(packer)
+        head = [next(iterator) for _ in range(3)]  # in the pass's first window
+        got = _ids(head) + _ids(_resume(packer.state_dict()))
+        assert got == full, passes
+
+
 def test_state_of_another_source_kind_is_refused():
     state = StreamingPacker([1, 2], lambda x: 1).state_dict()
     stream = datasets.Dataset.from_dict({"n": [1]}).to_iterable_dataset()
