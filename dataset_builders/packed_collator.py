@@ -365,6 +365,9 @@ class PretrainingDocuments:
             if length > self.capacity and self.truncate:
                 text, length = self._truncated(text)
                 event = "truncated"
+                if not text.strip():  # nothing of the caption fits (or only its leading blanks)
+                    results[i] = Drop("empty_caption", f"{self._where(example)} (after truncation to fit)")
+                    continue
             document = {"image": example[self.image_column], "text": text, "uid": self._uid(example, text),
                         "length": length}
             results[i] = Measured(length, document, event)
@@ -389,15 +392,26 @@ class PretrainingDocuments:
         return self.tokenizer(tails, add_special_tokens=False)["input_ids"]
 
     def _truncated(self, text: str) -> tuple[str, int]:
-        """The longest prefix of the caption (in tokens) whose document fits the capacity."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        keep = len(ids)
+        """The longest prefix of the caption (cut after a whole token and character) whose document fits the
+        capacity. The cut follows the tokens' character offsets: decoding a prefix of byte-level ids could end in
+        half a character, which decodes to U+FFFD, no prefix of the caption."""
+        original = text
+        if getattr(self.tokenizer, "is_fast", False):
+            ends = [end for _, end in self.tokenizer(text, add_special_tokens=False,
+                                                     return_offsets_mapping=True)["offset_mapping"]]
+        else:
+            ends = None
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        keep = len(ends) if ends is not None else len(ids)
         while True:
             length = self.head_length + len(self._tails([text])[0])
             if length <= self.capacity or keep == 0:
                 return text, length
             keep = max(0, keep - (length - self.capacity))
-            text = self.tokenizer.decode(ids[:keep])
+            if ends is not None:
+                text = original[: ends[keep - 1]] if keep else ""
+            else:
+                text = self.tokenizer.decode(ids[:keep]).rstrip("\ufffd")
 
     def _uid(self, example: dict, text: str) -> str:
         if self.uid_column and example.get(self.uid_column) is not None:

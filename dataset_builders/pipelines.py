@@ -136,6 +136,27 @@ def completed_tasks(logging_dir: str) -> int:
     return len(folder.list_files("completions")) if folder.isdir("completions") else 0
 
 
+def settings_differences(previous: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for each recorded setting that differs (as read back from JSON); two spellings of one
+    local folder (relative, absolute, a trailing slash) are the same setting."""
+    differences = []
+    for key in sorted(set(previous) | set(current)):
+        old, new = previous.get(key), current.get(key)
+        if old == new or (isinstance(old, str) and isinstance(new, str) and _same_local_path(old, new)):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # nested settings (rules) by dotted name
+            differences += [f"{key}.{difference}" for difference in settings_differences(old, new)]
+        else:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def _same_local_path(a: str, b: str) -> bool:
+    if "://" in a or "://" in b or not (os.path.exists(a) and os.path.exists(b)):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _check_settings(logging_dir: str, settings: dict, outputs: str = "") -> None:
     """Refuse to resume a stage whose completed tasks were made with other settings (a rerun would skip them). A run
     none of whose tasks completed (e.g. it failed on a mistyped --model) binds nothing: its settings are replaced.
@@ -145,12 +166,14 @@ def _check_settings(logging_dir: str, settings: dict, outputs: str = "") -> None
     if folder.exists(STAGE_SETTINGS):
         with folder.open(STAGE_SETTINGS, "rt") as handle:
             previous = handle.read()
-        if json.loads(previous) == json.loads(text):
+        differences = settings_differences(json.loads(previous), json.loads(text))
+        if not differences:
             return
         if completed_tasks(logging_dir):
             also = f" and {outputs}" if outputs else ""
-            raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}); use another "
-                             f"output folder, or delete that folder{also} to start over")
+            raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}: "
+                             f"{'; '.join(differences)}); use another output folder, or delete that folder{also} "
+                             "to start over")
         logger.info(f"{folder.path}: no task of the earlier run completed; its settings are replaced")
     with atomic_write(folder, STAGE_SETTINGS, "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)

@@ -123,7 +123,8 @@ def test_pack_refuses_packs_of_another_run_and_its_advice_works(tmp_path):
     rows = write_clean_shards(str(shards), 3, 4, seed=3, parquet=False)
     run_pack(str(shards), str(out), PACK, ExecutorConfig(tasks=3))
     old = sorted(os.listdir(out / "packed_16"))
-    with pytest.raises(ValueError, match=rf"pack-packed_16 was packed with other settings \(settings.json\); use "
+    with pytest.raises(ValueError, match=rf"pack-packed_16 was packed with other settings \(settings.json: tasks: "
+                                         rf"3 -> 1\); use "
                                          rf"another --config-name or output folder, or delete that folder and "
                                          rf"{out}/packed_16/\*.parquet to start over"):
         run_pack(str(shards), str(out), PACK, ExecutorConfig(tasks=1))
@@ -208,9 +209,25 @@ def test_the_other_settings_error_names_the_outputs_to_delete(pool, tmp_path):
     sel = tmp_path / "sel"
     run_select(str(root / "shards"), str(sel), SelectionRules())
     with pytest.raises(ValueError, match=rf"{sel}/.datatrove/select holds a run with different settings "
-                                         rf"\(settings.json\); use another output folder, or delete that folder and "
+                                         rf"\(settings.json: rules.image.min_side: 0 -> 45\); use another output "
+                                         rf"folder, or delete that folder and "
                                          rf"the decision files in {sel} to start over"):
         run_select(str(root / "shards"), str(sel), SelectionRules(image=ImageRules(min_side=45)))
+
+
+def test_a_rerun_naming_its_input_folder_otherwise_is_the_same_run(tmp_path, monkeypatch):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    write_clean_shards(str(shards), 2, 4, seed=3, parquet=False)
+    monkeypatch.chdir(tmp_path)
+    first = run_pack("shards", str(out), PACK, ExecutorConfig(tasks=2))
+    recorded = (out / ".datatrove" / "pack-packed_16" / "settings.json").read_text()
+    for spelling in (str(shards), str(shards) + "/", "./shards"):
+        again = run_pack(spelling, str(out), PACK, ExecutorConfig(tasks=2))
+        assert again["documents"] == first["documents"] and again["packs"] == first["packs"], spelling
+    assert (out / ".datatrove" / "pack-packed_16" / "settings.json").read_text() == recorded
+    sel = tmp_path / "sel"
+    run_select("shards", str(sel), SelectionRules())
+    run_select(str(shards) + "/", str(sel), SelectionRules())  # select: the same run too
 
 
 def test_turning_uid_deduplication_off_on_a_deduplicated_selection_is_refused(pool, tmp_path):

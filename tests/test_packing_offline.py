@@ -242,16 +242,33 @@ def test_undecodable_images_are_dropped_not_packed(tmp_path):
     good = encode(shape_image(random.Random(0), 40, 40))
     extra = (sample_members("bad_random", bytes(range(256)) * 2, "random bytes", {"uid": "b" * 32, "url": "u"})
              + sample_members("bad_trunc", good[: len(good) // 2], "a truncated jpeg", {"uid": "c" * 32, "url": "u"})
-             + sample_members("bad_scan", corrupt_scan_jpeg(), "corrupt scan data", {"uid": "d" * 32, "url": "u"}))
+             + sample_members("bad_scan", corrupt_scan_jpeg(), "corrupt scan data", {"uid": "d" * 32, "url": "u"})
+             + sample_members("zero_bytes", b"", "a zero-byte image", {"uid": "e" * 32, "url": "u"}))
     uids = _shards(tmp_path / "in", 5, 3, extra)
     stats = run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(), ExecutorConfig(tasks=1))
-    assert stats["read"] == 8 and stats["documents"] == 5 and stats["balanced"]
-    assert stats["dropped"] == {"image_truncated": 1, "image_undecodable": 2}
+    assert stats["read"] == 9 and stats["documents"] == 5 and stats["balanced"]
+    # the reasons the other stages give the same samples (a zero-byte image is image_empty, not missing_image)
+    assert stats["dropped"] == {"image_truncated": 1, "image_undecodable": 2, "image_empty": 1}
     ds = datasets.load_dataset(str(tmp_path / "out"), "packed_144", split="train", cache_dir=str(tmp_path / "c"))
     for row in ds:  # decodes every image (an undecodable one raised here)
         for image in row["images"]:
             image.load()
     assert sorted(u for row in ds["uids"] for u in row) == sorted(uids)
+
+
+def test_a_zero_byte_image_of_a_dataset_is_image_empty(tmp_path, easy_vqa_images):
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    (tmp_path / "in").mkdir()
+    datasets.Dataset.from_list([{"image": {"bytes": _png(easy_vqa_images[0]), "path": None}, "text": "a shape"},
+                                {"image": {"bytes": b"", "path": None}, "text": "a zero-byte image"}],
+                               features=features).to_parquet(str(tmp_path / "in" / "train.parquet"))
+    settings = PackSettings(num_image_tokens=NUM_IMAGE_TOKENS, capacity=CAPACITY)
+    stats = run_pack(str(tmp_path / "in"), str(tmp_path / "out"), settings, ExecutorConfig(tasks=1))
+    assert stats["read"] == 2 and stats["documents"] == 1 and stats["dropped"] == {"image_empty": 1}
+    # a misspelt uid column is refused as the image and text columns are (the uids would be local file paths)
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['sample_id'\]; columns: \['image', 'text'\]"):
+        run_pack(str(tmp_path / "in"), str(tmp_path / "out2"), PackSettings(num_image_tokens=NUM_IMAGE_TOKENS,
+                 capacity=CAPACITY, uid_column="sample_id"), ExecutorConfig(tasks=1))
 
 
 def test_a_pack_whose_tasks_all_failed_does_not_lock_its_output(tmp_path):

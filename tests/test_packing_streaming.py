@@ -182,6 +182,30 @@ def test_too_long_captions_are_dropped_or_truncated_to_fit(processor, easy_vqa_i
     assert len(rebuilt) >= 60  # the prefix is as long as fits, not arbitrarily short
 
 
+def test_truncation_keeps_a_true_prefix_of_multibyte_captions(processor, easy_vqa_images):
+    """Byte-level BPE splits non-Latin characters over several ids: a cut between them must not end the caption in
+    U+FFFD. Every capacity cuts a Greek/Chinese/emoji caption to a prefix of the original whose document fits."""
+    caption = "Ελληνικά κείμενα με εικόνα 猫が座っている 🐈‍⬛ " * 4
+    head = PretrainingDocuments(processor).head_length
+    for capacity in range(head + 6, head + 60):
+        documents = PretrainingDocuments(processor, capacity=capacity, truncate=True)
+        (result,) = documents([{"image": easy_vqa_images[0], "text": caption, "uid": "greek"}])
+        text = result.item["text"]
+        assert caption.startswith(text) and "\ufffd" not in text, capacity
+        assert result.length == len(PackedCollator(processor).document_ids([text])[0]) <= capacity
+
+
+def test_a_caption_truncated_to_nothing_is_an_empty_caption_drop(processor, easy_vqa_images):
+    head = PretrainingDocuments(processor).head_length
+    documents = PretrainingDocuments(processor, capacity=head + 2, truncate=True)  # room for "\n" and EOS only
+    (result,) = documents([{"image": easy_vqa_images[0], "text": "several words that cannot fit", "uid": "x"}])
+    assert isinstance(result, Drop) and result.reason == "empty_caption" and "after truncation" in result.detail
+    blank_head = PretrainingDocuments(processor, capacity=head + 6, truncate=True)
+    blanks = "\t \n \u3000" * 50  # whitespace of many tokens: a prefix that fits holds only blanks
+    (result,) = blank_head([{"image": easy_vqa_images[0], "text": blanks + "words", "uid": "y"}])
+    assert isinstance(result, Drop) and result.reason == "empty_caption"
+
+
 def test_pretraining_documents_need_image_tokens_with_a_bare_tokenizer(processor):
     with pytest.raises(ValueError, match="needs num_image_tokens"):
         PretrainingDocuments(processor.tokenizer)

@@ -112,6 +112,7 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
         refuse_unplanned_files,
         refuse_writing_into_inputs,
         run_executor,
+        settings_differences,
     )
     from ..shards import list_shards, open_folder
     from ..steps.pack import ImageTextDatasetReader, PackWriter, packed_file_name
@@ -142,6 +143,8 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
     log_folder, packs = open_folder(logging_dir), f"{settings.config_name}/*.parquet"
     planned = [f"{settings.config_name}/{packed_file_name(rank, tasks)}" for rank in range(tasks)]
     previous = _recorded_settings(log_folder)
+    if previous is not None and not settings_differences(previous, _as_recorded(recorded)):
+        recorded = previous  # the same run (perhaps --input spelled otherwise): its record stays as it was
     if previous is None or previous == _as_recorded(recorded):  # other settings: _check_settings says what to do
         refuse_unplanned_files(output_folder, (packs,), set(planned), resumed=previous is not None,
                                logging_dir=logging_dir)
@@ -194,8 +197,11 @@ def _check_settings(folder, recorded: dict, previous: dict | None, started: bool
         if previous == _as_recorded(recorded):
             return
         if started:
+            from ..pipelines import settings_differences
+
             also = f" and {outputs}" if outputs else ""
-            raise ValueError(f"{folder.path} was packed with other settings (settings.json); use another "
+            changed = "; ".join(settings_differences(previous, _as_recorded(recorded)))
+            raise ValueError(f"{folder.path} was packed with other settings (settings.json: {changed}); use another "
                              f"--config-name or output folder, or delete that folder{also} to start over")
     with atomic_write(folder, "settings.json", "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(json.dumps(recorded, sort_keys=True, default=str))

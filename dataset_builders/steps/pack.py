@@ -148,7 +148,7 @@ class PackWriter(CountingStep):
                 self.drop("image_unreadable", where, doc.metadata[IMAGE_ERROR])
                 continue
             media = doc.media[0] if doc.media else None
-            if media is not None and media.media_bytes:
+            if media is not None and media.media_bytes is not None:  # b"" too: inspect_image calls it image_empty
                 try:
                     with self.track_time():
                         inspect_image(media.media_bytes, full_decode=True)
@@ -210,7 +210,7 @@ class ImageTextDatasetReader(HuggingFaceDatasetReader):
         columns = dst.column_names
         if columns is None:  # a streamed csv is typed only once read: its first row names the columns
             columns = list(next(iter(dst.take(1)), {}))
-        missing = [c for c in (self.image_column, self.text_column) if c not in columns]
+        missing = [c for c in (self.image_column, self.text_column, self.uid_column) if c and c not in columns]
         if missing:
             raise ValueError(f"dataset {self.dataset!r} has no column(s) {missing}; columns: {columns}")
         feature = dst.features[self.image_column] if dst.features else None
@@ -237,8 +237,8 @@ def _adapt_image_text(reader: ImageTextDatasetReader, data: dict, path: str, id_
     elif isinstance(image, (bytes, bytearray)):
         image = {"bytes": bytes(image), "path": None}
     media, metadata = [], {"caption": data.get(reader.text_column)}
-    if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
-        media_bytes = image.get("bytes")
+    if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path")):
+        media_bytes = image.get("bytes")  # b"" (a zero-byte image) goes on, to be counted as image_empty
         if media_bytes is None:  # image files referenced by path (imagefolder, local json/csv sets)
             try:
                 with fsspec.open(image["path"], "rb") as handle:
