@@ -32,6 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch recipes/sft.py): make the kit importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from accelerate import PartialState
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
@@ -119,10 +120,11 @@ class TrainingLog(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def _prepare_data(source, split, script_args, training_args, encoder, skip_log, packing: bool):
-    raw = load_raw_sft_dataset(source, split=split, streaming=script_args.dataset_streaming,
-                               config_name=script_args.dataset_config)
-    if script_args.dataset_streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
+def _prepare_data(source, split, script_args, training_args, encoder, skip_log, packing: bool,
+                  streaming: bool | None = None):
+    streaming = script_args.dataset_streaming if streaming is None else streaming
+    raw = load_raw_sft_dataset(source, split=split, streaming=streaming, config_name=script_args.dataset_config)
+    if streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
         from recipes.sft_data.loading import number_rows  # bad rows are then named by their row in the source
 
         raw = number_rows(raw).shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
@@ -186,6 +188,15 @@ def _resume_path(training_args) -> str | None:
         raise ValueError(f"--resume_from_checkpoint {resume}: not a Trainer checkpoint folder "
                          f"(no {TRAINER_STATE_NAME})")
     return resume
+
+
+def _finished_at(checkpoint: str | None, training_args) -> int | None:
+    """The step of ``checkpoint`` when it is at or past ``max_steps`` (runs measured in epochs are left to the
+    Trainer: their length may have changed since)."""
+    if not checkpoint or training_args.max_steps <= 0:
+        return None
+    state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    return state.global_step if state.global_step >= training_args.max_steps else None
 
 
 def _reset_training_log(training_args) -> None:
@@ -294,8 +305,18 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
                                       training_args, encoder, skip_log, packing)
         eval_dataset = None
         if script_args.eval_dataset_name:  # a folder or hub id with several splits gives its test split
+            # Map-style even with --dataset_streaming: a stream's length is unknown, so with several processes
+            # the wrap-around samples that even out the last batch could not be told apart and were scored twice.
             eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args.dataset_test_split, script_args,
-                                         training_args, encoder, skip_log, eval_packing)
+                                         training_args, encoder, skip_log, eval_packing, streaming=False)
+    if eval_dataset is not None and eval_packing and training_args.world_size > 1 \
+            and training_args.per_device_eval_batch_size != 1:
+        # The packed collator makes one row of a batch's packs, and the Trainer drops the wrap-around duplicates
+        # that even out the last batch row by row: with one pack per batch, a duplicate is a whole row.
+        logger.warning("--eval_packing on %d processes: per_device_eval_batch_size %d -> 1 (one pack per eval "
+                       "batch, so no pack is scored twice)", training_args.world_size,
+                       training_args.per_device_eval_batch_size)
+        training_args.per_device_eval_batch_size = 1
     # one collator serves both splits: the packed one collates unpacked rows too (train and eval may differ)
     collator_class = PackedSFTCollator if packing or (eval_packing and eval_dataset is not None) else SFTCollator
     collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
@@ -350,9 +371,10 @@ def save_outputs(trainer: SFTTrainer, script_args: SFTScriptArguments, model_arg
             from peft import PeftModel
             from transformers import AutoModelForImageTextToText
 
-            base = AutoModelForImageTextToText.from_pretrained(
+            dtype = {} if model_args.dtype in (None, "auto") else {"dtype": getattr(torch, model_args.dtype)}
+            base = AutoModelForImageTextToText.from_pretrained(  # as the run loaded it (its --dtype too)
                 model_args.model_name_or_path, num_image_tokens=trainer.model.config.num_image_tokens,
-                trust_remote_code=trainer.args.trust_remote_code, revision=model_args.model_revision)
+                trust_remote_code=trainer.args.trust_remote_code, revision=model_args.model_revision, **dtype)
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out)
         trainer.processing_class.save_pretrained(out)
@@ -375,7 +397,14 @@ def main(argv: list[str] | None = None) -> Path:
     prepare_cpu_training(training_args.device,
                          "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None)
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # resolved by build_trainer
+    resume = training_args.resume_from_checkpoint  # resolved by build_trainer
+    finished = _finished_at(resume, training_args)
+    if finished is None:
+        trainer.train(resume_from_checkpoint=resume)
+    else:  # e.g. a requeued job: the Trainer would train one step past the end
+        logger.warning("%s is the run's last step (%d): nothing left to train; its weights become the saved model",
+                       resume, finished)
+        trainer._load_from_checkpoint(resume)  # the Trainer's own reader of its checkpoints (full or adapter)
     out = save_outputs(trainer, script_args, model_args)
     trainer.accelerator.print(f"SFT done; model saved to {out}")
     return out
