@@ -144,7 +144,8 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
     planned = [f"{settings.config_name}/{packed_file_name(rank, tasks)}" for rank in range(tasks)]
     previous = _recorded_settings(log_folder)
     if previous is not None and not settings_differences(previous, _as_recorded(recorded)):
-        recorded = previous  # the same run (perhaps --input spelled otherwise): its record stays as it was
+        # the same run (perhaps --input spelled otherwise): its recorded values stay (in this run's key order)
+        recorded = {key: previous.get(key, value) for key, value in recorded.items()}
     if previous is None or previous == _as_recorded(recorded):  # other settings: _check_settings says what to do
         refuse_unplanned_files(output_folder, (packs,), set(planned), resumed=previous is not None,
                                logging_dir=logging_dir)
