@@ -75,7 +75,9 @@ def register(subparsers) -> None:
                         help="samples packed together per window (memory bound; default 10000)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder, hub id or tokenizer.json (default: offline Qwen2.5 tokenizer)")
-    parser.add_argument("--truncate", action="store_true", help="cut over-long captions instead of dropping them")
+    parser.add_argument("--truncate", action="store_true",
+                        help="cut an over-long caption to its longest prefix that fits instead of dropping it as "
+                        "too_long (one cut to blanks is dropped as empty_caption)")
     hf = parser.add_argument_group("datasets input (when --input is not a shard folder)")
     hf.add_argument("--dataset-config", default=None, help="config name passed to load_dataset")
     hf.add_argument("--split", default="train")
