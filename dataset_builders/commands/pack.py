@@ -145,10 +145,10 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
     log_folder, packs = open_folder(logging_dir), f"{settings.config_name}/*.parquet"
     planned = [f"{settings.config_name}/{packed_file_name(rank, tasks)}" for rank in range(tasks)]
     previous = _recorded_settings(log_folder)
-    if previous is not None and not settings_differences(previous, _as_recorded(recorded)):
-        # the same run (perhaps --input spelled otherwise): its recorded values stay (in this run's key order)
+    same_run = previous is not None and not settings_differences(previous, _as_recorded(recorded))
+    if same_run:  # perhaps --input spelled otherwise: the recorded values stay (in this run's key order)
         recorded = {key: previous.get(key, value) for key, value in recorded.items()}
-    if previous is None or previous == _as_recorded(recorded):  # other settings: _check_settings says what to do
+    if previous is None or same_run:  # other settings: _check_settings says what to do
         refuse_unplanned_files(output_folder, (packs,), set(planned), resumed=previous is not None,
                                logging_dir=logging_dir)
     # settings bind once a task completed or wrote its file (a failed first try, e.g. a mistyped --tokenizer, does not)
