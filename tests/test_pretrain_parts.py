@@ -442,6 +442,57 @@ def test_checkpoint_restores_model_optimizer_scheduler(tmp_path, tiny_config, pr
     assert other.lm_head.weight is other.model.language_model.embed_tokens.weight
 
 
+def test_checkpoint_restores_the_fp16_loss_scale(tmp_path, tiny_config, processor, easy_vqa_images, caplog):
+    """fp16's loss scale (and its growth counter) decides which later steps are skipped: a resume must continue with
+    the saved scale, not the initial one. CPU GradScaler here: the recipe hands accelerate's (CUDA) scaler over alike."""
+    batch = _batch(processor, easy_vqa_images, ["a red circle", "a blue square"])
+
+    def make():
+        torch.manual_seed(0)
+        model = OpenQwen2VLForConditionalGeneration(tiny_config)
+        apply_stage(model, "pretrain")
+        optimizer = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-8)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        return model, optimizer, build_scheduler(optimizer, "cosine", 10, 2), scaler
+
+    def train_step(model, optimizer, scheduler, scaler):
+        optimizer.zero_grad()
+        loss_sum, n = summed_lm_loss(model, batch)
+        scaler.scale(loss_sum / n).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return (loss_sum / n).item(), scaler.get_scale()
+
+    model, optimizer, scheduler, scaler = make()
+    for _ in range(3):  # the scale grows at step 2; step 3 is one step into the next growth interval
+        train_step(model, optimizer, scheduler, scaler)
+    saved_scaler_state = scaler.state_dict()
+    assert saved_scaler_state["scale"] == 2.0**11 and saved_scaler_state["_growth_tracker"] == 1
+    state = {"architecture": ckpt.architecture(tiny_config), "stage": "pretrain"}
+    path = ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state=state, data_state={"kind": "map", "micro_batches": 3}, is_main=True,
+                                grad_scaler=scaler)
+    expected = [train_step(model, optimizer, scheduler, scaler) for _ in range(3)]
+
+    other, other_optimizer, other_scheduler, other_scaler = make()
+    ckpt.load_checkpoint(path, model=other, optimizer=other_optimizer, scheduler=other_scheduler,
+                         grad_scaler=other_scaler)
+    assert other_scaler.state_dict() == saved_scaler_state
+    assert [train_step(other, other_optimizer, other_scheduler, other_scaler) for _ in range(3)] == expected
+
+    # A checkpoint without a scale (a bf16 run's) resumes with the initial scale and says so.
+    bf16_path = ckpt.save_checkpoint(tmp_path / "bf16", 3, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     trainer_state=state, data_state={"kind": "map", "micro_batches": 3},
+                                     is_main=True)
+    fresh_scaler = make()[3]
+    with caplog.at_level("WARNING", logger=ckpt.__name__):
+        ckpt.load_checkpoint(bf16_path, model=other, optimizer=other_optimizer, scheduler=other_scheduler,
+                             grad_scaler=fresh_scaler)
+    assert fresh_scaler.get_scale() == 2.0**10
+    assert "holds no fp16 loss scale" in caplog.text and "initial scale 1024" in caplog.text
+
+
 def test_resuming_into_another_architecture_or_stage_is_refused(tmp_path, tiny_config):
     state = {"architecture": ckpt.architecture(tiny_config), "stage": "pretrain"}
     ckpt.check_resumable(tmp_path, state, model_config=tiny_config, stage="pretrain")  # same: fine

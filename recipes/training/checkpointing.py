@@ -179,8 +179,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    data_state: dict, is_main: bool, save_total_limit: int | None = None) -> Path:
-    """Write checkpoint ``step`` (collective: every process calls it). Returns the final folder."""
+                    data_state: dict, is_main: bool, save_total_limit: int | None = None,
+                    grad_scaler=None) -> Path:
+    """Write checkpoint ``step`` (collective: every process calls it). Returns the final folder. ``grad_scaler``:
+    fp16's loss scaler, whose scale and growth counter decide the next steps (the same on every process)."""
     final = checkpoint_path(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if is_main:
@@ -197,6 +199,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
     _barrier()
     if is_main:
         state = dict(trainer_state, global_step=step, scheduler=scheduler.state_dict())
+        if grad_scaler is not None:
+            state["grad_scaler"] = grad_scaler.state_dict()
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
         if final.exists():
             remove_checkpoint(final)
@@ -270,8 +274,9 @@ def check_same_run(path: str | Path, trainer_state: dict, config: dict, world_si
                          "start a new run (another output_dir, e.g. from a final_model with --model_name_or_path)")
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore model, optimizer, scheduler and this process's RNG in place; returns (trainer_state, data_state)."""
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, grad_scaler=None) -> tuple[dict, dict]:
+    """Restore model, optimizer, scheduler, ``grad_scaler`` (fp16) and this process's RNG in place; returns
+    (trainer_state, data_state)."""
     path = Path(path)
     trainer_state = read_trainer_state(path)
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -286,6 +291,8 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
         dcp.load(state, checkpoint_id=str(path / MODEL_OPTIMIZER), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
+    if grad_scaler is not None:
+        _load_grad_scaler(path, grad_scaler, trainer_state)
     rank = _rank()
     data_state = _data_position(path, rank, trainer_state)
     rng_file = path / f"rng_rank{rank}.safetensors"
@@ -296,6 +303,15 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> tuple[d
             metadata = handle.metadata()
         set_rng_state(load_file(str(rng_file)), metadata)
     return trainer_state, data_state
+
+
+def _load_grad_scaler(path: Path, grad_scaler, trainer_state: dict) -> None:
+    saved = trainer_state.get("grad_scaler")
+    if saved:
+        grad_scaler.load_state_dict(saved)
+    else:  # written by a bf16/fp32 run, or before the scale was saved: the scale restarts and finds its level again
+        logger.warning("checkpoint %s holds no fp16 loss scale: this run starts from the initial scale %g, so its "
+                       "first steps may differ from an uninterrupted run's", path, grad_scaler.get_scale())
 
 
 def _data_position(path: Path, rank: int, trainer_state: dict) -> dict:

@@ -231,7 +231,8 @@ class _Setup:
             remove_checkpoints_after(self.output_dir, -1)
         if self.resume_state is not None:
             trainer_state, data_state = load_checkpoint(self.resume_path, model=self.model,
-                                                        optimizer=self.raw_optimizer, scheduler=self.scheduler)
+                                                        optimizer=self.raw_optimizer, scheduler=self.scheduler,
+                                                        grad_scaler=self.accelerator.scaler)
             self.batches.load_state_dict(data_state)
             self.start_step = int(trainer_state["global_step"])
             if self.is_main and self.resume_in_output_dir:
@@ -370,7 +371,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
         path = save_checkpoint(output_dir, step, model=model, optimizer=setup.raw_optimizer, scheduler=scheduler,
                                trainer_state=dict(trainer_state, epoch=setup.batches.epoch_of(data_state)),
                                data_state=data_state, is_main=setup.is_main,
-                               save_total_limit=args.save_total_limit)
+                               save_total_limit=args.save_total_limit, grad_scaler=setup.accelerator.scaler)
         logger.info("saved checkpoint %s", path)
 
     from tqdm.auto import tqdm
