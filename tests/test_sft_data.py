@@ -356,6 +356,34 @@ def test_parquet_with_embedded_images_is_decoded_only_at_collation(processor, tm
     torch.testing.assert_close(pixels, expected)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_images_inside_message_parts_keep_their_bytes_until_collation(processor, tmp_path, streaming):
+    """An image nested in a message's content parts (the TRL layout, typed ``datasets.Image``) is not decoded while
+    the data is prepared: the encoded row carries the file's own JPEG bytes, not a PNG re-encoding of pixels."""
+    import io
+
+    import datasets
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    part = {"type": datasets.Value("string"), "text": datasets.Value("string"), "image": datasets.Image()}
+    features = datasets.Features({"messages": datasets.List({"role": datasets.Value("string"),
+                                                             "content": datasets.List(part)})})
+    messages = [{"role": "user", "content": [{"type": "image", "text": None, "image": {"bytes": jpeg, "path": None}},
+                                             {"type": "text", "text": "Colour?", "image": None}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red", "image": None}]}]
+    datasets.Dataset.from_dict({"messages": [messages]}, features=features).to_parquet(str(tmp_path / "d.parquet"))
+
+    raw = load_raw_sft_dataset(str(tmp_path / "d.parquet"), streaming=streaming)
+    assert raw.features["messages"].feature["content"].feature["image"].decode is False
+    row = next(iter(encode_sft_dataset(raw, SFTEncoder(processor, "chatml"))))
+    assert row["images"] == [{"bytes": jpeg, "path": None}]
+    pixels = SFTCollator(processor)([row])["pixel_values"]
+    expected = processor(images=[Image.open(io.BytesIO(jpeg))], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected)
+
+
 def test_compat_requires_alternating_turns(compat_processor):
     sample = to_sft_sample({"id": "x", "messages": [{"role": "assistant", "content": "Hi"},
                                                     {"role": "user", "content": "Q"}]}, "messages")

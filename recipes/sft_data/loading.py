@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Dataset, Features, IterableDataset, LargeList, List, Value
 
 from .encoding import SFTEncoder
 from .errors import BadSampleError, SkipLog
@@ -74,17 +74,30 @@ def _saved_to_disk(source: str) -> bool:
 
 
 def undecoded_images(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    """Cast ``image`` / ``images`` columns of type ``datasets.Image`` to ``Image(decode=False)``."""
+    """Cast every ``datasets.Image`` column to ``Image(decode=False)``, nested ones too (an image inside a message's
+    content parts): decoding them at load would decode each image, and keep a lossless PNG copy of it, during
+    preparation."""
     features = dataset.features
     if not features:
         return dataset
-    for name in ("image", "images"):
-        feature = features.get(name)
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, (List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
-            dataset = dataset.cast_column(name, List(datasets.Image(decode=False)))
+    for name, feature in features.items():
+        undecoded = _without_decoding(feature)
+        if undecoded != feature:
+            dataset = dataset.cast_column(name, undecoded)
     return dataset
+
+
+def _without_decoding(feature):
+    """``feature`` with each ``datasets.Image`` in it, at any depth, set to ``decode=False``."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(mode=feature.mode, decode=False) if feature.decode else feature
+    if isinstance(feature, dict):  # Features, and struct features written as dicts
+        return type(feature)({key: _without_decoding(value) for key, value in feature.items()})
+    if isinstance(feature, LargeList):
+        return LargeList(_without_decoding(feature.feature))
+    if isinstance(feature, List):  # `datasets.Sequence` builds a List too
+        return List(_without_decoding(feature.feature), length=feature.length)
+    return feature
 
 
 def _first_row(dataset: Dataset | IterableDataset) -> dict:
