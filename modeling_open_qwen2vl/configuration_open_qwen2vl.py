@@ -83,6 +83,20 @@ class OpenQwen2VLConfig(PreTrainedConfig):
     def pooled_grid_side(self) -> int:
         return math.isqrt(self.num_image_tokens)
 
+    def vision_layers_run(self, vision_feature_layer: int | None = None) -> int:
+        """How many vision encoder layers run to produce the features at ``vision_feature_layer`` (default: this
+        config's): hidden state ``i`` is the output of layer ``i - 1``, so layers ``[0, result)`` run and the later
+        ones, the post-layernorm and the head never do. The one place this is computed: the model's forward and
+        the training recipes (what to freeze, what to count) read it here."""
+        num_layers = self.vision_config.num_hidden_layers
+        layer = self.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        # bool is an int subclass, but True/False is no layer index
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers - 1 <= layer <= num_layers:
+            # one layer only: the projector takes one layer's width (LLaVA's list of layers would concatenate)
+            raise ValueError(f"vision_feature_layer must be one hidden-state index of the {num_layers}-layer tower "
+                             f"(-{num_layers + 1}..{num_layers}), got {layer!r}")
+        return layer % (num_layers + 1)
+
     def _validate_open_qwen2vl(self) -> None:
         grid = self.patch_grid_side
         side = math.isqrt(self.num_image_tokens) if self.num_image_tokens > 0 else 0

@@ -3,21 +3,49 @@
 Runs as transformers remote code: imports only transformers, torch and sibling files.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
 
 
+logger = logging.get_logger(__name__)
+
 # Private forward keyword: generate() left this step's images out on purpose, so placeholders without them are no error.
 IMAGES_WITHHELD = "_images_withheld"
+
+
+class _DeprecatedImageHiddenStates:
+    """``image_hidden_states``, the name LLaVA's outputs used before transformers 5 gave them ``image_outputs``."""
+
+    @property
+    def image_hidden_states(self) -> list[torch.Tensor] | None:
+        logger.warning_once("`image_hidden_states` is deprecated, as in transformers' LLaVA: use "
+                            "`out.image_outputs.pooler_output` to obtain the projected image features.")
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+@dataclass
+class OpenQwen2VLModelOutputWithPast(_DeprecatedImageHiddenStates, MultimodalBaseModelOutputWithPast):
+    """The language model's outputs plus ``image_outputs`` (see ``OpenQwen2VLModel.get_image_features``)."""
+
+
+@dataclass
+class OpenQwen2VLCausalLMOutputWithPast(_DeprecatedImageHiddenStates, MultimodalCausalLMOutputWithPast):
+    """Loss, logits and the language model's outputs plus ``image_outputs``."""
 
 
 class OpenQwen2VLProjector(nn.Module):
@@ -110,23 +138,25 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         a whole encoder layer and the post-layernorm on an output nobody reads.
         """
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # transformers < 5 nests the blocks
-        layers = tower.encoder.layers
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        if not isinstance(layer, int) or not -len(layers) - 1 <= layer <= len(layers):
-            # one layer only: the projector takes one layer's width (LLaVA's list of layers would concatenate)
-            raise ValueError(f"vision_feature_layer must be one hidden-state index of the {len(layers)}-layer tower "
-                             f"(-{len(layers) + 1}..{len(layers)}), got {layer!r}")
-        depth = layer % (len(layers) + 1)  # hidden_states[i] follows i layers
+        depth = self.config.vision_layers_run(vision_feature_layer)
         hidden_states = tower.embeddings(pixel_values.to(dtype=self.vision_tower.dtype))
-        for layer in layers[:depth]:
+        for layer in tower.encoder.layers[:depth]:
             hidden_states = layer(hidden_states, None)
             hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
         return hidden_states
 
-    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
-        """Projected image tokens: [N, num_image_tokens, text_hidden]."""
-        features = self.get_vision_features(pixel_values, vision_feature_layer)
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+    @can_return_tuple  # return_dict=False gives a tuple, as LLaVA's
+    def get_image_features(
+        self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The images' tokens, as transformers 5's LLaVA returns them: ``pooler_output`` is a list of one
+        [num_image_tokens, text_hidden] tensor per image (the projected features that replace the placeholders;
+        ``torch.cat(out.pooler_output)`` fills ``inputs_embeds[input_ids == image_token_id]``), and
+        ``last_hidden_state`` the vision features they were pooled from ([N, grid*grid, vision_hidden]).
+        """
+        vision_features = self.get_vision_features(pixel_values, vision_feature_layer)
+        projected = self.multi_modal_projector(vision_features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=list(projected))
 
     def placeholder_positions(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Boolean [batch, seq] mask of the image placeholders, from ``input_ids`` or else ``inputs_embeds``."""
@@ -177,7 +207,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         use_cache: bool | None = None,
         vision_feature_layer: int | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> OpenQwen2VLModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
@@ -192,10 +222,10 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_outputs = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.get_image_features(pixel_values, vision_feature_layer)
-            image_features = image_features.reshape(-1, image_features.shape[-1])
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_outputs = self.get_image_features(pixel_values, vision_feature_layer, return_dict=True)
+            image_features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features.shape[0])
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), image_features)
         elif (
@@ -206,7 +236,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         ):
             # Prefill without images: placeholders would silently keep their (meaningless) embedding.
             self.get_placeholder_mask(input_ids, inputs_embeds, 0)
-        return self.language_model(
+        outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -215,6 +245,7 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        return OpenQwen2VLModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
 class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, GenerationMixin):
@@ -243,8 +274,11 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, vision_feature_layer)
+    def get_image_features(
+        self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """See ``OpenQwen2VLModel.get_image_features``."""
+        return self.model.get_image_features(pixel_values, vision_feature_layer, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
                                       input_ids: torch.LongTensor | None = None, **model_kwargs):
@@ -337,7 +371,7 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
         vision_feature_layer: int | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> OpenQwen2VLCausalLMOutputWithPast | tuple:
         # mm_token_type_ids (processor(..., return_mm_token_type_ids=True)) is taken so that the processor's whole
         # output can be passed on, also to generate(); the placeholders are found from input_ids.
         del mm_token_type_ids
@@ -372,12 +406,13 @@ class OpenQwen2VLForConditionalGeneration(OpenQwen2VLPreTrainedModel, Generation
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(
+        return OpenQwen2VLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
         )
 
 

@@ -99,7 +99,7 @@ def test_image_features_are_scattered_at_placeholders(tiny_model):
     ids = _ids_with_images([(40, [3, 20])], 16)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        feats = tiny_model.model.get_image_features(pixels)
+        feats = tiny_model.model.get_image_features(pixels).pooler_output  # one tensor per image
         captured = {}
         hook = tiny_model.model.language_model.register_forward_pre_hook(
             lambda mod, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True

@@ -580,4 +580,5 @@ def test_init_from_a_kit_checkpoint_can_change_the_token_count(tmp_path, tiny_co
     for (name, value), (_, expected) in zip(model.state_dict().items(), source.state_dict().items()):
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
     pixels = torch.randn(1, 3, 64, 64)
-    assert model.model.get_image_features(pixels).shape == (1, 64, tiny_config.text_config.hidden_size)
+    features = model.model.get_image_features(pixels).pooler_output
+    assert [f.shape for f in features] == [(64, tiny_config.text_config.hidden_size)]

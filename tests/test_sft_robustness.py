@@ -63,7 +63,7 @@ def _module_sizes(model) -> dict[str, int]:
     """Sizes of the modules; the tower counts only what a backward through the image features reaches (its layers
     past the feature layer never run, so they cannot train)."""
     inner = model.model
-    inner.get_image_features(torch.randn(1, 3, 64, 64)).sum().backward()
+    torch.cat(inner.get_image_features(torch.randn(1, 3, 64, 64)).pooler_output).sum().backward()
     return {"projector": sum(p.numel() for p in inner.multi_modal_projector.parameters()),
             "tower": sum(p.numel() for p in inner.vision_tower.parameters() if p.grad is not None),
             "embeddings": inner.language_model.embed_tokens.weight.numel()}
@@ -104,7 +104,7 @@ def test_train_vision_trains_exactly_the_tower_parameters_that_get_a_gradient(ba
     from transformers import AutoModelForImageTextToText
 
     reference = AutoModelForImageTextToText.from_pretrained(base_dir)
-    reference.model.get_image_features(torch.randn(1, 3, 64, 64)).sum().backward()
+    torch.cat(reference.model.get_image_features(torch.randn(1, 3, 64, 64)).pooler_output).sum().backward()
     reached = {name for name, p in reference.model.vision_tower.named_parameters() if p.grad is not None}
     trainer = _build(*_argv(tmp_path / "out", data, base_dir, "--train_vision"))
     trainable = {name for name, p in trainer.model.model.vision_tower.named_parameters() if p.requires_grad}

@@ -237,7 +237,7 @@ def test_generate_from_inputs_embeds_built_with_get_image_features(model, enc):
     ids = enc["input_ids"]
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-        features = model.get_image_features(enc["pixel_values"])
+        features = torch.cat(model.get_image_features(enc["pixel_values"]).pooler_output)  # one tensor per image
         embeds[ids == model.config.image_token_id] = features.reshape(-1, features.shape[-1])
     torch.testing.assert_close(_logits(model, inputs_embeds=embeds), _logits(model, **enc))
     from_embeds = model.generate(inputs_embeds=embeds, attention_mask=enc["attention_mask"], max_new_tokens=5,

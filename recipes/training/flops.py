@@ -121,8 +121,7 @@ def training_flops(config, work: StepWork, stage: str) -> float:
     layer_linear = 2 * (4 * dv * dv + 2 * dv * fv) * patches
     layer_attention = 4 * dv * patches * patches
     # Only the layers up to the feature layer run (hidden state k = output of layer k; the model stops there).
-    layers = vc.num_hidden_layers
-    used = config.vision_feature_layer % (layers + 1)
+    used = config.vision_layers_run()
     backward_layers = used if vision_trains else 0
     vision_forward = embed + used * (layer_linear + layer_attention)
     vision_backward = (embed if vision_trains else 0) + backward_layers * 2 * (layer_linear + layer_attention)

@@ -145,9 +145,7 @@ def freeze_unread_vision_parameters(model: nn.Module) -> int:
     post-layernorm and the pooling head. Trainable, they would get no gradient: data-parallel training (DDP) stops at
     the second step waiting for it, and the optimizer would carry state for weights that cannot change. Works on a
     peft-wrapped model too (its copies of the tower). Returns the number of parameters frozen."""
-    config = model.config
-    num_layers = config.vision_config.num_hidden_layers
-    depth = config.vision_feature_layer % (num_layers + 1)  # layers [0, depth) produce the features
+    depth = model.config.vision_layers_run()  # layers [0, depth) produce the features; the model's own count
     frozen = 0
     for name, module in model.named_modules():
         match = _VISION_MODULE.search(name)
