@@ -157,26 +157,41 @@ def _same_local_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_settings(logging_dir: str, settings: dict, outputs: str = "") -> None:
-    """Refuse to resume a stage whose completed tasks were made with other settings (a rerun would skip them). A run
-    none of whose tasks completed (e.g. it failed on a mistyped --model) binds nothing: its settings are replaced.
-    ``outputs``: the files that run made, named in the error (deleting the logs alone would leave them behind)."""
+def recorded_settings(logging_dir: DataFolderLike) -> dict | None:
+    """The settings an earlier run recorded in ``logging_dir`` (None when none did)."""
+    folder = get_datafolder(logging_dir)
+    if not folder.exists(STAGE_SETTINGS):
+        return None
+    with folder.open(STAGE_SETTINGS, "rt") as handle:
+        return json.load(handle)
+
+
+def bind_settings(logging_dir: DataFolderLike, settings: dict, previous: dict | None, started: bool,
+                  outputs: str = "", conflict: str = "holds a run with different settings",
+                  elsewhere: str = "another output folder") -> None:
+    """Record ``settings`` in ``logging_dir``, or refuse them: a rerun skips completed tasks, so it must not mix
+    settings. ``previous``: what the folder recorded (``recorded_settings``); once ``started`` (some task of that run
+    completed or wrote its output), other settings are refused, naming what changed; before that they replace the
+    old ones (a run that failed on a mistyped --model binds nothing). ``outputs``: the files that run made, named in
+    the error (deleting the logs alone would leave them behind); ``conflict`` and ``elsewhere`` word the error."""
     folder = get_datafolder(logging_dir)
     text = json.dumps(settings, sort_keys=True, default=str)
-    if folder.exists(STAGE_SETTINGS):
-        with folder.open(STAGE_SETTINGS, "rt") as handle:
-            previous = handle.read()
-        differences = settings_differences(json.loads(previous), json.loads(text))
+    if previous is not None:
+        differences = settings_differences(previous, json.loads(text))
         if not differences:
             return
-        if completed_tasks(logging_dir):
+        if started:
             also = f" and {outputs}" if outputs else ""
-            raise ValueError(f"{folder.path} holds a run with different settings ({STAGE_SETTINGS}: "
-                             f"{'; '.join(differences)}); use another output folder, or delete that folder{also} "
-                             "to start over")
+            raise ValueError(f"{folder.path} {conflict} ({STAGE_SETTINGS}: {'; '.join(differences)}); use "
+                             f"{elsewhere}, or delete that folder{also} to start over")
         logger.info(f"{folder.path}: no task of the earlier run completed; its settings are replaced")
     with atomic_write(folder, STAGE_SETTINGS, "wt") as handle:  # every rerun reads it back: never half-written
         handle.write(text)
+
+
+def _check_settings(logging_dir: str, settings: dict, outputs: str = "") -> None:
+    """``bind_settings`` for score, select and reshard: a run binds its settings once one of its tasks completed."""
+    bind_settings(logging_dir, settings, recorded_settings(logging_dir), completed_tasks(logging_dir) > 0, outputs)
 
 
 def _folder_identity(folder: DataFolderLike) -> tuple[str, str]:

@@ -281,3 +281,38 @@ def test_a_pack_whose_tasks_all_failed_does_not_lock_its_output(tmp_path):
     assert stats["documents"] == 4 and stats["tokenizer"] is None
     with pytest.raises(ValueError, match="packed with other settings"):  # a completed task binds them
         run_pack(str(tmp_path / "in"), str(tmp_path / "out"), PackSettings(buffer_size=8), ExecutorConfig(tasks=1))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--num-image-tokens", "-1", "--num-image-tokens -1 is not a positive perfect square"),
+    ("--num-image-tokens", "0", "--num-image-tokens 0 is not a positive perfect square"),
+    ("--num-image-tokens", "150", "--num-image-tokens 150 is not a positive perfect square"),
+    ("--capacity", "16", "--capacity 16 cannot hold one document of 16 image tokens"),
+    ("--buffer-size", "0", "--buffer-size must be >= 1, got 0"),
+])
+def test_sizes_no_model_can_use_are_refused_before_anything_is_written(tmp_path, option, value, message):
+    # -1 used to pack with negative image positions (lengths shorter than the sequences), 150 a corpus the model
+    # and the training arguments refuse, --capacity 16 dropped every sample as too_long, --buffer-size 0 failed
+    # inside the task after its settings were recorded
+    _shards(tmp_path / "shards", 3, seed=0)
+    args = ["pack", "--input", str(tmp_path / "shards"), "--output", str(tmp_path / "out"),
+            "--num-image-tokens", "16", "--capacity", "256", "--buffer-size", "8"]
+    args[args.index(option) + 1] = value
+    with pytest.raises(ValueError, match=message):
+        cli_main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pack_summary_reports_corrupt_shards_and_drops(tmp_path, capsys):
+    # the summary line left out the events: a shard lost to damage showed only in the task logs
+    uids = _shards(tmp_path / "in", 4, seed=3)
+    (tmp_path / "in" / "00001.tar").write_bytes(b"")  # e.g. a copy that never started
+    args = ["pack", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--num-image-tokens", "16",
+            "--capacity", "256"]
+    assert cli_main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    packed = datasets.load_dataset(str(tmp_path / "out"), "packed_16", split="train")
+    documents = sum(len(row) for row in packed["uids"])
+    assert sorted(u for row in packed["uids"] for u in row) == sorted(uids)
+    assert line.startswith(f"pack: {packed.num_rows} packs of {documents} documents, fill ")
+    assert line.endswith(f"read {len(uids)} = kept {documents} + dropped 0 (none); events: corrupt_shards=1")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..accounting import PACKING_STATS_FILE
+from ..accounting import PACKING_STATS_FILE, Accounting
 from ..packing import ALGORITHMS, DEFAULT_CAPACITY
 from .common import add_executor_arguments, executor_config
 
@@ -54,7 +55,23 @@ class PackSettings:
     split: str = "train"
 
     def __post_init__(self):
+        _check_sizes(self.num_image_tokens, self.capacity, self.buffer_size)
         self.config_name = self.config_name or f"packed_{self.num_image_tokens}"
+
+
+def _check_sizes(num_image_tokens: int, capacity: int, buffer_size: int) -> None:
+    """Refuse, before anything is written, sizes no pretraining run can use: the model and the training arguments
+    take only a positive perfect square of image tokens (the projector pools the patch grid to a square), and a pack
+    must hold at least one image."""
+    root = math.isqrt(num_image_tokens) if num_image_tokens > 0 else 0
+    if root * root != num_image_tokens or root == 0:
+        raise ValueError(f"--num-image-tokens {num_image_tokens} is not a positive perfect square (144, 729, ...): "
+                         "no Open-Qwen2VL model could train on the packs")
+    if capacity <= num_image_tokens:
+        raise ValueError(f"--capacity {capacity} cannot hold one document of {num_image_tokens} image tokens plus "
+                         "its caption: every sample would be dropped as too_long")
+    if buffer_size < 1:
+        raise ValueError(f"--buffer-size must be >= 1, got {buffer_size}")
 
 
 def register(subparsers) -> None:
@@ -67,7 +84,8 @@ def register(subparsers) -> None:
                         help="folder (or fsspec URL) of *.tar shards, or a dataset id/folder load_dataset reads")
     parser.add_argument("--output", required=True, help="corpus folder: <config>/*.parquet, README.md card")
     parser.add_argument("--config-name", default=None, help="card config (default packed_<num-image-tokens>)")
-    parser.add_argument("--num-image-tokens", type=int, default=144, help="positions per image (default 144)")
+    parser.add_argument("--num-image-tokens", type=int, default=144,
+                        help="positions per image, a positive perfect square as the model takes (default 144)")
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="positions per pack (default 4096)")
     parser.add_argument("--algorithm", default="default", choices=("default",) + ALGORITHMS,
                         help="default = exact fill (best); ffd = the paper's first-fit-decreasing")
@@ -100,8 +118,11 @@ def _run(args: argparse.Namespace) -> int:
     if stats is None:
         print("pack: submitted")
         return 0
+    # the other stages' summary, events included: a corrupt shard must show here, not only in the logs
+    accounting = Accounting(read=stats["read"], kept=stats["documents"], dropped=stats["dropped"],
+                            events=stats["events"])
     print(f"pack: {stats['packs']} packs of {stats['documents']} documents, fill {stats['fill']:.4%}; "
-          f"read {stats['read']}, dropped {sum(stats['dropped'].values())} {stats['dropped'] or ''}")
+          f"{accounting.summary()}")
     return 0 if stats["balanced"] else 1
 
 
@@ -109,8 +130,10 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
     """Pack ``input_path`` into ``output_folder``; returns the packing statistics (None when submitted to Slurm)."""
     from ..pipelines import (
         ExecutorConfig,
+        bind_settings,
         completed_tasks,
         make_executor,
+        recorded_settings,
         refuse_unplanned_files,
         refuse_writing_into_inputs,
         run_executor,
@@ -142,18 +165,20 @@ def run_pack(input_path: str, output_folder: str, settings: PackSettings | None 
                         settings.algorithm, settings.buffer_size, settings.tokenizer, settings.truncate)
     logging_dir = config.logging_dir or f"{output_folder.rstrip('/')}/.datatrove/pack-{settings.config_name}"
     recorded = {"input": input_path, "tasks": tasks, **settings.__dict__}
-    log_folder, packs = open_folder(logging_dir), f"{settings.config_name}/*.parquet"
+    packs = f"{settings.config_name}/*.parquet"
     planned = [f"{settings.config_name}/{packed_file_name(rank, tasks)}" for rank in range(tasks)]
-    previous = _recorded_settings(log_folder)
+    previous = recorded_settings(logging_dir)
     same_run = previous is not None and not settings_differences(previous, _as_recorded(recorded))
     if same_run:  # perhaps --input spelled otherwise: the recorded values stay (in this run's key order)
         recorded = {key: previous.get(key, value) for key, value in recorded.items()}
-    if previous is None or same_run:  # other settings: _check_settings says what to do
+    if previous is None or same_run:  # other settings: bind_settings says what to do
         refuse_unplanned_files(output_folder, (packs,), set(planned), resumed=previous is not None,
                                logging_dir=logging_dir)
     # settings bind once a task completed or wrote its file (a failed first try, e.g. a mistyped --tokenizer, does not)
     started = completed_tasks(logging_dir) > 0 or bool(open_folder(output_folder).glob(packs))
-    _check_settings(log_folder, recorded, previous, started, outputs=f"{open_folder(output_folder).path}/{packs}")
+    bind_settings(logging_dir, recorded, previous, started,
+                  outputs=f"{open_folder(output_folder).path}/{packs}", conflict="was packed with other settings",
+                  elsewhere="another --config-name or output folder")
     executor = make_executor([reader, writer], config, tasks, logging_dir, job_name="pack")
     if not run_executor(executor, config):
         return None
@@ -180,34 +205,6 @@ def _shards_or_none(input_path: str, list_shards) -> list[str]:
 def _as_recorded(recorded: dict) -> dict:
     """``recorded`` as it reads back from settings.json."""
     return json.loads(json.dumps(recorded, sort_keys=True, default=str))
-
-
-def _recorded_settings(folder) -> dict | None:
-    if not folder.exists("settings.json"):
-        return None
-    with folder.open("settings.json", "rt") as handle:
-        return json.load(handle)
-
-
-def _check_settings(folder, recorded: dict, previous: dict | None, started: bool = True, outputs: str = "") -> None:
-    """A rerun skips completed tasks, so it must not mix settings: refuse a folder packed differently once
-    ``started`` (some task completed or wrote its file); before that, the new settings replace the old.
-    ``previous``: the folder's recorded settings (``_recorded_settings``). ``outputs``: the packs that run made,
-    named in the error (deleting the logs alone would leave them behind)."""
-    from ..shards import atomic_write
-
-    if previous is not None:
-        if previous == _as_recorded(recorded):
-            return
-        if started:
-            from ..pipelines import settings_differences
-
-            also = f" and {outputs}" if outputs else ""
-            changed = "; ".join(settings_differences(previous, _as_recorded(recorded)))
-            raise ValueError(f"{folder.path} was packed with other settings (settings.json: {changed}); use another "
-                             f"--config-name or output folder, or delete that folder{also} to start over")
-    with atomic_write(folder, "settings.json", "wt") as handle:  # every rerun reads it back: never half-written
-        handle.write(json.dumps(recorded, sort_keys=True, default=str))
 
 
 def packing_statistics(logging_dir: str, settings: PackSettings, recorded: dict) -> dict:
