@@ -15,9 +15,12 @@ Back (kit folder -> prismatic run directory that the original ``prismatic.load(r
 
     python -m modeling_open_qwen2vl.convert_prismatic_to_hf --to-prismatic open-qwen2vl-hf --output run_dir
 
-Every input is checked before anything is written. ``--output`` may not already hold a model (``--overwrite``
-replaces one, deleting its old weight files first) and is never an input's folder. The checkpoint's zip CRCs are
-checked in the same read that hashes it for the model card.
+Every input is checked before anything is written. ``--output`` is never an input's folder and may not already
+hold model files unless ``--overwrite`` is given; that replaces every file of the old model (weights, configs,
+processor and tokenizer files, remote code, card), names them in the log, and refuses a folder that also holds
+files of no model (move them out first). The new folder is written beside ``--output`` and moved there complete: an
+interrupted conversion leaves ``--output`` as it was. The checkpoint's zip CRCs are checked in the same read that
+hashes it for the model card.
 The checkpoint is read with ``torch.load(..., weights_only=True, mmap=True)`` only, and tensors are renamed or
 split as views: conversion holds about one copy of the checkpoint in memory (see ``bench/convert_2b.py``).
 The export back writes a ``.pt`` file because that is the only format the original codebase reads.
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True,
                         help="folder to write (never an input's folder; one that holds a model needs --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into an --output that already holds a model, deleting its model*.safetensors, "
-                             "index and pytorch_model*.bin first (so no old weights survive beside the new ones)")
+                        help="replace the model an --output already holds: every file of it (weights, configs, "
+                             "processor, tokenizer, remote code, card) is deleted, by name, once the new one is "
+                             "complete; a folder that also holds other files is refused")
     parser.add_argument("--vision-weights",
                         help="SigLIP weights when the checkpoint has no vision_backbone: a transformers folder or hub "
                              "id (google/siglip-so400m-patch14-384), or a timm .safetensors/.bin/.pth file")

@@ -5,8 +5,14 @@ Kit-only, not copied into checkpoints.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import logging
-from collections.abc import Iterable
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,19 +50,73 @@ def generation_config_for(config: OpenQwen2VLConfig) -> GenerationConfig:
                             suppress_tokens=[config.image_token_id], **GENERATION_DEFAULTS)
 
 
-# Weight files transformers would load from a folder; a leftover one beats (or breaks) the newly written ones.
-WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                        "pytorch_model.bin.index.json")
-# What makes a folder a model folder or a prismatic run: converting into it would mix two models.
-MODEL_FILE_PATTERNS = (*WEIGHT_FILE_PATTERNS, "config.json", "checkpoints/*.pt")
+# Files of a model folder or a prismatic run, as ``glob`` patterns relative to the folder. Without --overwrite a
+# folder holding any of them is refused (the new files would mix with them, or replace a README.md silently); with
+# --overwrite every one of them is deleted, by name, once the new model is complete.
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                        "*.ckpt")
+MODEL_FILE_PATTERNS = (
+    *WEIGHT_FILE_PATTERNS,
+    # configs, processor and tokenizer files of any transformers model (a leftover one is read by the new model)
+    "config.json", "generation_config.json", "adapter_config.json", "processor_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    # remote code, the model card, what training leaves (recipes.release builds a card's Training section from it)
+    "configuration_*.py", "modeling_*.py", "processing_*.py", "image_processing_*.py", "tokenization_*.py",
+    "README.md", "trainer_state.json", "*_results.json", "training_log.jsonl", "pretrain_config.yaml",
+    "metrics.jsonl",
+    # a prismatic run directory
+    "checkpoints/*.pt", "config.yaml", "run-metrics.jsonl",
+)
+# Repository plumbing that --overwrite neither deletes nor counts as a stranger's file (a cloned hub repository).
+KEPT_ENTRIES = (".git", ".gitattributes", ".cache")
+# Written into a hidden folder beside --output, which becomes (or is moved into) --output once complete: an
+# interrupted conversion never leaves a folder that looks like a model.
+STAGING_INFIX = ".partial-"
+
+
+def _folder_entries(folder: Path) -> list[str]:
+    """Every file (and link) under ``folder`` as a relative posix path, links not followed, ``KEPT_ENTRIES`` skipped."""
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        relative = Path(root).relative_to(folder)
+        if relative == Path("."):
+            dirs[:] = [name for name in dirs if name not in KEPT_ENTRIES]
+            files = [name for name in files if name not in KEPT_ENTRIES]
+        links = [name for name in dirs if (Path(root) / name).is_symlink()]
+        dirs[:] = [name for name in dirs if name not in links]
+        entries += [(relative / name).as_posix() for name in files + links]
+    return sorted(entries)
+
+
+def is_model_file(relative: str) -> bool:
+    """Whether a folder's file (relative posix path) is one of ``MODEL_FILE_PATTERNS``, at the pattern's depth."""
+    parent, _, name = relative.rpartition("/")
+    for pattern in MODEL_FILE_PATTERNS:
+        pattern_parent, _, pattern_name = pattern.rpartition("/")
+        if parent == pattern_parent and fnmatch.fnmatchcase(name, pattern_name):
+            return True
+    return False
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _model_file_rank(relative: str) -> tuple[int, str]:
+    """Configs and weights first: what makes the folder load as a model leads the list in a refusal."""
+    loads = relative == "config.json" or any(fnmatch.fnmatchcase(relative, p) for p in WEIGHT_FILE_PATTERNS)
+    return (0 if loads else 1, relative)
 
 
 def check_output_folder(output: Path, inputs: Iterable[str | Path | None], *, overwrite: bool) -> None:
     """Refuse ``output`` before anything is read or written when it would overwrite or mix with other files.
 
     ``output`` may not be one of ``inputs`` (local paths; hub ids and None are skipped) nor a folder above one.
-    A folder already holding model files (``MODEL_FILE_PATTERNS``) needs ``overwrite``; an empty, missing or
-    unrelated folder is written as is. Raises ``OutputFolderError``.
+    A folder already holding model files (``MODEL_FILE_PATTERNS``) needs ``overwrite``, and then may hold nothing
+    else: its other files might be the old model's or someone's, so they are neither mixed with the new model nor
+    deleted. An empty, missing or unrelated folder is written as is. Raises ``OutputFolderError``.
     """
     target = output.resolve()
     for source in inputs:
@@ -70,25 +130,78 @@ def check_output_folder(output: Path, inputs: Iterable[str | Path | None], *, ov
             )
     if output.exists() and not output.is_dir():
         raise OutputFolderError(f"--output {output} exists and is not a folder")
-    if overwrite or not output.is_dir():
+    if not output.is_dir():
         return
-    found = sorted({path.relative_to(output).as_posix() for pattern in MODEL_FILE_PATTERNS
-                    for path in output.glob(pattern) if path.is_file()})
-    if found:
+    entries = _folder_entries(output)
+    found = sorted((entry for entry in entries if is_model_file(entry)), key=_model_file_rank)
+    if found and not overwrite:
         raise OutputFolderError(
-            f"--output {output} already holds model files ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''})"
-            ": the new files would mix with them (transformers loads a leftover model.safetensors before new shards)."
-            " Choose an empty folder, or pass --overwrite (overwrite=True) to replace them"
+            f"--output {output} already holds model files ({_listed(found, 4)}): the new files would mix with them "
+            "(transformers loads a leftover model.safetensors before new shards). Choose an empty folder, or pass "
+            "--overwrite (overwrite=True) to replace them"
+        )
+    strangers = [entry for entry in entries if not is_model_file(entry)]
+    if found and strangers:
+        raise OutputFolderError(
+            f"--output {output} holds a model and files that are not part of one ({_listed(strangers)}): --overwrite "
+            "replaces the whole model folder, and these would either stay mixed with the new model or be deleted "
+            "unasked; move them out of the folder, or choose another folder"
         )
 
 
-def remove_weight_files(output: Path) -> None:
-    """Delete ``output``'s transformers weight files (``--overwrite``) so none of the previous model's survive."""
-    for pattern in WEIGHT_FILE_PATTERNS:
-        for path in output.glob(pattern):
-            if path.is_file():
-                logger.info("--overwrite: removing %s", path)
-                path.unlink()
+def _remove_model_files(output: Path) -> list[str]:
+    """Delete ``output``'s model files (and the folders they leave empty); returns their relative paths."""
+    removed = [entry for entry in _folder_entries(output) if is_model_file(entry)]
+    for entry in removed:
+        (output / entry).unlink()
+    for parent in sorted({Path(entry).parent for entry in removed if "/" in entry}, reverse=True):
+        if not any((output / parent).iterdir()):
+            (output / parent).rmdir()
+    return removed
+
+
+def _publish(staging: Path, output: Path, *, overwrite: bool) -> None:
+    """Make the complete ``staging`` folder's files ``output``'s: a rename when ``output`` does not exist, else the
+    old model files are deleted (named in the log) and the new ones moved in, ``config.json`` last so a folder
+    interrupted here does not load as a model."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    check_output_folder(output, (), overwrite=overwrite)  # again: the folder may have changed in the meantime
+    removed = _remove_model_files(output) if overwrite else []
+    if removed:
+        logger.warning("--overwrite: removed %d files of the previous model in %s: %s", len(removed), output,
+                       ", ".join(removed))
+    new = sorted((path.name for path in staging.iterdir()), key=lambda name: name == "config.json")
+    # After the check, an existing name can only be a stranger's (nothing was removed then): never replace it.
+    taken = [name for name in new if (output / name).is_symlink() or (output / name).is_file()
+             or (output / name).is_dir() and any((output / name).iterdir())]
+    if taken:
+        raise OutputFolderError(f"--output {output} holds {_listed(taken)}, which the new model would replace; "
+                                "move it away or choose another folder (nothing was changed there)")
+    for name in new:
+        (staging / name).replace(output / name)
+    staging.rmdir()
+
+
+@contextmanager
+def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A new hidden folder beside ``output`` to write the whole model into; when the block completes, its files
+    become ``output``'s (``_publish``). On any error or interrupt it is deleted and ``output`` is left as it was
+    (a killed process leaves only the hidden folder, named in the next run's log)."""
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in sorted(output.parent.glob(f".{glob.escape(output.name)}{STAGING_INFIX}*")):
+        logger.warning("%s was left by an interrupted conversion into %s: delete it to free its space", leftover,
+                       output)
+    staging = output.parent / f".{output.name}{STAGING_INFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would become the published folder's
+    try:
+        yield staging
+        _publish(staging, output, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def convert_checkpoint(
@@ -109,7 +222,9 @@ def convert_checkpoint(
 
     ``checkpoint`` is a ``.pt`` file or a prismatic run directory (``checkpoints/latest-checkpoint.pt`` and
     ``config.json``); ``run_config`` defaults to the ``config.json`` of that run directory. ``output`` must not be
-    (or contain) an input; a folder already holding model files needs ``overwrite``, which deletes its weight files.
+    (or contain) an input; a folder already holding model files needs ``overwrite``, which replaces all of them
+    (``check_output_folder``). The model is written beside ``output`` and moved there complete, so an interrupted
+    conversion leaves ``output`` as it was.
     Every input (run config, checkpoint CRCs, tokenizer, weights) is checked before anything is written; errors are
     ``CheckpointError`` (``OutputFolderError`` for the output) or ``FileNotFoundError``. The other arguments are the
     options of ``convert_prismatic_to_hf.main``.
@@ -181,18 +296,6 @@ def convert_checkpoint(
     target_dtype = resolve_dtype(original, dtype)
     state = cast_state_dict(state, target_dtype)
 
-    if overwrite and output.is_dir():
-        remove_weight_files(output)
-    output.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        shell = OpenQwen2VLForConditionalGeneration._from_config(config, dtype=target_dtype)
-    shell.generation_config = generation_config_for(config)
-    # The meta model supplies the config, remote-code files and tied-weight rules; the tensors come from `state`.
-    shell.save_pretrained(output, state_dict=state, max_shard_size=max_shard_size)
-    del state
-
-    processor.save_pretrained(output)
-
     dropped = []
     if has_head and not keep_head:
         dropped.append("vision attention-pool head (--drop-vision-head)")
@@ -212,6 +315,16 @@ def convert_checkpoint(
         "tokenizer": f"`{Path(tokenizer).name if Path(tokenizer).exists() else tokenizer}`" if tokenizer
         else "the official Qwen2.5 tokenizer.json (offline copy)",
     }
-    (output / "README.md").write_text(model_card(facts), encoding="utf-8")
+    card = model_card(facts)
+
+    with staged_output(output, overwrite=overwrite) as folder:
+        with torch.device("meta"):
+            shell = OpenQwen2VLForConditionalGeneration._from_config(config, dtype=target_dtype)
+        shell.generation_config = generation_config_for(config)
+        # The meta model supplies the config, remote-code files and tied-weight rules; the tensors come from `state`.
+        shell.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+        del state
+        processor.save_pretrained(folder)
+        (folder / "README.md").write_text(card, encoding="utf-8")
     logger.info("wrote %s", output)
     return output

@@ -9,6 +9,12 @@ from __future__ import annotations
 def model_card(facts: dict) -> str:
     """The card's markdown from the facts ``convert_checkpoint`` gathers (source, sha256, dtype, vision weights...)."""
     dropped = facts["dropped"] or "none"
+    # Without the pooling head the original cannot load a vision_backbone (it loads it strictly, head included).
+    head_kept = facts["head"].startswith("kept")
+    export_option = "" if head_kept else " --no-vision-backbone"
+    export_note = "" if head_kept else (
+        "The folder has no vision pooling head, which the original loads strictly with a `vision_backbone`: the "
+        "export omits the vision tower, and the original then uses timm's pretrained SigLIP.\n")
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -63,5 +69,5 @@ quirks included (`...<|im_end|>assistant\\n` without `<|im_start|>`, and the tok
 dropped), which is what these weights were trained on. `chat_template="chatml"` gives clean ChatML.
 
 Convert back for the original codebase with
-`python -m modeling_open_qwen2vl.convert_prismatic_to_hf --to-prismatic <this folder> --output <run dir>`.
-"""
+`python -m modeling_open_qwen2vl.convert_prismatic_to_hf --to-prismatic <this folder> --output <run dir>{export_option}`.
+{export_note}"""

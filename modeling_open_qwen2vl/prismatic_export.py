@@ -15,7 +15,7 @@ import torch
 from .configuration_open_qwen2vl import OpenQwen2VLConfig
 from .conversion_config import is_released_architecture
 from .conversion_errors import CheckpointError
-from .hf_folder import check_output_folder, remove_weight_files
+from .hf_folder import check_output_folder, staged_output
 from .original_checkpoint import read_prismatic_run_file
 from .prismatic_layout import arch_specifier_for
 from .weight_mapping import convert_to_prismatic
@@ -73,8 +73,9 @@ def export_to_prismatic(
 
     The ``config.json`` is ``run_config_template`` (a prismatic run config) with ``arch_specifier`` set from the
     model's ``num_image_tokens``, or a minimal one naming the released backbones. ``output`` must not be (or contain)
-    ``model_dir`` or the template; a folder already holding model files needs ``overwrite`` (which also deletes its
-    transformers weight files). All inputs are checked before anything is written.
+    ``model_dir`` or the template; a folder already holding model files needs ``overwrite``, which replaces all of them
+    (``hf_folder.check_output_folder``). All inputs are checked before anything is written, and an interrupted export
+    leaves ``output`` as it was.
     """
     output = Path(output)
     check_output_folder(output, [model_dir, run_config_template], overwrite=overwrite)
@@ -91,10 +92,6 @@ def export_to_prismatic(
     run = read_run_config_template(run_config_template) if run_config_template is not None else None
     state = load_hf_folder_state_dict(model_dir)
     original = convert_to_prismatic(state, config, include_vision_backbone=include_vision_backbone)
-    if overwrite and output.is_dir():
-        remove_weight_files(output)  # else a leftover HF model beside the run would still load
-    (output / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save({"model": original}, output / "checkpoints" / "latest-checkpoint.pt")
     if run is None:
         run = {
             "model": {
@@ -108,5 +105,10 @@ def export_to_prismatic(
         }
     run["model"]["model_id"] = model_id or run["model"].get("model_id") or Path(model_dir).name
     run["model"]["arch_specifier"] = arch_specifier_for(config.num_image_tokens)
-    (output / "config.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    # Written beside `output` and moved there complete; --overwrite replaces every file of the model there (an HF
+    # model left beside the run would still load, its README.md would describe another model).
+    with staged_output(output, overwrite=overwrite) as folder:
+        (folder / "checkpoints").mkdir()
+        torch.save({"model": original}, folder / "checkpoints" / "latest-checkpoint.pt")
+        (folder / "config.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     return output

@@ -222,14 +222,35 @@ def resolve_dtype(original: Mapping[str, Mapping[str, torch.Tensor]], dtype: str
     return torch.float32
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no value is inf or NaN (min and max only: no tensor-sized temporary)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast floating tensors once each, so tied tensors stay one tensor."""
+    """Cast floating tensors once each, so tied tensors stay one tensor.
+
+    A finite tensor that the cast turns into inf (a value beyond float16's 65504, say) raises ``CheckpointError``
+    naming the tensors: written as is, the model would compute NaN."""
     done: dict[int, torch.Tensor] = {}
+    overflowed = []
     out = {}
     for key, tensor in state.items():
         if tensor.is_floating_point() and tensor.dtype != dtype:
             if id(tensor) not in done:
                 done[id(tensor)] = tensor.to(dtype)
+                if not _all_finite(done[id(tensor)]) and _all_finite(tensor):
+                    overflowed.append(key)
             tensor = done[id(tensor)]
         out[key] = tensor
+    if overflowed:
+        name = str(dtype).removeprefix("torch.")
+        raise CheckpointError(
+            f"--dtype {name}: weights {format_keys(overflowed)} hold values beyond {name}'s range "
+            f"(+-{torch.finfo(dtype).max:g}), which would be written as inf; convert with --dtype auto, bfloat16 or "
+            "float32"
+        )
     return out

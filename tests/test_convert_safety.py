@@ -79,7 +79,7 @@ def test_folder_holding_a_model_is_refused_before_anything_is_written(tmp_path, 
     capsys.readouterr()
     assert _convert(run_b, out, "--max-shard-size", "20MB") == 2
     err = _error_line(capsys)
-    assert "already holds model files (config.json, model.safetensors)" in err and "--overwrite" in err
+    assert "already holds model files (config.json, model.safetensors, " in err and "--overwrite" in err
     assert _snapshot(out) == before
     with pytest.raises(OutputFolderError, match=r"already holds model files"):
         convert_checkpoint(run_b, out, base_config=run_b / "base", compute_sha256=False)
@@ -353,3 +353,37 @@ def test_crc_scan_across_block_boundaries_and_its_sha256(tmp_path, runs, monkeyp
     member = _damage_a_tensor_record(good, bad)
     with pytest.raises(CheckpointError, match=rf"zip member '{member}' fails its CRC-32 check"):
         scan_checkpoint_file(bad)
+
+
+def test_dtype_too_narrow_for_the_weights_is_refused_before_writing(tmp_path, runs, capsys):
+    _, checkpoint = runs["a"]
+    model = {group: dict(state) for group, state in checkpoint["model"].items()}
+    model["projector"]["mlp_projector.0.weight"] = model["projector"]["mlp_projector.0.weight"].clone()
+    model["projector"]["mlp_projector.0.weight"][0, 0] = 1e5  # a float32 value float16 cannot hold
+    run = _write_run(tmp_path / "run", {"model": model})
+    assert _convert(run, tmp_path / "hf", "--dtype", "float16") == 2
+    err = _error_line(capsys)
+    assert "error: --dtype float16: weights [model.multi_modal_projector.linear_1.weight] (1 keys)" in err
+    assert "beyond float16's range (+-65504)" in err and "--dtype auto, bfloat16 or float32" in err
+    assert not (tmp_path / "hf").exists()
+    assert _convert(run, tmp_path / "hf", "--dtype", "bfloat16") == 0
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert float(weights[PROJECTOR][0, 0]) == float(torch.tensor(1e5, dtype=torch.bfloat16))
+
+
+def test_model_card_convert_back_command_works_without_the_vision_head(tmp_path, runs):
+    import re
+
+    run_a, _ = runs["a"]
+    out = tmp_path / "hf"
+    assert _convert(run_a, out, "--drop-vision-head") == 0
+    card = (out / "README.md").read_text()
+    command = re.search(r"`python -m modeling_open_qwen2vl\.convert_prismatic_to_hf (--to-prismatic [^`]+)`", card)
+    argv = command.group(1).replace("<this folder>", str(out)).replace("<run dir>", str(tmp_path / "run")).split()
+    assert "--no-vision-backbone" in argv and "uses timm's pretrained SigLIP" in card
+    assert main([*argv, "--config", str(run_a / "config.json")]) == 0  # a tiny model needs its run config
+    exported = torch.load(tmp_path / "run" / "checkpoints" / "latest-checkpoint.pt", weights_only=True)
+    assert set(exported["model"]) == {"projector", "llm_backbone"}
+    # With the head kept, the command is the plain one.
+    assert _convert(run_a, tmp_path / "kept") == 0
+    assert "--output <run dir>`." in (tmp_path / "kept" / "README.md").read_text()
