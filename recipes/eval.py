@@ -25,7 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing the kit
 
 from recipes.evaluation.original_settings import ORIGINAL_MAX_NEW_TOKENS  # noqa: E402
-from recipes.evaluation.registry import UnknownBenchmarkError, get_benchmark, known_benchmarks  # noqa: E402
+from recipes.evaluation.registry import (  # noqa: E402
+    UnknownBenchmarkError, get_benchmark, known_benchmarks, parse_benchmark_list,
+)
 
 PAPER_BENCHMARKS = "mmbench,seedbench,mmstar,mathvista,ai2d,textvqa,pope,mmmu"
 
@@ -79,17 +81,28 @@ def list_benchmarks() -> str:
     return "\n".join(lines)
 
 
+def hide_library_progress_bars() -> None:
+    """--no-progress covers the bars of datasets (loading, filtering a split) and transformers (loading weights)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.no_progress:
+        hide_library_progress_bars()
     if args.list_benchmarks:
         print(list_benchmarks())
         return 0
-    names = known_benchmarks() if args.benchmarks.strip() == "all" else args.benchmarks.split(",")
-    try:
-        benchmarks = [get_benchmark(name) for name in names]
+    try:  # empty entries ("mmbench,") are skipped and repeated names run once, as evaluate_model does
+        benchmarks = parse_benchmark_list(known_benchmarks() if args.benchmarks.strip() == "all" else args.benchmarks)
     except UnknownBenchmarkError as err:
         parser.error(str(err))
+    names = [benchmark.name for benchmark in benchmarks]
     if args.download_to:
         from recipes.evaluation.loading import save_local_copy
 
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --output are required")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be positive")
+    if args.max_new_tokens < 1:  # otherwise every generated benchmark fails only after the model has loaded
+        parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.chat_template is not None and args.prompt != "chat":
         parser.error("--chat-template applies to --prompt chat only (the raw prompt uses no template)")
 

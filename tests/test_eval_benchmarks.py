@@ -262,6 +262,20 @@ def test_corrupt_image_is_dropped_and_counted(tmp_path, processor):
     assert next(iter(result.drops.reasons)).startswith("unreadable row:")
 
 
+def test_a_benchmark_with_no_row_left_to_score_fails_naming_why(tmp_path, processor):
+    """Every row dropped (here: two corrupt images, one missing) is a failed benchmark, not a score of "n/a"."""
+    from recipes.evaluation.runner import NothingToScoreError
+
+    rows = [dict(r) for r in fixture("pope")["rows"][:3]]
+    rows[0]["image"] = rows[1]["image"] = "corrupt"
+    rows[2]["image"] = None
+    with pytest.raises(NothingToScoreError) as caught:
+        run("pope", tmp_path, processor, {}, rows=rows)
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value) == ("pope: no row could be evaluated: all 3 row(s) were dropped: "
+                                 "{'unreadable row: UnidentifiedImageError': 2, 'missing image (image)': 1}")
+
+
 def test_wrong_schema_fails_with_the_missing_columns(tmp_path, processor):
     rows = [{k: v for k, v in r.items() if k != "answer"} for r in fixture("pope")["rows"]]
     with pytest.raises(ValueError, match=r"pope: the data from .* lacks column\(s\) \['answer'\]"):

@@ -84,6 +84,14 @@ def test_outputs_per_sample_summary_and_table(batched_run):
     assert "mmbench: dropped 2 row(s)" in run.stdout
 
 
+def test_no_progress_hides_the_libraries_bars_too(batched_run):
+    """--no-progress (run_cli passes it) leaves no tqdm bar in the log: not the kit's, nor those of datasets (loading
+    and filtering a split) or transformers (loading weights)."""
+    _, run = batched_run
+    assert "%|" not in run.stderr and "Loading weights" not in run.stderr, run.stderr[:2000]
+    assert "evaluating mmbench" in run.stderr  # the log itself is kept
+
+
 def test_easy_vqa_keys_for_the_demo(batched_run):
     out, _ = batched_run
     bench = json.loads((out / "summary.json").read_text())["benchmarks"]["easy_vqa"]
@@ -204,3 +212,36 @@ def test_an_interrupted_run_resumes_with_only_the_missing_rows(workspace, monkey
     assert read_jsonl(cut / "samples" / "easy_vqa.jsonl") == read_jsonl(whole / "samples" / "easy_vqa.jsonl")
     summaries = [json.loads((folder / "summary.json").read_text())["benchmarks"]["easy_vqa"] for folder in (whole, cut)]
     assert summaries[0]["accuracy"] == summaries[1]["accuracy"] and summaries[1]["num_samples"] == 40
+
+
+def test_empty_and_repeated_benchmark_names_are_skipped(tmp_path, capsys):
+    """A trailing comma is not an unknown benchmark '' and a repeated name runs once (checked without a model:
+    --download-to only names what it would fetch, and easy_vqa has no Hub dataset)."""
+    from recipes import eval as eval_cli
+
+    assert eval_cli.main(["--benchmarks", "easy_vqa,,EASY-VQA,", "--download-to", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["easy_vqa: no Hub dataset (read from its package)"]
+    with pytest.raises(SystemExit) as exit_:
+        eval_cli.main(["--benchmarks", " , ", "--download-to", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "error: no benchmark given; known benchmarks: ai2d, easy_vqa" in capsys.readouterr().err
+
+
+def test_max_new_tokens_must_be_positive_before_the_model_loads(tmp_path, capsys):
+    from recipes import eval as eval_cli
+
+    with pytest.raises(SystemExit) as exit_:  # the model folder does not exist: nothing may load before the check
+        eval_cli.main(["--model", str(tmp_path / "no_model"), "--output", str(tmp_path / "out"),
+                       "--max-new-tokens", "0"])
+    assert exit_.value.code == 2
+    assert "error: --max-new-tokens must be positive, got 0" in capsys.readouterr().err
+
+
+def test_results_table_states_the_token_budget_the_run_used():
+    from recipes.evaluation.report import markdown_table
+
+    settings = {"prompt_format": "raw", "batch_size": 8}
+    assert "greedy, at most 64 new tokens (the original: 16), stop at" in markdown_table(
+        "m", {**settings, "max_new_tokens": 64}, {}, False)
+    assert "greedy, at most 16 new tokens, stop at" in markdown_table(
+        "m", {**settings, "max_new_tokens": 16}, {}, False)

@@ -144,6 +144,47 @@ def test_mmbench_rows_without_an_index_are_separate_questions(processor):
     assert scores.strict["accuracy"] == 0.5 and scores.strict["num_questions"] == 2
 
 
+def test_mmbench_copies_that_are_not_the_same_question_fail_by_row(tmp_path, processor):
+    """Rows sharing index % 1e6 must repeat one question with its options rotated; otherwise CircularEval would judge
+    unrelated rows together, so scoring stops and names each offending row and what differs."""
+    rows = [dict(row) for row in CIRCULAR_ROWS]
+    rows[4]["question"] = "Is this another question?"  # 1000008: copy of question 8 with other text
+    rows[3]["D"] = "hexagon"  # 1000007: "circle" replaced, so its option set differs from row 7's
+    rows[6]["answer"] = "B"  # 2000007: options rotated but the answer not ("star" instead of "rectangle")
+    write_local_copy("mmbench", tmp_path, rows)
+    from recipes.evaluation.benchmarks.mmbench import CircularCopyMismatch
+
+    with pytest.raises(CircularCopyMismatch) as caught:
+        run_mmbench(tmp_path, processor)
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert message.startswith("mmbench: 3 row(s) share an index % 1,000,000 with another row but are not a rotated "
+                              "copy of its question")
+    assert "row 1000007 vs row 7: options ['hexagon', 'rectangle', 'star', 'triangle'] vs " \
+           "['circle', 'rectangle', 'star', 'triangle']" in message
+    assert "row 1000008 vs row 8: question 'Is this another question?' vs 'Question 8?'" in message
+    assert "row 2000007 vs row 7: right option 'star' vs 'rectangle'" in message
+    assert "row 3000007" not in message  # a proper copy is not listed
+
+    # Checked on every process, not only the one that scores, so that all of them fail the benchmark alike.
+    not_main = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
+    options = EvalOptions(data_dir=tmp_path, show_progress=False)
+    with pytest.raises(CircularCopyMismatch, match="mmbench: 3 row"):
+        evaluate_benchmark(get_benchmark("mmbench"), KnowsTheAnswer(processor.tokenizer), options,
+                           PromptFormatter("raw", processor), not_main)
+
+
+def test_mmbench_copies_of_one_question_pass_the_check_in_either_prompt_format(processor):
+    """Copies are compared on the question and option texts, not on the prompt, and surrounding spaces do not count."""
+    bench = get_benchmark("mmbench")
+    rows = [{**mmbench_row(index, options, "rectangle", "shapes"), "image": easy_vqa_image(1)}
+            for index, options in ((7, SHAPES), (STRIDE + 7, rotated(SHAPES, 1)))]
+    rows[1]["question"] = " Question 7? "
+    samples = [bench.to_sample(row, i) for i, row in enumerate(rows)]
+    scores = bench.score(samples, ["C", "B"])
+    assert scores.strict["accuracy"] == 1.0 and scores.strict["num_questions"] == 1
+
+
 def test_mmbench_index_must_be_an_integer():
     bench = get_benchmark("mmbench")
     row = {**mmbench_row(0, SHAPES, "rectangle", "shapes"), "image": easy_vqa_image(1)}

@@ -68,6 +68,10 @@ class Benchmark(ABC):
     def to_sample(self, row: dict, index: int) -> EvalSample:
         """Build the sample; raise ``SampleError`` for a row that cannot be evaluated."""
 
+    def check_samples(self, samples: list[EvalSample]) -> None:
+        """Raise (ValueError) when the samples cannot be scored together; run on every process before ``score``,
+        so that all of them fail the benchmark alike. Nothing to check by default."""
+
     @abstractmethod
     def score(self, samples: list[EvalSample], outputs: list) -> Scores:
         """Score ``outputs`` (texts, letter probabilities or candidate log-likelihoods, per ``method``)."""

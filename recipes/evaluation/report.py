@@ -25,6 +25,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .original_settings import ORIGINAL_MAX_NEW_TOKENS
 from .paper_scores import PAPER, PAPER_SCORES
 
 
@@ -80,6 +81,13 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def decoding_description(settings: dict) -> str:
+    """How the run decoded, as the table's note states it: the token budget actually used, not the original's."""
+    budget = settings.get("max_new_tokens", ORIGINAL_MAX_NEW_TOKENS)
+    original = "" if budget == ORIGINAL_MAX_NEW_TOKENS else f" (the original: {ORIGINAL_MAX_NEW_TOKENS})"
+    return f"greedy, at most {budget} new tokens{original}, stop at `.` `,` newline"
+
+
 def markdown_table(model: str, settings: dict, benchmarks: dict, with_paper: bool) -> str:
     """The model-card table: harness-rule and benchmark-rule scores (percent), paper column when asked."""
     has_baseline = any(b.get("majority_baseline") is not None for b in benchmarks.values())
@@ -109,7 +117,7 @@ def markdown_table(model: str, settings: dict, benchmarks: dict, with_paper: boo
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "Harness rules: the prompts, decoding (greedy, at most 16 new tokens, stop at `.` `,` newline) and answer "
+        f"Harness rules: the prompts, decoding ({decoding_description(settings)}) and answer "
         "matching of the original Open-Qwen2VL evaluation code. Benchmark's own rules: the matching of each "
         "benchmark's official evaluator (VLMEvalKit exact matching for MMBench/SEED/MMStar, on MMBench with "
         "CircularEval: a question counts only when all its rotated copies are answered correctly; MathVista's "

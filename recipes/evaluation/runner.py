@@ -164,8 +164,22 @@ def evaluate_benchmark(
     pairs.sort(key=lambda pair: pair[0].meta["row_index"])
     samples = [s for s, _ in pairs]
     outputs = [o for _, o in pairs]
-    scores = benchmark.score(samples, outputs) if state.is_main_process and samples else None
+    if not samples:  # a score of "n/a" with exit code 0 would pass for a finished evaluation
+        raise NothingToScoreError(f"{benchmark.name}: no row could be evaluated: "
+                                  f"{_no_rows_reason(drops, len(dataset))}")
+    benchmark.check_samples(samples)  # every process: a failure here must fail the benchmark on all of them
+    scores = benchmark.score(samples, outputs) if state.is_main_process else None
     return BenchmarkResult(benchmark, samples, outputs, scores, drops, len(dataset), time.perf_counter() - start)
+
+
+class NothingToScoreError(ValueError):
+    """A benchmark of which no row could be evaluated (an empty split, or every row dropped)."""
+
+
+def _no_rows_reason(drops: DropLog, num_rows: int) -> str:
+    if not num_rows:
+        return "the split (after the row filter and --limit) has no rows"
+    return f"all {num_rows} row(s) were dropped: {dict(drops.reasons)}"
 
 
 def _gather(local: list, drops: DropLog, state):

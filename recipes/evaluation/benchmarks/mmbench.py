@@ -13,11 +13,15 @@ question counts only when every copy of it is answered correctly; the mean is ov
 gives the per-row mean). A question is judged on the copies scored: a copy that was dropped or cut by ``--limit`` is
 left out (counted in ``extra.circular`` and logged); unlike lmms-eval, a question whose first copy was dropped still
 counts, on its other copies. ``strict.row_accuracy`` keeps the per-row VLMEvalKit score.
+Copies grouped by index must be the same question (same question text, same set of options, the same option right);
+VLMEvalKit and lmms-eval take that on trust, so a split that breaks it (an index column renumbered or merged from
+another file) would be scored on unrelated rows: scoring stops with ``CircularCopyMismatch`` naming the rows instead.
 """
 
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections import Counter, defaultdict
 
 from ..prompts import ANSWER_CUE, IMAGE, MC_INSTRUCTION, chat_text_from_raw, option_lines
@@ -60,10 +64,14 @@ class MMBench(Benchmark):
         text = f"{IMAGE}\n{question}{printed_options}\n{MC_INSTRUCTION}{ANSWER_CUE}"
         chat_text = chat_text_from_raw(f"{IMAGE}\n{question}\n{option_lines(present)}\n{MC_INSTRUCTION}{ANSWER_CUE}")
         meta = {"category": row.get("category"), "l2_category": row.get("l2-category"),
-                "circular_index": circular_index(row.get("index"))}
+                "circular_index": circular_index(row.get("index")), "question": question}
         return EvalSample(self.name, self.row_id(row, index), text, [image], answer, present, meta, chat_text)
 
+    def check_samples(self, samples: list[EvalSample]) -> None:
+        check_circular_copies(samples)
+
     def score(self, samples, outputs) -> Scores:
+        self.check_samples(samples)
         scores = score_generated_choice(samples, outputs, "lenient", category_key="category")
         questions = circular_questions(samples, [row["correct_strict"] for row in scores.per_sample])
         scores.strict = {
@@ -112,15 +120,69 @@ def circular_questions(samples, row_correct: list[bool]) -> list[dict]:
     """MMBench's questions: rows grouped by ``index % 1e6`` (a row without an index is its own question), each
     ``correct`` only when every copy is, with ``positions`` (its rows in ``samples``) and ``sample`` (the copy with
     the lowest index: the question as first posed, whose category it is reported under)."""
+    if len(row_correct) != len(samples):
+        raise ValueError(f"got {len(row_correct)} scores for {len(samples)} samples")
+    return [{"sample": samples[positions[0]], "positions": positions, "correct": all(row_correct[i] for i in positions)}
+            for positions in circular_groups(samples)]
+
+
+def circular_groups(samples) -> list[list[int]]:
+    """Positions in ``samples`` of each question's copies, the copy with the lowest index first (a row without an
+    index is a question of its own)."""
     groups: dict = defaultdict(list)
     for position, sample in enumerate(samples):
         index = sample.meta.get("circular_index")
         groups[("row", position) if index is None else ("question", index % CIRCULAR_STRIDE)].append(position)
-    if len(row_correct) != len(samples):
-        raise ValueError(f"got {len(row_correct)} scores for {len(samples)} samples")
-    questions = []
-    for positions in groups.values():
-        first = min(positions, key=lambda i: samples[i].meta.get("circular_index") or 0)
-        questions.append({"sample": samples[first], "positions": positions,
-                          "correct": all(row_correct[i] for i in positions)})
-    return questions
+    return [sorted(positions, key=lambda p: samples[p].meta.get("circular_index") or 0)
+            for positions in groups.values()]
+
+
+class CircularCopyMismatch(ValueError):
+    """Rows grouped as rotated copies of one MMBench question (same ``index % 1e6``) that are not the same question."""
+
+
+MAX_LISTED_MISMATCHES = 5
+
+
+def copy_signature(sample: EvalSample) -> dict:
+    """What every rotated copy of a question shares: its text, its set of options and the option that is right."""
+    question = sample.meta.get("question")
+    return {
+        "question": None if question is None else str(question).strip(),
+        "options": sorted(str(text).strip() for text in sample.choices.values()),
+        "right option": str(sample.choices.get(sample.answer, "")).strip(),
+    }
+
+
+def _shown(value) -> str:
+    return textwrap.shorten(repr(value), width=80, placeholder="...")
+
+
+def copy_mismatches(samples: list[EvalSample], positions: list[int]) -> list[str]:
+    """How each copy of one question (``positions`` in ``samples``, first posed first) differs from its first copy."""
+    first = samples[positions[0]]
+    expected = copy_signature(first)
+    found = []
+    for position in positions[1:]:
+        copy = samples[position]
+        actual = copy_signature(copy)
+        differences = [f"{field} {_shown(actual[field])} vs {_shown(expected[field])}"
+                       for field in expected if actual[field] != expected[field]]
+        if differences:
+            found.append(f"row {copy.sample_id} vs row {first.sample_id}: " + "; ".join(differences))
+    return found
+
+
+def check_circular_copies(samples: list[EvalSample]) -> None:
+    """Raise ``CircularCopyMismatch`` naming the rows when copies grouped by index are not one question."""
+    mismatches = [line for positions in circular_groups(samples) for line in copy_mismatches(samples, positions)]
+    if not mismatches:
+        return
+    listed = "\n  ".join(mismatches[:MAX_LISTED_MISMATCHES])
+    more = len(mismatches) - MAX_LISTED_MISMATCHES
+    raise CircularCopyMismatch(
+        f"mmbench: {len(mismatches)} row(s) share an index % {CIRCULAR_STRIDE:,} with another row but are not a "
+        f"rotated copy of its question (CircularEval would judge unrelated rows together):\n  {listed}"
+        + (f"\n  ... and {more} more" if more > 0 else "")
+        + "\nFix the data's index column (copy k of question q has index q + k * 1,000,000)."
+    )
