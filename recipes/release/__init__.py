@@ -10,14 +10,24 @@ each other module holds one part of a release:
 - ``training_facts``: the model card's Training section from what the training recipes left
 - ``model_repo``: model folder checks, the model card, assembly and the load check in a fresh process
 - ``dataset_repo``: the dataset card's configs and example counts checked against the files, assembly
-- ``hub_upload``: the upload with huggingface_hub, deleting the files an earlier release left
+- ``listing``: the staged files and the folder's files left out, printed before any upload
+- ``hub_upload``: the cheap checks run first (repo id, token, offline) and the upload with huggingface_hub,
+  deleting the files an earlier release left
 - ``errors``: ``ReleaseError``, raised for a folder that cannot be released as it is
 """
 
 from .cli import main
 from .dataset_repo import DATASET_STATS_FILES, build_dataset_repo, check_dataset_counts
 from .errors import ReleaseError
-from .hub_upload import managed_patterns, upload
+from .hub_upload import (
+    HUB_MAX_FILE_BYTES,
+    check_can_upload,
+    check_file_sizes,
+    check_repo_id,
+    managed_patterns,
+    upload,
+)
+from .listing import left_out, release_listing
 from .model_repo import (
     CONVERTER_CARD_TAG,
     LOAD_CHECK,
@@ -35,6 +45,7 @@ from .training_facts import SFT_ARGS, training_section
 __all__ = [
     "CONVERTER_CARD_TAG",
     "DATASET_STATS_FILES",
+    "HUB_MAX_FILE_BYTES",
     "LOAD_CHECK",
     "MODEL_OPTIONAL_PATTERNS",
     "MODEL_REQUIRED",
@@ -47,13 +58,18 @@ __all__ = [
     "ReleaseError",
     "build_dataset_repo",
     "build_model_repo",
+    "check_can_upload",
     "check_dataset_counts",
+    "check_file_sizes",
     "check_no_local_paths",
+    "check_repo_id",
     "converter_card",
+    "left_out",
     "main",
     "managed_patterns",
     "model_card",
     "prepare_staging",
+    "release_listing",
     "training_section",
     "upload",
 ]

@@ -15,10 +15,15 @@ pretraining ``final_model``; ``--training-notes`` is appended to it; a converted
 the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
 files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
 ``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
-recorded example counts match its files; no staged text file holds an absolute path of this machine (the eval table's
-model path becomes the repo id). Without ``--dry-run`` the staging folder is uploaded with huggingface_hub's
-``upload_folder`` (needs a token and a network); repository files of the kinds the tool writes that the staging folder
-does not hold (an earlier release's weights or shards) are deleted in the same commit.
+recorded example counts match its files (a config must name files inside the folder); no staged text file holds an
+absolute path of this machine (the eval table's model path becomes the repo id); no file is over the hub's 50 GB
+limit. Nothing else in the folder is published (notes, TODO.md, checkpoints): the files left
+out are named in the listing printed before any upload, and ``--include PATTERN`` (upload_folder's allow_patterns
+syntax, repeatable) publishes them. Without ``--dry-run`` the repo id, the token and HF_HUB_OFFLINE are checked before
+any staging; then the staging folder is uploaded as one commit with huggingface_hub's ``upload_folder`` (to
+``--revision``, a branch created when missing); repository files of the kinds the tool writes that the staging folder
+does not hold (an earlier release's weights or shards) are deleted in the same commit, other files are kept.
+``--private`` creates a private repository and refuses to upload into an existing public one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from pathlib import Path
 
 from .dataset_repo import build_dataset_repo
 from .errors import ReleaseError
-from .hub_upload import upload
+from .hub_upload import check_can_upload, check_file_sizes, check_repo_id, upload
+from .listing import release_listing
 from .model_repo import build_model_repo
 
 
@@ -43,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-table", type=Path, help="Markdown table for the model card (from recipes/eval.py)")
     parser.add_argument("--training-notes", type=Path,
                         help="Markdown appended to the model card's generated Training section")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                        help="also publish the folder's files matching PATTERN (relative to the folder, fnmatch as "
+                             "upload_folder's allow_patterns; repeatable), e.g. --include 'docs/*.md'")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repository private; an existing public repository is refused")
+    parser.add_argument("--revision", help="branch to commit to (created from main when missing; default main)")
     parser.add_argument("--dry-run", action="store_true", help="only build the staging folder; upload nothing")
     args = parser.parse_args(argv)
     folder = args.folder.resolve()
@@ -51,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.folder} is not a folder")
     staging = (args.staging or folder.with_name(folder.name + "-release")).resolve()
     try:
-        if args.kind == "model":
-            build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes)
-        else:
-            build_dataset_repo(folder, staging)
-        print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
+        check_repo_id(args.repo_id)  # what can fail cheaply fails before the copy and the load check
         if not args.dry_run:
-            print(f"uploaded: {upload(staging, args.repo_id, args.kind, args.private)}")
+            check_can_upload()
+        if args.kind == "model":
+            build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes, args.include)
+        else:
+            build_dataset_repo(folder, staging, args.include)
+        print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
+        print(release_listing(folder, staging, args.repo_id, args.kind))
+        check_file_sizes(staging)
+        if not args.dry_run:
+            print(f"uploaded: {upload(staging, args.repo_id, args.kind, args.private, args.revision)}")
     except ReleaseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

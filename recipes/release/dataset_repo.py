@@ -14,7 +14,7 @@ from dataset_builders.accounting import ACCOUNTING_FILE, PACKING_STATS_FILE
 from dataset_builders.cards import config_split_patterns
 
 from .errors import ReleaseError
-from .staging import check_no_local_paths, prepare_staging
+from .staging import check_no_local_paths, included_files, prepare_staging
 
 # Statistics beside a released data folder, by the names the data stages write them: each stage's read = kept +
 # dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
@@ -114,22 +114,37 @@ def _statistics(files: set[Path]) -> set[Path]:
             for path in parent.glob(pattern) if path.is_file()}
 
 
-def build_dataset_repo(folder: Path, staging: Path) -> Path:
-    """Assemble a dataset repository (shards with their metadata parquets, card, statistics) in ``staging``; every
-    config must match files, the card's example counts must match them and no staged file may hold a local path."""
+def _config_files(folder: Path, config: dict) -> set[Path]:
+    """The files a card config's ``data_files`` name; refuses a config that names none (a ``data_dir``-only config
+    would be released without its data), a pattern leading out of the folder and one that matches no file."""
+    name, patterns = config.get("config_name"), [pattern for _, pattern in config_split_patterns(config)]
+    if not patterns:
+        raise ReleaseError(f"config {name!r} has no data_files: the release stages the files the card's configs "
+                           "name, so this config would be published without data; list its files in data_files")
+    files: set[Path] = set()
+    for pattern in patterns:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise ReleaseError(f"config {name!r}: pattern {pattern!r} is not a path inside {folder}; the released "
+                               "repository holds only the folder's files")
+        matched = [p for p in folder.glob(pattern) if p.is_file()]
+        if not matched:
+            raise ReleaseError(f"config {name!r}: pattern {pattern!r} matches no file in {folder}")
+        files.update(matched)
+    return files
+
+
+def build_dataset_repo(folder: Path, staging: Path, include: list[str] | None = None) -> Path:
+    """Assemble a dataset repository (shards with their metadata parquets, card, statistics, and the files
+    ``include`` names as upload_folder's allow_patterns) in ``staging``; every config must match files, the card's
+    example counts must match them and no staged file may hold a local path."""
     card = folder / "README.md"
     if not card.is_file():
         raise ReleaseError(f"{folder} has no README.md dataset card")
-    configs = card_configs(card)
     files: set[Path] = set()
-    for config in configs:
-        for _, pattern in config_split_patterns(config):
-            matched = [p for p in folder.glob(pattern) if p.is_file()]
-            if not matched:
-                raise ReleaseError(
-                    f"config {config.get('config_name')!r}: pattern {pattern!r} matches no file in {folder}")
-            files.update(matched)
+    for config in card_configs(card):
+        files |= _config_files(folder, config)
     files |= _shard_metadata(files) | _statistics(files)
+    files |= {folder / name for name in included_files(folder, include or [])}
     prepare_staging(folder, staging)
     for path in sorted(files | {card}):
         target = staging / path.relative_to(folder)

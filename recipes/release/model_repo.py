@@ -15,7 +15,7 @@ import yaml
 from recipes.training.run_logs import SFT_TRAINING_LOG
 
 from .errors import ReleaseError
-from .staging import check_no_local_paths, copy_matching, prepare_staging
+from .staging import check_no_local_paths, copy_files, copy_matching, included_files, prepare_staging
 from .training_facts import training_section
 
 # The only kit code a model folder carries (what save_pretrained copies); the converter's modules, factory.py and
@@ -26,9 +26,10 @@ MODEL_REQUIRED = ("config.json", "generation_config.json", "processor_config.jso
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", WEIGHTS_INDEX)
-# Staged by pattern; the weights are staged by name (_weight_files), only those one load reads.
+# Staged by pattern; the weights are staged by name (_weight_files), only those one load reads. No other markdown:
+# a folder's notes.md or TODO.md are the user's, published only when named with --include.
 OTHER_OPTIONAL_PATTERNS = ("chat_template.jinja", "additional_chat_templates/*.jinja", "special_tokens_map.json",
-                           SFT_TRAINING_LOG, "*.md")
+                           SFT_TRAINING_LOG)
 # Every kind of file a model release manages (hub_upload deletes those of an earlier release that this one lacks).
 MODEL_OPTIONAL_PATTERNS = WEIGHT_PATTERNS + OTHER_OPTIONAL_PATTERNS
 # modeling_open_qwen2vl/model_card.py tags every card the converter writes with it: such a README.md holds the
@@ -232,14 +233,28 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
     return "\n".join(lines)
 
 
+def _extra_files(folder: Path, include: list[str], weights: list[str]) -> list[str]:
+    """The files ``--include`` adds; weight and pickle files are refused there: only the safetensors one load reads
+    (``weights``) are released, and the load check would not see others."""
+    extra = [name for name in included_files(folder, include) if name != "README.md"]  # the card is generated
+    weight_like = [name for name in extra if name not in weights and any(
+        Path(name).match(pattern) for pattern in WEIGHT_PATTERNS + PICKLE_WEIGHTS)]
+    if weight_like:
+        raise ReleaseError(f"--include names weight or pickle files the released model does not load: "
+                           f"{', '.join(weight_like)}; the release stages the weights itself (safetensors only)")
+    return extra
+
+
 def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path | None = None,
-                     training_notes: Path | None = None) -> Path:
-    """Assemble a model repository in ``staging`` from a kit model folder, check that it holds no local path and
-    loads; returns ``staging``."""
+                     training_notes: Path | None = None, include: list[str] | None = None) -> Path:
+    """Assemble a model repository in ``staging`` from a kit model folder (plus the files ``include`` names, as
+    upload_folder's allow_patterns), check that it holds no local path and loads; returns ``staging``."""
     config, weights = _check_model_folder(folder)
+    extra = _extra_files(folder, include or [], weights)
     conversion = converter_card(folder)
     prepare_staging(folder, staging)
     copy_matching(folder, staging, MODEL_REQUIRED + tuple(weights) + OTHER_OPTIONAL_PATTERNS)
+    copy_files(folder, staging, extra)
     card = model_card(
         config, repo_id,
         _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,

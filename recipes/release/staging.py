@@ -63,6 +63,7 @@ def check_no_local_paths(staging: Path, folder: Path) -> None:
 
 
 def copy_matching(source: Path, staging: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Copy the files of ``source`` matching the kit's glob ``patterns`` (never its README.md: the card is built)."""
     copied = []
     for pattern in patterns:
         for path in sorted(source.glob(pattern)):
@@ -72,3 +73,27 @@ def copy_matching(source: Path, staging: Path, patterns: tuple[str, ...]) -> lis
                 shutil.copy2(path, target)
                 copied.append(str(path.relative_to(source)))
     return copied
+
+
+def included_files(source: Path, patterns: list[str]) -> list[str]:
+    """The files of ``source`` (paths relative to it) that the user's ``--include`` patterns name, matched as
+    upload_folder's ``allow_patterns`` (fnmatch; a trailing ``/`` means the whole folder). A pattern that matches no
+    file is refused: it is a typo, and the release would silently lack what the user asked for."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    if not patterns:  # a corpus folder can hold many files: walk it only when asked to
+        return []
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    for pattern in patterns:
+        if not list(filter_repo_objects(files, allow_patterns=[pattern])):
+            raise ReleaseError(f"--include {pattern!r} matches no file in {source}")
+    return list(filter_repo_objects(files, allow_patterns=patterns))
+
+
+def copy_files(source: Path, staging: Path, names: list[str]) -> None:
+    """Copy ``names`` (paths relative to ``source``) into ``staging`` at the same relative paths; a symlink is
+    copied as the file it points to (what upload_folder would upload)."""
+    for name in names:
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target)
