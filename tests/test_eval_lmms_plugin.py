@@ -399,3 +399,22 @@ def test_clean_releases_the_model(task_setup):
     gc.collect()
     assert model() is None
     assert lm.device == device  # the evaluator may still ask (it synchronises the processes after cleaning)
+
+
+@pytest.mark.parametrize(
+    "requested, processes, expected",
+    [
+        (None, 2, "cuda:1"),  # nothing asked: accelerate's device for this process
+        ("cuda", 2, "cuda:1"),  # several processes: this process's GPU, not GPU 0 for all
+        ("cuda:0", 2, "cuda:0"),  # an explicit index is the user's choice
+        ("cuda", 1, "cuda"),  # one process: as asked
+        ("cpu", 2, "cpu"),  # another device type than the processes': as asked
+    ],
+)
+def test_device_without_an_index_means_this_processs_gpu(requested, processes, expected):
+    from types import SimpleNamespace
+
+    from recipes.evaluation.lmms_eval_plugin import process_device
+
+    accelerator = SimpleNamespace(device=torch.device("cuda", 1), num_processes=processes)
+    assert process_device(requested, accelerator) == torch.device(expected)

@@ -127,6 +127,17 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
+def process_device(requested: str | None, accelerator) -> torch.device:
+    """Where this process's model goes. ``device=cuda`` without an index means this process's GPU when several
+    processes run (as lmms-eval's own models map it), not GPU 0 for every process; an explicit index is kept."""
+    if requested is None:
+        return accelerator.device
+    device = torch.device(requested)
+    if accelerator.num_processes > 1 and device.index is None and device.type == accelerator.device.type:
+        return accelerator.device
+    return device
+
+
 class OpenQwen2VLLmms(lmms):
     """Open-Qwen2VL for lmms-eval (a "simple" model: tasks give text contexts plus ``doc_to_visual``)."""
 
@@ -156,7 +167,7 @@ class OpenQwen2VLLmms(lmms):
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         trust = trust_remote_code if isinstance(trust_remote_code, bool) else str(trust_remote_code).lower() == "true"
         self.model, self.processor = load_model_and_processor(  # prompt options are checked before the model loads
-            pretrained, device=device or accelerator.device, dtype=dtype, trust_remote_code=trust,
+            pretrained, device=process_device(device, accelerator), dtype=dtype, trust_remote_code=trust,
             check_processor=lambda processor: PromptFormatter(prompt_format, processor, chat_template),
         )
         self.prompt_format = prompt_format
