@@ -266,6 +266,11 @@ def _parse(*extra):
     (("--lr_scheduler_kwargs", "[1]"), "lr_scheduler_kwargs must be a JSON object"),
     (("--lr_scheduler_type", "constant"), "'constant' has no warmup, so warmup_ratio=0.03"),
     (("--lr_scheduler_type", "constant_with_warmup", "--lr_scheduler_kwargs", '{"a": 1}'), "takes no lr_scheduler_k"),
+    # Bad values that the schedule's first (warmup) step does not read: refused now, not once the warmup is over.
+    (("--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": "0.1"}'),
+     r"do not fit lr_scheduler_type='cosine_with_min_lr': unsupported operand type\(s\) for -: 'int' and 'str'"),
+    (("--lr_scheduler_type", "polynomial", "--lr_scheduler_kwargs", '{"power": "2"}'),
+     r"do not fit lr_scheduler_type='polynomial': unsupported operand type\(s\) for \*\* or pow\(\)"),
 ])
 def test_schedules_the_run_cannot_apply_are_refused_at_parse_time(extra, message):
     with pytest.raises(ValueError, match=message):

@@ -172,7 +172,8 @@ class DataArguments:
     max_length: int = field(default=4096, metadata={"help": "Pack capacity in LLM positions."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Packs per device per micro-batch."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Map-style datasets only."})
-    shuffle: bool = field(default=True, metadata={"help": "Map-style: a seeded permutation of packs per epoch."})
+    shuffle: bool = field(default=True, metadata={"help": "Map-style: a seeded permutation of packs per epoch "
+                                                          "(a stream is read in shard order: shuffle when packing)."})
     log_sample_uids: bool = field(
         default=False, metadata={"help": "Write the uids of every step's documents to samples.jsonl."}
     )
@@ -366,9 +367,23 @@ def _check_scheduler(args: "PretrainArguments") -> None:
     # A throwaway schedule names missing, unknown or bad keyword arguments now, not after the model is loaded.
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
     try:
-        get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=kwargs)
-    except (TypeError, ValueError) as error:
+        schedule = get_scheduler(name, probe, num_warmup_steps=1, num_training_steps=10,
+                                 scheduler_specific_kwargs=kwargs)
+        _check_schedule_factors(schedule, steps=10)
+    except (TypeError, ValueError, ArithmeticError) as error:
         raise ValueError(f"lr_scheduler_kwargs={kwargs} do not fit lr_scheduler_type={name!r}: {error}") from None
+
+
+def _check_schedule_factors(schedule, steps: int) -> None:
+    """Evaluate the schedule's factor at every step of a short run: building it evaluates only step 0, inside the
+    warmup, so a bad value (e.g. ``"min_lr_rate": "0.1"``, a string) would otherwise fail the real run once its
+    warmup ends, hours in."""
+    for step in range(steps + 1):
+        for factor in getattr(schedule, "lr_lambdas", []):  # transformers' step schedules are LambdaLR
+            value = factor(step)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"the learning-rate factor at step {step} of a {steps}-step run is {value!r}, "
+                                 "not a finite number >= 0")
 
 
 def _valid_names(dataclass_types) -> list[str]:

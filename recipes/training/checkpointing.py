@@ -255,8 +255,10 @@ def check_same_run(path: str | Path, trainer_state: dict, config: dict, world_si
     schedule) and silently change the run for others. ``config``: this run's ``config_as_dict``."""
     saved = trainer_state.get("config") or {}
     current = json.loads(json.dumps(config, default=str))  # as the checkpoint stored it (JSON)
+    # A stream is read in shard order whatever shuffle says: changing it (e.g. to silence the warning) is harmless.
+    inert = {"shuffle"} if saved.get("streaming") and current.get("streaming") else set()
     changes = [f"{key}: {saved[key]!r} -> {current.get(key)!r}"
-               for key in RESUME_FIXED_SETTINGS if key in saved and saved[key] != current.get(key)]
+               for key in RESUME_FIXED_SETTINGS if key in saved and key not in inert and saved[key] != current.get(key)]
     # The data position counts global micro-batches (processes x per-device packs): other process counts resume as
     # long as that product is the same (a streaming position: only with the same processes and batch).
     old_world, old_batch = trainer_state.get("world_size"), trainer_state.get("per_device_train_batch_size")

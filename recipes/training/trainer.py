@@ -1,8 +1,9 @@
 """The pretraining loop: accelerate for devices, processes and trackers; the kit for loss, data position, checkpoints.
 
 ``run_pretraining(config)`` does, in order (every check that can fail runs before the first step):
-resolve the checkpoint to resume and check it continues the same run (settings, output folder) -> load and check
-the corpus (packed for this run's image tokens and max_length) and the length of the run -> build model + processor
+resolve the checkpoint to resume and check it continues the same run (settings, output folder) -> name missing
+local model paths -> load and check the corpus (packed for this run's image tokens and max_length) and the length of
+the run -> build model + processor
 -> check the checkpoint fits this model and stage -> freeze per stage -> shard/prepare -> optimizer + schedule ->
 restore the checkpoint -> train, logging every step and checkpointing every ``save_steps`` -> final checkpoint and
 ``final_model``.
@@ -82,6 +83,31 @@ def _tracker_config(config: PretrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_as_dict(config).items()}
 
 
+def _tracker_init_kwargs(start_step: int) -> dict:
+    """TensorBoard keeps every event file of the log folder: a resumed (or restarted) run's steps would show twice,
+    the abandoned ones past the checkpoint next to the new ones. ``purge_step`` hides the earlier events from the
+    first step this run logs on, as metrics.jsonl drops its lines past the checkpoint."""
+    return {"tensorboard": {"purge_step": start_step + 1}}
+
+
+MODEL_SOURCE_FIELDS = ("model_name_or_path", "vision_model_name_or_path", "text_model_name_or_path",
+                       "tokenizer_name_or_path")
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id ("name" or "namespace/name")."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+
+
+def _check_local_model_sources(model_args) -> None:
+    """Name a model or tokenizer path that does not exist, before the corpus is loaded: transformers would take it
+    for a hub id and answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    for name in MODEL_SOURCE_FIELDS:
+        source = getattr(model_args, name)
+        if source and _looks_local(source) and not Path(source).expanduser().exists():
+            raise FileNotFoundError(f"{name}={source}: no such file or folder")
+
+
 class _Setup:
     """Everything the loop needs, built and checked before the first step."""
 
@@ -144,11 +170,17 @@ class _Setup:
             )
 
         # 2. Data (and the length of the run), then the model.
+        _check_local_model_sources(model_args)
         self.dataset = load_packed_corpus(data_args.dataset_name_or_path, data_args.dataset_config_name,
                                           data_args.dataset_split, data_args.streaming)
         if data_args.streaming and args.max_steps <= 0:
             raise ValueError("streaming=True needs max_steps > 0 (the stream's length is unknown, and the schedule "
                              "needs the number of steps)")
+        if data_args.streaming and data_args.shuffle and self.is_main:
+            # shuffle defaults to True: say that it does nothing here rather than let the run look shuffled.
+            logger.warning("streaming=True reads the packs in shard order: shuffle=True applies to map-style corpora "
+                           "only (datasets' shuffle buffer cannot resume exactly); shuffle the corpus when packing, "
+                           "and pass --shuffle false to silence this")
         self.total_steps = self._total_steps()
         if self.resume_state is not None and int(self.resume_state["global_step"]) > self.total_steps:
             raise ValueError(
@@ -355,7 +387,8 @@ def run_pretraining(config: PretrainConfig) -> dict:
         for log in (metrics, samples):
             log.truncate_after(setup.start_step) if setup.start_step else log.reset()
         (output_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
-    acc.init_trackers(args.run_name or output_dir.resolve().name, config=_tracker_config(config))
+    acc.init_trackers(args.run_name or output_dir.resolve().name, config=_tracker_config(config),
+                      init_kwargs=_tracker_init_kwargs(setup.start_step))
 
     trainer_state = {
         "architecture": architecture(setup.model_config),

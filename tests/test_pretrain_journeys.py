@@ -1,0 +1,90 @@
+"""What a Trainer user tries with the tiny CPU config: trackers read back after a resume, options that must not be
+silently ignored."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from recipes.training.run_logs import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, processor):
+    from recipes.training.toy_corpus import write_toy_corpus
+
+    folder = tmp_path_factory.mktemp("journeys_corpus")
+    return str(folder), write_toy_corpus(folder, processor, num_documents=64, capacity=256)
+
+
+def _args(corpus, output_dir, *extra) -> list[str]:
+    folder, name = corpus
+    return ["--config", TINY, "--dataset_name_or_path", folder, "--dataset_config_name", name,
+            "--output_dir", str(output_dir), "--save_final_model", "false", *map(str, extra)]
+
+
+def _main(argv: list[str]) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from recipes.pretrain import main
+
+    try:
+        return main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def _tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once_with_the_resumed_values(corpus, tmp_path):
+    """A resume from an earlier checkpoint (here with a longer run, so another schedule) replaces the abandoned
+    steps in TensorBoard, as in metrics.jsonl, instead of showing both."""
+    output = tmp_path / "run"
+    common = ("--save_steps", 2, "--save_total_limit", 5, "--report_to", "tensorboard")
+    _main(_args(corpus, output, "--max_steps", 4, *common))
+    _main(_args(corpus, output, "--max_steps", 5, *common, "--resume_from_checkpoint",
+                output / "checkpoints" / "step-00000002"))
+    records = read_jsonl(output / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for tag in ("lr", "loss"):
+        logged = _tensorboard_scalars(output / "logs" / "run", f"train/{tag}")
+        assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+        assert [value for _, value in logged] == pytest.approx([r[tag] for r in records], rel=1e-6)
+
+
+def test_streaming_says_shuffle_does_nothing_and_a_resume_may_turn_it_off(corpus, tmp_path, caplog):
+    """shuffle defaults to True, which a stream cannot do and resume exactly: the run says so, and a resume that
+    sets --shuffle false (to silence it) continues the same run."""
+    streaming = ("--streaming", "true", "--max_steps", 3, "--save_steps", 1, "--save_total_limit", 5,
+                 "--report_to", "none")
+    whole = tmp_path / "whole"
+    with caplog.at_level(logging.WARNING, logger="recipes.pretrain"):
+        _main(_args(corpus, whole, *streaming))
+    assert "streaming=True reads the packs in shard order: shuffle=True applies to map-style corpora" in caplog.text
+    resumed = tmp_path / "resumed"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recipes.pretrain"):
+        _main(_args(corpus, resumed, *streaming, "--shuffle", "false", "--resume_from_checkpoint",
+                    whole / "checkpoints" / "step-00000001"))
+    assert "shuffle=True" not in caplog.text
+    expected = [r["loss"] for r in read_jsonl(whole / "metrics.jsonl")][1:]
+    assert [r["loss"] for r in read_jsonl(resumed / "metrics.jsonl")] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["model_name_or_path", "tokenizer_name_or_path"])
+def test_a_missing_model_path_is_named_not_taken_for_a_hub_id(corpus, tmp_path, key):
+    """A typo in a local path (e.g. the previous run's final_model for stage full) fails before the corpus is read,
+    naming the key, instead of transformers' "Repo id must be in the form ..."."""
+    missing = tmp_path / "earlier_run" / "final_model"
+    with pytest.raises(FileNotFoundError, match=f"{key}={missing}: no such file or folder"):
+        _main(_args(corpus, tmp_path / "out", "--max_steps", 1, "--stage", "full", f"--{key}", missing))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
