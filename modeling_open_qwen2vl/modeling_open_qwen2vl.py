@@ -156,7 +156,10 @@ class OpenQwen2VLModel(OpenQwen2VLPreTrainedModel):
         """
         vision_features = self.get_vision_features(pixel_values, vision_feature_layer)
         projected = self.multi_modal_projector(vision_features.to(self.multi_modal_projector.linear_1.weight.dtype))
-        return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=list(projected))
+        # One tensor per image, each its own (not a view of `projected`): FSDP2 warns about views among a wrapped
+        # module's outputs, since an in-place op on one would skip its pre-backward all-gather.
+        per_image = [image.clone() for image in projected]
+        return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=per_image)
 
     def placeholder_positions(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Boolean [batch, seq] mask of the image placeholders, from ``input_ids`` or else ``inputs_embeds``."""

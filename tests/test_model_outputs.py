@@ -56,6 +56,14 @@ def test_get_image_features_returns_llavas_output_type(tiny_model):
     torch.testing.assert_close(torch.cat(as_tuple[1]), projected.reshape(-1, projected.shape[-1]))
 
 
+def test_image_features_are_no_views(tiny_model):
+    """FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the pre-backward
+    all-gather): the per-image tensors the forward returns must own their storage."""
+    out = tiny_model(input_ids=_one_image_prompt(), pixel_values=torch.randn(2, 3, 64, 64))
+    tensors = [out.image_outputs.last_hidden_state, *out.image_outputs.pooler_output]
+    assert all(tensor._base is None for tensor in tensors)
+
+
 def test_forward_outputs_carry_the_image_outputs(tiny_model):
     ids, pixels = _one_image_prompt(), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
