@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Both create .venv with the pinned stack when it is missing (CPU torch 2.13.0 via constraints.txt).
+# Both create .venv with the pinned stack when it is missing (torch 2.13.0 pinned by constraints.txt).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
