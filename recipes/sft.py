@@ -12,7 +12,7 @@ command line (TRL's ``TrlParser``). What the kit adds to plain TRL:
   padding (``--completion_only_loss false``: on all text, never on image placeholders or padding);
   ``--chat_format compat`` reproduces the original SFT strings, ``chatml`` is clean ChatML;
 * ``--packing`` (and ``--eval_packing``) packs conversations in isolated mode (positions restart per conversation,
-  no cross-attention);
+  no cross-attention); ``--padding_free`` without packing lays each batch out the same way, without padding;
 * bad samples raise an error naming them, or are counted and skipped with ``--skip_bad_samples``;
 * vision tower frozen unless ``--train_vision``; ``--use_peft`` puts LoRA on the language model only (QLoRA with
   ``--load_in_4bit``); adapters are merged into a full checkpoint (``--merge_lora``);
@@ -120,6 +120,11 @@ class TrainingLog(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def _data_seed(training_args: SFTConfig) -> int:
+    """The seed of the data order: ``data_seed``, or ``seed`` when it is unset (as the Trainer's sampler does)."""
+    return training_args.seed if training_args.data_seed is None else training_args.data_seed
+
+
 def _prepare_data(source, split, script_args, training_args, encoder, skip_log, packing: bool,
                   streaming: bool | None = None):
     streaming = script_args.dataset_streaming if streaming is None else streaming
@@ -127,7 +132,7 @@ def _prepare_data(source, split, script_args, training_args, encoder, skip_log, 
     if streaming and training_args.shuffle_dataset:  # map-style data is shuffled by the sampler
         from recipes.sft_data.loading import number_rows  # bad rows are then named by their row in the source
 
-        raw = number_rows(raw).shuffle(seed=training_args.seed, buffer_size=script_args.shuffle_buffer_size)
+        raw = number_rows(raw).shuffle(seed=_data_seed(training_args), buffer_size=script_args.shuffle_buffer_size)
     encoded = encode_sft_dataset(
         raw, encoder, data_format=script_args.dataset_format, image_root=script_args.image_root,
         sample_dir=script_args.sample_dir, skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log,
@@ -227,8 +232,6 @@ def _assistant_only_labels(training_args: SFTConfig) -> bool:
 
 def _refuse_unsupported_options(training_args: SFTConfig, model_args: ModelConfig) -> None:
     """TRL options the kit cannot apply to image conversations: refused, never silently ignored."""
-    if training_args.padding_free:
-        raise ValueError("padding_free is not supported for image data; use --packing (isolated packing) instead")
     if training_args.packing_strategy != "bfd":
         raise ValueError(f"packing_strategy={training_args.packing_strategy!r} packs a token stream, cutting "
                          "conversations (and their images) apart; the kit packs whole conversations (isolated "
@@ -249,6 +252,17 @@ def _set_pad_token(processor, pad_token: str) -> None:
     if pad_token not in tokenizer.get_vocab():
         raise ValueError(f"--pad_token {pad_token!r} is not a token of the tokenizer's vocabulary")
     tokenizer.pad_token = pad_token
+
+
+def _collator(processor, num_image_tokens: int, training_args: SFTConfig, script_args: SFTScriptArguments,
+              skip_log: SkipLog, packed: bool, padding_free: bool) -> SFTCollator:
+    """The kit's collator for both splits: the packed one collates unpacked rows too (padded, or with
+    ``padding_free`` laid out in one row like a pack, as TRL's padding-free collator does)."""
+    common = dict(num_image_tokens=num_image_tokens, pad_to_multiple_of=training_args.pad_to_multiple_of,
+                  skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
+    if packed or padding_free:
+        return PackedSFTCollator(processor, padding_free=padding_free, **common)
+    return SFTCollator(processor, **common)
 
 
 def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
@@ -286,10 +300,13 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
 
     # TRL refuses packing for image datasets and would tokenize the data itself: the kit packs and encodes instead
     # (and labels the assistant turns itself: TRL's assistant_only_loss check would look for raw `messages`).
+    # TRL also refuses padding_free with a custom collator: the kit's packed collator lays batches out padding-free.
     packing, assistant_only_loss = training_args.packing, training_args.assistant_only_loss
+    padding_free = training_args.padding_free
     eval_packing = packing if training_args.eval_packing is None else training_args.eval_packing
     training_args.packing = False
     training_args.assistant_only_loss = False
+    training_args.padding_free = False
     if training_args.pad_token:  # TRL applies it only to its own collator; the kit's pads with the tokenizer's
         _set_pad_token(processor, training_args.pad_token)
     training_args.remove_unused_columns = False
@@ -309,19 +326,16 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
             # the wrap-around samples that even out the last batch could not be told apart and were scored twice.
             eval_dataset = _prepare_data(script_args.eval_dataset_name, script_args.dataset_test_split, script_args,
                                          training_args, encoder, skip_log, eval_packing, streaming=False)
-    if eval_dataset is not None and eval_packing and training_args.world_size > 1 \
+    if eval_dataset is not None and (eval_packing or padding_free) and training_args.world_size > 1 \
             and training_args.per_device_eval_batch_size != 1:
         # The packed collator makes one row of a batch's packs, and the Trainer drops the wrap-around duplicates
         # that even out the last batch row by row: with one pack per batch, a duplicate is a whole row.
-        logger.warning("--eval_packing on %d processes: per_device_eval_batch_size %d -> 1 (one pack per eval "
-                       "batch, so no pack is scored twice)", training_args.world_size,
+        logger.warning("--eval_packing/--padding_free on %d processes: per_device_eval_batch_size %d -> 1 (one pack "
+                       "per eval batch, so no pack is scored twice)", training_args.world_size,
                        training_args.per_device_eval_batch_size)
         training_args.per_device_eval_batch_size = 1
-    # one collator serves both splits: the packed one collates unpacked rows too (train and eval may differ)
-    collator_class = PackedSFTCollator if packing or (eval_packing and eval_dataset is not None) else SFTCollator
-    collator = collator_class(processor, num_image_tokens=model.config.num_image_tokens,
-                              pad_to_multiple_of=training_args.pad_to_multiple_of,
-                              skip_bad_samples=script_args.skip_bad_samples, skip_log=skip_log)
+    collator = _collator(processor, model.config.num_image_tokens, training_args, script_args, skip_log,
+                         packed=packing or (eval_packing and eval_dataset is not None), padding_free=padding_free)
     enable_compact_lm_head_on_cpu()  # TRL scores every position on CPU; only the supervised ones matter
     _reset_training_log(training_args)
     trainer = SFTTrainer(
@@ -330,8 +344,9 @@ def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, mod
         callbacks=[SkipReport(skip_log), TrainingLog()],
     )
     trainer.kit_packing = packing
-    # TRL reads both only while it is built; restored, the saved training_args.bin records what the run did
+    # TRL reads these only while it is built; restored, the saved training_args.bin records what the run did
     training_args.packing, training_args.assistant_only_loss = packing, assistant_only_loss
+    training_args.padding_free = padding_free
     if peft_config is not None:  # peft's trainable copy of the tower (--train_vision) has the unread layers too
         freeze_unread_vision_parameters(trainer.model)
     logger.info("trainable parameters: %s", trainable_counts(trainer.model))

@@ -140,17 +140,26 @@ class PackedSFTCollator(SFTCollator):
     transformers derives the block-causal mask from the position restarts), ``pixel_values`` for all images in
     order, the flash-attention varlen boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k``, and ``use_cache=False``.
     Unpacked rows (one conversation each, e.g. an eval split with ``eval_packing=False``) are padded as by
-    :class:`SFTCollator`.
+    :class:`SFTCollator`, or with ``padding_free`` (TRL's ``padding_free`` without packing) laid out the same way
+    as a pack: one row, no padding.
     """
+
+    padding_free: bool = False
 
     def __call__(self, packs: list[dict]) -> dict[str, torch.Tensor]:
         if packs and isinstance(packs[0]["sample_id"], str):  # not packs: one conversation per row
-            return super().__call__(packs)
+            if not self.padding_free:
+                return super().__call__(packs)
+            return self._isolated_row(packs)
         rows = [
             {name: pack[name][i] for name in ("sample_id", "input_ids", "labels", "images")}
             for pack in packs
             for i in range(len(pack["sample_id"]))
         ]
+        return self._isolated_row(rows)
+
+    def _isolated_row(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Conversations laid end to end in one row, positions restarting at 0 for each."""
         loaded = self._load(rows)
         ids, labels, positions, images = [], [], [], []
         for row, row_images in loaded:

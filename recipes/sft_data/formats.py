@@ -342,8 +342,17 @@ def to_sft_sample(
     if check_files:
         for ref in refs:
             if ref["bytes"] is None and not os.path.isfile(ref["path"]):
-                raise BadSampleError(sample_id, "missing_image", f"image file {ref['path']} does not exist")
+                raise BadSampleError(sample_id, "missing_image", f"image file {ref['path']} does not exist"
+                                     + _image_root_hint(ref["path"], image_root))
     return SFTSample(sample_id=sample_id, messages=messages, images=refs)
+
+
+def _image_root_hint(path: str, image_root: str | None) -> str:
+    """Why a relative path was looked up where it was: without ``--image_root`` it starts from the current folder,
+    not from the data file's."""
+    if image_root or os.path.isabs(path):
+        return ""
+    return f" (relative to the current folder {os.getcwd()}: set --image_root to the folder image paths start from)"
 
 
 def _check_turns(messages: list[dict], sample_id: str) -> None:
