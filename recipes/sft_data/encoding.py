@@ -133,7 +133,8 @@ class SFTEncoder:
             raise BadSampleError(
                 sample.sample_id, "too_long",
                 f"{length} positions after expanding {len(sample.images)} image(s) x {self.num_image_tokens} tokens, "
-                f"over max_length={self.max_length}",
+                f"over max_length={self.max_length} (not truncated: a cut could split an image's tokens or drop the "
+                "answer); raise --max_length, or pass --skip_bad_samples to drop such conversations, counted",
             )
         return EncodedSample(sample.sample_id, input_ids, labels, list(sample.images))
 
