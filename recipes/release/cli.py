@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             build_dataset_repo(folder, staging, args.include)
         print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
         print(release_listing(folder, staging, args.repo_id, args.kind))
-        check_file_sizes(staging)
-        if not args.dry_run:
+        if args.dry_run:
+            check_file_sizes(staging)  # upload() checks the sizes itself, before it contacts the hub
+        else:
             print(f"uploaded: {upload(staging, args.repo_id, args.kind, args.private, args.revision)}")
     except ReleaseError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,7 +4,6 @@ shards, their metadata parquets, the card and the data stages' statistics assemb
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from dataset_builders.accounting import ACCOUNTING_FILE, PACKING_STATS_FILE
 from dataset_builders.cards import config_split_patterns
 
 from .errors import ReleaseError
-from .staging import check_no_local_paths, included_files, prepare_staging
+from .staging import check_no_local_paths, copy_files, included_files, prepare_staging
 
 # Statistics beside a released data folder, by the names the data stages write them: each stage's read = kept +
 # dropped (dataset_builders/pipelines.py: <output>/.datatrove/<stage>/accounting.json) and the pack stage's
@@ -146,10 +145,7 @@ def build_dataset_repo(folder: Path, staging: Path, include: list[str] | None = 
     files |= _shard_metadata(files) | _statistics(files)
     files |= {folder / name for name in included_files(folder, include or [])}
     prepare_staging(folder, staging)
-    for path in sorted(files | {card}):
-        target = staging / path.relative_to(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+    copy_files(folder, staging, [path.relative_to(folder).as_posix() for path in sorted(files | {card})])
     check_no_local_paths(staging, folder)
     check_dataset_counts(folder, staging)
     return staging

@@ -10,6 +10,7 @@ from dataset_builders.cards import config_split_patterns
 
 from .dataset_repo import card_configs
 from .errors import ReleaseError
+from .listing import staged_files
 from .model_repo import MODEL_OPTIONAL_PATTERNS, MODEL_REQUIRED
 from .staging import STAGING_MARKER
 
@@ -39,8 +40,8 @@ HUB_MAX_FILE_BYTES = 50 * 10**9
 def check_file_sizes(staging: Path) -> None:
     """Refuse a staged file the hub would refuse for its size (split weights with ``max_shard_size``, data into more
     shards)."""
-    too_large = [f"{p.relative_to(staging).as_posix()} ({p.stat().st_size / 1e9:.1f} GB)"
-                 for p in sorted(staging.rglob("*")) if p.is_file() and p.stat().st_size > HUB_MAX_FILE_BYTES]
+    too_large = [f"{name} ({size / 1e9:.1f} GB)" for name, size in staged_files(staging).items()
+                 if size > HUB_MAX_FILE_BYTES]
     if too_large:
         raise ReleaseError(f"the hub refuses files over {HUB_MAX_FILE_BYTES / 1e9:.0f} GB: {', '.join(too_large)}; "
                            "save the weights in shards (save_pretrained's max_shard_size) or the data in more shards")

@@ -64,14 +64,9 @@ def check_no_local_paths(staging: Path, folder: Path) -> None:
 
 def copy_matching(source: Path, staging: Path, patterns: tuple[str, ...]) -> list[str]:
     """Copy the files of ``source`` matching the kit's glob ``patterns`` (never its README.md: the card is built)."""
-    copied = []
-    for pattern in patterns:
-        for path in sorted(source.glob(pattern)):
-            if path.is_file() and path.name != "README.md":
-                target = staging / path.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
-                copied.append(str(path.relative_to(source)))
+    copied = [str(path.relative_to(source)) for pattern in patterns for path in sorted(source.glob(pattern))
+              if path.is_file() and path.name != "README.md"]
+    copy_files(source, staging, copied)
     return copied
 
 
