@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from .original_settings import ORIGINAL_MAX_NEW_TOKENS, ORIGINAL_STOP_TOKEN_IDS
 
 
-def _batches(order: list[int], size: int):
-    for start in range(0, len(order), size):
-        yield order[start : start + size]
+def batched(items: list, size: int):
+    """Consecutive slices of ``items`` of ``size`` (the last may be shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class Predictor:
@@ -72,7 +73,7 @@ class Predictor:
         outputs: list[str | None] = [None] * len(prompts)
         pad_id = self.tokenizer.pad_token_id
         with self._progress(len(prompts), "generating") as bar:
-            for batch in _batches(self._length_order(prompts, images), self.batch_size):
+            for batch in batched(self._length_order(prompts, images), self.batch_size):
                 inputs = self._encode([prompts[k] for k in batch], [images[k] for k in batch])
                 generated = self.model.generate(
                     **inputs,
@@ -105,7 +106,7 @@ class Predictor:
         letter_ids = torch.tensor(self.letter_token_ids(letters))
         outputs: list = [None] * len(prompts)
         with self._progress(len(prompts), "scoring letters") as bar:
-            for batch in _batches(self._length_order(prompts, images), self.batch_size):
+            for batch in batched(self._length_order(prompts, images), self.batch_size):
                 inputs = self._encode([prompts[k] for k in batch], [images[k] for k in batch])
                 logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
                 probabilities = torch.softmax(logits, dim=-1)[:, letter_ids.to(logits.device)]
@@ -136,7 +137,7 @@ class Predictor:
         results = [[None] * len(c) for c in continuations]
         order = sorted(range(len(pairs)), key=lambda i: -(len(prompt_ids[pairs[i][0]]) + len(targets[pairs[i]])))
         with self._progress(len(pairs), "scoring answers") as bar:
-            for batch in _batches(order, self.batch_size):
+            for batch in batched(order, self.batch_size):
                 chosen = [pairs[i] for i in batch]
                 rows = [prompt_ids[p] + targets[(p, c)] for p, c in chosen]
                 scores = self._score_rows(rows, [targets[pc] for pc in chosen], [pixel_values[p] for p, _ in chosen])

@@ -33,7 +33,7 @@ import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from .generation import Predictor
+from .generation import Predictor, batched
 from .lmms_eval_compat import ensure_filelock_api
 from .model_loading import load_model_and_processor
 from .original_settings import ORIGINAL_STOP_TOKEN_IDS
@@ -120,11 +120,6 @@ def _ignored_decoding_settings(gen_kwargs: dict) -> list[str]:
 # Requests are read (images decoded) and run this many batches at a time, so a task's images never all sit in
 # memory at once: lmms-eval hands a model every request of a run in one call.
 BATCHES_PER_CHUNK = 8
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def process_device(requested: str | None, accelerator) -> torch.device:
@@ -250,7 +245,7 @@ class OpenQwen2VLLmms(lmms):
             groups[key].append((index, context, doc_to_visual, doc_id, task, split))
         results: list[str | None] = [None] * len(requests)
         for (max_new_tokens, until), items in groups.items():
-            for chunk in _chunks(items, self._chunk_size()):
+            for chunk in batched(items, self._chunk_size()):
                 for (index, *_), text in zip(chunk, self._generate_chunk(chunk, max_new_tokens)):
                     results[index] = _truncate(text, list(until))
         return results
@@ -263,7 +258,7 @@ class OpenQwen2VLLmms(lmms):
 
     def loglikelihood(self, requests) -> list:
         responses = []
-        for chunk in _chunks(list(requests), self._chunk_size()):
+        for chunk in batched(list(requests), self._chunk_size()):
             responses.extend(self._loglikelihood_chunk(chunk))
         return responses
 
