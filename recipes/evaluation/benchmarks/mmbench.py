@@ -70,8 +70,7 @@ class MMBench(Benchmark):
     def check_samples(self, samples: list[EvalSample]) -> None:
         check_circular_copies(samples)
 
-    def score(self, samples, outputs) -> Scores:
-        self.check_samples(samples)
+    def score(self, samples, outputs) -> Scores:  # the runner has called check_samples on every process
         scores = score_generated_choice(samples, outputs, "lenient", category_key="category")
         questions = circular_questions(samples, [row["correct_strict"] for row in scores.per_sample])
         scores.strict = {
