@@ -409,15 +409,17 @@ def test_rng_states_round_trip_through_safetensors(tmp_path):
     assert expected[2] == again[2] and expected[3] == again[3]
 
 
+def _seeded_training_parts(config):
+    """A freshly seeded tiny model at stage pretrain with its AdamW and 10-step cosine schedule (2 warm-up steps)."""
+    torch.manual_seed(0)
+    model = OpenQwen2VLForConditionalGeneration(config)
+    apply_stage(model, "pretrain")
+    optimizer = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-8)
+    return model, optimizer, build_scheduler(optimizer, "cosine", 10, 2)
+
+
 def test_checkpoint_restores_model_optimizer_scheduler(tmp_path, tiny_config, processor, easy_vqa_images):
     batch = _batch(processor, easy_vqa_images, ["a red circle", "a blue square"])
-
-    def make():
-        torch.manual_seed(0)
-        model = OpenQwen2VLForConditionalGeneration(tiny_config)
-        apply_stage(model, "pretrain")
-        optimizer = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-8)
-        return model, optimizer, build_scheduler(optimizer, "cosine", 10, 2)
 
     def train_step(model, optimizer, scheduler):
         optimizer.zero_grad()
@@ -427,14 +429,14 @@ def test_checkpoint_restores_model_optimizer_scheduler(tmp_path, tiny_config, pr
         scheduler.step()
         return (loss_sum / n).item()
 
-    model, optimizer, scheduler = make()
+    model, optimizer, scheduler = _seeded_training_parts(tiny_config)
     train_step(model, optimizer, scheduler)
     state = {"architecture": ckpt.architecture(tiny_config), "stage": "pretrain"}
     path = ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler,
                                 trainer_state=state, data_state={"kind": "map", "micro_batches": 1}, is_main=True)
     expected = [train_step(model, optimizer, scheduler) for _ in range(2)]
 
-    other, other_optimizer, other_scheduler = make()
+    other, other_optimizer, other_scheduler = _seeded_training_parts(tiny_config)
     trainer_state, data_state = ckpt.load_checkpoint(path, model=other, optimizer=other_optimizer,
                                                      scheduler=other_scheduler)
     assert trainer_state["global_step"] == 1 and data_state == {"kind": "map", "micro_batches": 1}
@@ -448,12 +450,8 @@ def test_checkpoint_restores_the_fp16_loss_scale(tmp_path, tiny_config, processo
     batch = _batch(processor, easy_vqa_images, ["a red circle", "a blue square"])
 
     def make():
-        torch.manual_seed(0)
-        model = OpenQwen2VLForConditionalGeneration(tiny_config)
-        apply_stage(model, "pretrain")
-        optimizer = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-8)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        return model, optimizer, build_scheduler(optimizer, "cosine", 10, 2), scaler
+        return *_seeded_training_parts(tiny_config), scaler
 
     def train_step(model, optimizer, scheduler, scaler):
         optimizer.zero_grad()
