@@ -26,6 +26,12 @@ AUTO_MAP = {
 }
 
 
+def is_square_token_count(count: int) -> bool:
+    """Whether the projector can give ``count`` tokens per image: it pools the square patch grid to a square grid, so
+    a positive perfect square. The one rule the config, the training arguments and the packer check."""
+    return count > 0 and math.isqrt(count) ** 2 == count
+
+
 @strict
 class OpenQwen2VLConfig(PreTrainedConfig):
     """Configuration of an Open-Qwen2VL model.
@@ -99,12 +105,12 @@ class OpenQwen2VLConfig(PreTrainedConfig):
 
     def _validate_open_qwen2vl(self) -> None:
         grid = self.patch_grid_side
-        side = math.isqrt(self.num_image_tokens) if self.num_image_tokens > 0 else 0
-        if self.num_image_tokens <= 0 or side * side != self.num_image_tokens:
+        if not is_square_token_count(self.num_image_tokens):
             raise ValueError(
                 f"num_image_tokens={self.num_image_tokens} is not a positive perfect square: the projector pools the "
                 "square patch grid to a square grid of side sqrt(num_image_tokens)"
             )
+        side = self.pooled_grid_side
         if side > grid:
             raise ValueError(
                 f"num_image_tokens={self.num_image_tokens} (side {side}) exceeds the vision patch grid "

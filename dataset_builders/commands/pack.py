@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +62,9 @@ def _check_sizes(num_image_tokens: int, capacity: int, buffer_size: int) -> None
     """Refuse, before anything is written, sizes no pretraining run can use: the model and the training arguments
     take only a positive perfect square of image tokens (the projector pools the patch grid to a square), and a pack
     must hold at least one image."""
-    root = math.isqrt(num_image_tokens) if num_image_tokens > 0 else 0
-    if root * root != num_image_tokens or root == 0:
+    from modeling_open_qwen2vl.configuration_open_qwen2vl import is_square_token_count
+
+    if not is_square_token_count(num_image_tokens):
         raise ValueError(f"--num-image-tokens {num_image_tokens} is not a positive perfect square (144, 729, ...): "
                          "no Open-Qwen2VL model could train on the packs")
     if capacity <= num_image_tokens:

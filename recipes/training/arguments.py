@@ -143,8 +143,9 @@ class ModelArguments:
             if self.model_preset is None:
                 raise ValueError("model_preset_kwargs is set but the model does not come from a model_preset")
             _check_preset_kwargs(self.model_preset, parsed)
-        root = math.isqrt(self.num_image_tokens) if self.num_image_tokens > 0 else 0
-        if root * root != self.num_image_tokens:
+        from modeling_open_qwen2vl.configuration_open_qwen2vl import is_square_token_count
+
+        if not is_square_token_count(self.num_image_tokens):
             raise ValueError(f"num_image_tokens={self.num_image_tokens} must be a positive perfect square")
 
     @property
