@@ -2,6 +2,7 @@
 silently ignored."""
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,50 @@ def test_a_missing_model_path_is_named_not_taken_for_a_hub_id(corpus, tmp_path, 
     with pytest.raises(FileNotFoundError, match=f"{key}={missing}: no such file or folder"):
         _main(_args(corpus, tmp_path / "out", "--max_steps", 1, "--stage", "full", f"--{key}", missing))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def _interval_figures(records: list[dict]) -> dict:
+    """What a tracker should show for these steps, computed here from metrics.jsonl's per-step lines."""
+    supervised = sum(r["supervised_tokens"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    return {"loss": sum(r["loss"] * r["supervised_tokens"] for r in records) / supervised,
+            "tokens_per_s": sum(r["tokens"] for r in records) / seconds,
+            "tokens": sum(r["tokens"] for r in records),
+            "grad_norm": sum(r["grad_norm"] for r in records) / len(records),
+            "lr": records[-1]["lr"]}
+
+
+def _check_tracker_intervals(output: Path, intervals: dict[int, range]) -> None:
+    records = {r["step"]: r for r in read_jsonl(output / "metrics.jsonl")}
+    for tag in ("loss", "tokens_per_s", "tokens", "grad_norm", "lr"):
+        logged = _tensorboard_scalars(output / "logs" / "run", f"train/{tag}")
+        assert [step for step, _ in logged] == list(intervals), tag
+        expected = [_interval_figures([records[s] for s in steps])[tag] for steps in intervals.values()]
+        assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5), tag
+
+
+def test_trackers_get_the_figures_of_each_logging_interval_not_its_last_step(corpus, tmp_path):
+    """With logging_steps=3 the loss shown at step 3 is that of steps 1-3 (as the Trainer's), tokens/s is over
+    their time; the run's last step logs what is left."""
+    output = tmp_path / "run"
+    _main(_args(corpus, output, "--max_steps", 7, "--logging_steps", 3, "--report_to", "tensorboard"))
+    _check_tracker_intervals(output, {3: range(1, 4), 6: range(4, 7), 7: range(7, 8)})
+
+
+def test_a_resumed_run_logs_the_same_intervals_as_an_uninterrupted_one(corpus, tmp_path):
+    """Resumed at step 2 inside the interval 1-3: step 3's log still covers steps 1-3 (1 and 2 from metrics.jsonl
+    of the run before), not step 3 alone."""
+    output = tmp_path / "run"
+    common = ("--max_steps", 4, "--logging_steps", 3, "--save_steps", 2, "--save_total_limit", 5,
+              "--report_to", "tensorboard")
+    _main(_args(corpus, output, *common))
+    _main(_args(corpus, output, *common, "--resume_from_checkpoint", output / "checkpoints" / "step-00000002"))
+    _check_tracker_intervals(output, {3: range(1, 4), 4: range(4, 5)})
+
+
+def test_a_fraction_of_an_epoch_stops_part_way_with_the_steps_rounded_up(corpus, tmp_path):
+    """num_train_epochs takes a float, as the Trainer's: 0.3 epochs runs ceil(0.3 x the steps of one epoch)."""
+    whole = _main(_args(corpus, tmp_path / "whole", "--report_to", "none"))["steps"]
+    part = _main(_args(corpus, tmp_path / "part", "--report_to", "none", "--num_train_epochs", 0.3))
+    assert whole > 3 and part["steps"] == math.ceil(0.3 * whole)
+    assert part["last"]["epoch"] == pytest.approx(part["steps"] / whole, abs=1e-4)

@@ -236,7 +236,9 @@ class PretrainArguments:
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup steps = int(ratio * total steps)."})
     warmup_steps: int = field(default=0, metadata={"help": "Overrides warmup_ratio when > 0."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping (the norm is still logged)."})
-    num_train_epochs: int = 1
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the corpus; a fraction stops part-way (steps rounded up)."}
+    )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides num_train_epochs."})
     gradient_accumulation_steps: int = 1
     loss_reduction: Literal["token", "micro_batch_mean"] = field(
@@ -279,7 +281,11 @@ class PretrainArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "Continue from this checkpoint (the same rules as --resume)."}
     )
-    logging_steps: int = field(default=1, metadata={"help": "Log to trackers every N steps (metrics.jsonl: all)."})
+    logging_steps: int = field(
+        default=1,
+        metadata={"help": "Log to trackers every N steps, the figures of those N steps (loss over all their supervised "
+                  "tokens, tokens/s over their time: recipes/training/tracker_interval.py); metrics.jsonl: every step."},
+    )
     report_to: str = field(
         default="tensorboard",
         metadata={"help": "tensorboard, trackio, none (several: space- or comma-separated).", "nargs": "+"},

@@ -66,7 +66,9 @@ from .model_setup import (
     enable_activation_checkpointing,
 )
 from .optim import apply_schedule_at_current_step, build_optimizer, build_scheduler, warmup_steps_for
+from ..json_lines import read_json_lines
 from .run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SAMPLES_FILE, JsonLinesLog
+from .tracker_interval import IntervalMetrics
 
 logger = logging.getLogger("recipes.pretrain")
 
@@ -281,13 +283,13 @@ class _Setup:
 
     def _total_steps(self) -> int:
         """Optimizer steps of the whole run: max_steps, or epochs of global micro-batches grouped by accumulation
-        (a map-style epoch's last step takes what is left of it)."""
+        (a map-style epoch's last step takes what is left of it; a fraction of epochs rounds up, as the Trainer)."""
         args, data_args = self.args, self.data_args
         if args.max_steps > 0:
             return args.max_steps
         sampler = GlobalMicroBatchSampler(len(self.dataset), data_args.per_device_train_batch_size, self.rank,
                                           self.world, args.seed, data_args.shuffle)
-        return math.ceil(sampler.per_epoch / args.gradient_accumulation_steps) * args.num_train_epochs
+        return math.ceil(math.ceil(sampler.per_epoch / args.gradient_accumulation_steps) * args.num_train_epochs)
 
 
 class _StopRequest:
@@ -372,6 +374,16 @@ def _optimizer_step(setup: _Setup, step_batches: list[dict], stop_requested: boo
             "documents_dropped": int(totals[5])}
 
 
+def _earlier_step_records(output_dir: Path, resume_path: Path) -> list[dict]:
+    """metrics.jsonl of the run a resume continues: this output folder's, else the one the checkpoint lies in (a
+    resume into a new folder); none when neither has it (the first tracker log then covers fewer steps)."""
+    for folder in (output_dir, Path(resume_path).parent.parent):
+        if (folder / METRICS_FILE).is_file():
+            return [record for _, record in read_json_lines(folder / METRICS_FILE)]
+    logger.info("no %s beside the checkpoint: the first tracker log covers only this run's steps", METRICS_FILE)
+    return []
+
+
 def run_pretraining(config: PretrainConfig) -> dict:
     """Train; returns a summary (steps, last loss, paths). See the module docstring for the order of work."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -386,6 +398,9 @@ def run_pretraining(config: PretrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         for log in (metrics, samples):
             log.truncate_after(setup.start_step) if setup.start_step else log.reset()
+    interval = IntervalMetrics(args.logging_steps)
+    if setup.is_main and setup.start_step:  # only the main process logs to trackers
+        interval.refill(_earlier_step_records(output_dir, setup.resume_path), setup.start_step)
         (output_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
     acc.init_trackers(args.run_name or output_dir.resolve().name, config=_tracker_config(config),
                       init_kwargs=_tracker_init_kwargs(setup.start_step))
@@ -443,13 +458,14 @@ def run_pretraining(config: PretrainConfig) -> dict:
             if torch.cuda.is_available():
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.write(record)
+            interval.add(record)
             if data_args.log_sample_uids:
                 from accelerate.utils import gather_object
 
                 uids = gather_object([uid for b in step_batches for uid in b["uids"]])
                 samples.write({"step": step, "uids": uids})
             if step % args.logging_steps == 0 or step == setup.total_steps:
-                acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step",) and v is not None}, step=step)
+                acc.log({f"train/{k}": v for k, v in interval.pop_summary().items() if v is not None}, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
