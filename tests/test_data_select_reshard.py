@@ -395,6 +395,77 @@ def test_generator_based_builder_download_prepare_and_stream(pool, tmp_path):
     assert [row["text"] for row in stream] == list(ds["text"])
 
 
+MIXTURE_SHARDS = {"ccs": (2, 3), "datacomp_mlmf_su85_union_dfn": (1, 2), "laion": (1, 4)}  # (shards, per shard)
+
+
+def write_mixture_corpus(corpus, subsets) -> dict[str, list[dict]]:
+    """Tiny shards for some of the pretraining subsets, each from its own seed; returns the rows written per subset."""
+    from dataset_builders.cards import KNOWN_SUBSETS
+
+    return {name: write_clean_shards(str(corpus / KNOWN_SUBSETS[name].folder), *MIXTURE_SHARDS[name], seed=seed)
+            for seed, name in enumerate(subsets, start=40)}
+
+
+def test_builder_loads_only_the_chosen_subsets_of_a_mixture_into_their_own_cache(tmp_path):
+    from dataset_builders.open_qwen2vl_data import OpenQwen2VLData
+
+    written = write_mixture_corpus(tmp_path / "corpus", MIXTURE_SHARDS)
+    kwargs = {"data_dir": str(tmp_path / "corpus"), "cache_dir": str(tmp_path / "cache")}
+    full = OpenQwen2VLData(config_name="pretraining", **kwargs)
+    full.download_and_prepare()  # built first: the chosen-subset config must not pick up its cache
+    chosen = OpenQwen2VLData(config_name="pretraining", subsets=["laion", "ccs"], **kwargs)
+    assert chosen.config.subsets == ("ccs", "laion")  # the mixture's order
+    assert chosen.config_id != full.config_id and chosen.cache_dir != full.cache_dir
+    chosen.download_and_prepare()
+    ds = chosen.as_dataset(split="train")
+    expected = [(name, row["uid"]) for name in ("ccs", "laion") for row in written[name]]
+    assert list(zip(ds["subset"], ds["uid"])) == expected
+    assert len(full.as_dataset(split="train")) == sum(len(rows) for rows in written.values())
+    assert [row["subset"] for row in chosen.as_streaming_dataset(split="train")] == [s for s, _ in expected]
+    # The same selection in another order (or with repeats) is the same cache; all parts are the full config.
+    again = OpenQwen2VLData(config_name="pretraining", subsets=("ccs", "laion", "ccs"), **kwargs)
+    assert again.cache_dir == chosen.cache_dir
+    every = OpenQwen2VLData(config_name="pretraining", subsets=["laion", "ccs", "datacomp_mlmf_su85_union_dfn"],
+                            **kwargs)
+    assert every.cache_dir == full.cache_dir
+
+
+@pytest.mark.parametrize("subsets, message", [
+    ([], r"subsets=\[\] selects nothing: pass some of \['ccs', 'datacomp_mlmf_su85_union_dfn', 'laion'\]"),
+    (["ccs", "nope"], r"unknown subset\(s\) \['nope'\] for config 'pretraining'; its subsets are \['ccs', "
+                      r"'datacomp_mlmf_su85_union_dfn', 'laion'\]"),
+    (["datacomp_dfn"], r"\['datacomp_dfn'\] .*a config of its own, config_name='datacomp_dfn'"),
+])
+def test_builder_refuses_a_bad_subset_choice(tmp_path, subsets, message):
+    from dataset_builders.open_qwen2vl_data import OpenQwen2VLData
+
+    with pytest.raises(ValueError, match=message):
+        OpenQwen2VLData(config_name="pretraining", subsets=subsets, data_dir=str(tmp_path),
+                        cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("present", [("ccs",), ()])
+def test_builder_names_every_missing_subset_and_how_to_load_the_rest(tmp_path, present):
+    from dataset_builders.cards import KNOWN_SUBSETS
+    from dataset_builders.open_qwen2vl_data import OpenQwen2VLData
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_mixture_corpus(corpus, present)
+    builder = OpenQwen2VLData(config_name="pretraining", data_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as error:
+        builder.download_and_prepare()
+    message = str(error.value)
+    missing = [name for name in MIXTURE_SHARDS if name not in present]
+    assert f"for {len(missing)} of its 3 subset(s)" in message
+    for name in missing:
+        assert f"  - {name!r}: looked in {corpus}/{KNOWN_SUBSETS[name].folder}" in message
+    if present:
+        assert "Present: ['ccs']. To load only those, pass subsets=['ccs']" in message
+    else:
+        assert "None of them is present: check data_dir" in message
+
+
 def test_two_corpora_with_the_same_folder_name_do_not_share_a_stale_cache(pool, tmp_path):
     """datasets caches a local folder under its name and card; the card's per-config counts keep them apart."""
     from datasets import load_dataset
