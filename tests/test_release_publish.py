@@ -4,6 +4,8 @@ is checked before any slow work (repo id, offline, token), and how the upload tr
 
 The hub is never contacted: huggingface_hub.HfApi's network methods are replaced (test_release._fake_hub)."""
 
+import ast
+import re
 import shutil
 
 import pytest
@@ -186,6 +188,44 @@ def test_revision_commits_to_a_branch_created_when_missing(tmp_path, monkeypatch
     assert "uploaded: https://hf.co/fake/commit" in capsys.readouterr().out
     assert calls == {"branches": [("v2", True)], "revisions": ["v2"]}
     assert (hub / "README.md").read_text() == (folder / "README.md").read_text()
+
+
+def _snippet_calls(card, loader):
+    """(first argument, revision= or None) of each ``loader`` call in the card's Python code blocks."""
+    calls = []
+    for code in re.findall(r"^```python\n(.*?)^```", card, re.DOTALL | re.MULTILINE):
+        for node in ast.walk(ast.parse(code)):
+            func = node.func if isinstance(node, ast.Call) else None
+            if (getattr(func, "attr", None) or getattr(func, "id", None)) == loader:
+                keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+                calls.append((ast.literal_eval(node.args[0]), keywords.get("revision")))
+    return calls
+
+
+@pytest.mark.parametrize(("revision_args", "revision"), [([], None), (["--revision", "main"], None),
+                                                         (["--revision", "v2"], "v2")])
+def test_model_card_snippet_loads_the_branch_released_to(tmp_path, model_folder, monkeypatch, revision_args, revision):
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)  # loading is tested elsewhere
+    staging = tmp_path / "staging"
+    assert main(["model", str(model_folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"]
+                + revision_args) == 0
+    # copy-pasted, the snippet must load what was uploaded: the branch, not main
+    assert _snippet_calls((staging / "README.md").read_text(), "from_pretrained") == [("org/x", revision)] * 2
+
+
+def test_dataset_card_snippet_loads_the_branch_released_to(tmp_path):
+    folder = _corpus(tmp_path)
+    card = folder / "README.md"
+    card.write_text(card.read_text() + '\n## Loading\n\n```python\nfrom datasets import load_dataset\n\n'
+                    'ds = load_dataset("org/c", "ccs", split="train")  # decoded images\n'
+                    'ds = load_dataset("webdataset", data_files="ccs/*.tar")  # a packaged builder: no branch\n```\n')
+    assert main(["dataset", str(folder), "--repo-id", "org/c", "--staging", str(tmp_path / "s"), "--dry-run",
+                 "--revision", "v2"]) == 0
+    staged = (tmp_path / "s" / "README.md").read_text()
+    assert _snippet_calls(staged, "load_dataset") == [("org/c", "v2"), ("webdataset", None)]
+    assert 'split="train", revision="v2")  # decoded images' in staged and "revision" not in card.read_text()
+    assert main(["dataset", str(folder), "--repo-id", "org/c", "--staging", str(tmp_path / "s"), "--dry-run"]) == 0
+    assert (tmp_path / "s" / "README.md").read_text() == card.read_text()  # main: staged as written
 
 
 def test_re_release_keeps_markdown_the_tool_does_not_write(tmp_path, monkeypatch, tiny_config, processor):

@@ -1,5 +1,6 @@
 """Release tool refusals for folders that would publish a broken or misleading repository (a stale mix of weight
-files, a processor that does not match the model) and the converter's model card kept in the released card.
+files, a processor that does not match the model) and the converter's or the user's own model card kept in the
+released card.
 
 Fixtures are built here (save_pretrained, files copied by hand), not with the converter."""
 
@@ -158,7 +159,69 @@ def test_converter_card_facts_are_kept_in_the_released_card(saved, tmp_path, cap
     assert "recipe: unknown" not in card and "- prismatic-conversion" in card.split("\n---\n", 1)[0]
     assert "# open-qwen2vl-tiny (transformers format)" not in card  # one title: the converter's is dropped
 
-    (folder / "README.md").write_text("# my notes\n\nnot a converter card\n")  # other cards: not carried, as before
+    (folder / "README.md").write_text("# my notes\n\nnot a converter card\n")  # the user's: Notes, not Conversion
     code, err, staging = _release(folder, tmp_path, capsys)
     card = (staging / "README.md").read_text()
     assert code == 0 and "## Conversion" not in card and "- recipe: unknown" in card
+    assert "## Notes\n\n### my notes\n\nnot a converter card\n" in card
+
+
+USER_CARD = """---
+license: cc-by-nc-4.0
+datasets:
+- org/my-captions
+tags:
+- my-finetune
+---
+
+# My captioner
+
+Fine-tuned on my captions; not for medical images.
+
+## Limitations
+
+```python
+# a comment in code, not a heading
+```
+"""
+
+
+def test_users_own_readme_is_kept_in_the_released_card(saved, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)  # loading is tested elsewhere
+    folder = _copy(saved, "single", tmp_path)
+    (folder / "README.md").write_text(USER_CARD, encoding="utf-8")
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    card = ModelCard.load(staging / "README.md")  # parsed as the hub parses it
+    notes = card.text.split("\n## Notes\n\n", 1)[1].split("\n## ", 1)[0]
+    assert notes.startswith("### My captioner\n\nFine-tuned on my captions; not for medical images.\n\n"
+                            "#### Limitations\n") and "# a comment in code, not a heading" in notes
+    assert card.data.license == "cc-by-nc-4.0" and card.data.datasets == ["org/my-captions"]  # theirs kept
+    assert card.data.tags == ["open-qwen2vl", "vision-language", "multimodal", "custom_code", "my-finetune"]
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-text-to-text")
+    assert card.text.lstrip().startswith("# x\n") and "\n# My captioner" not in card.text  # one title: ours
+
+
+def test_trainer_draft_card_is_replaced(saved, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)
+    folder = _copy(saved, "single", tmp_path)
+    (folder / "README.md").write_text(  # as TRL's SFTTrainer writes it at every checkpoint save
+        "---\nlibrary_name: transformers\nmodel_name: sft\ntags:\n- generated_from_trainer\n- trl\n- sft\n---\n\n"
+        "# Model Card for sft\n\n```python\ngenerator = pipeline(\"text-generation\", model=\"None\")\n```\n")
+    code, err, staging = _release(folder, tmp_path, capsys)
+    card = (staging / "README.md").read_text()
+    assert code == 0 and "## Notes" not in card and "text-generation" not in card and "generated_from" not in card
+
+
+@pytest.mark.parametrize(("front_matter", "message"), [
+    ("pipeline_tag: text-generation\n", "README.md front matter sets pipeline_tag: 'text-generation' (the release "
+                                        "needs 'image-text-to-text'); remove these keys"),
+    ("license: [unclosed\n", "README.md has front matter that is not valid YAML"),
+])
+def test_users_readme_that_cannot_be_kept_is_refused(saved, tmp_path, capsys, front_matter, message):
+    folder = _copy(saved, "single", tmp_path)
+    (folder / "README.md").write_text(f"---\n{front_matter}---\n\n# mine\n")
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 2 and message in err and "move README.md out of the folder" in err and not staging.exists()

@@ -11,7 +11,9 @@ files, the processor and tokenizer files (refused when the processor's ``num_ima
 the config's), the generation config and a model card (with a Training section generated from what the training
 recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.yaml`` and ``metrics.jsonl`` around a
 pretraining ``final_model``; ``--training-notes`` is appended to it; a converted folder's card from
-``convert_prismatic_to_hf`` is kept as its Conversion section); for a dataset,
+``convert_prismatic_to_hf`` is kept as its Conversion section, a README.md the user wrote as its Notes section with
+its metadata merged (their keys and license kept, tags joined; a ``library_name`` or ``pipeline_tag`` other than the
+release's is refused); only a Trainer's draft card, tagged ``generated_from_trainer``, is replaced); for a dataset,
 the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
 files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
 ``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
@@ -21,7 +23,8 @@ limit. Nothing else in the folder is published (notes, TODO.md, checkpoints): th
 out are named in the listing printed before any upload, and ``--include PATTERN`` (upload_folder's allow_patterns
 syntax, repeatable) publishes them. Without ``--dry-run`` the repo id, the token and HF_HUB_OFFLINE are checked before
 any staging; then the staging folder is uploaded as one commit with huggingface_hub's ``upload_folder`` (to
-``--revision``, a branch created when missing); repository files of the kinds the tool writes that the staging folder
+``--revision``, a branch created when missing, which the cards' ``from_pretrained``/``load_dataset`` snippets then
+name as ``revision=``, on a dry run too); repository files of the kinds the tool writes that the staging folder
 does not hold (an earlier release's weights or shards) are deleted in the same commit, other files are kept.
 ``--private`` creates a private repository and refuses to upload into an existing public one.
 """
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                              "upload_folder's allow_patterns; repeatable), e.g. --include 'docs/*.md'")
     parser.add_argument("--private", action="store_true",
                         help="create the repository private; an existing public repository is refused")
-    parser.add_argument("--revision", help="branch to commit to (created from main when missing; default main)")
+    parser.add_argument("--revision", help="branch to commit to (created from main when missing; default main); the "
+                                           "cards' loading snippets load it")
     parser.add_argument("--dry-run", action="store_true", help="only build the staging folder; upload nothing")
     args = parser.parse_args(argv)
     folder = args.folder.resolve()
@@ -66,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             check_can_upload()
         if args.kind == "model":
-            build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes, args.include)
+            build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes, args.include,
+                             args.revision)
         else:
-            build_dataset_repo(folder, staging, args.include)
+            build_dataset_repo(folder, staging, args.include, args.revision)
         print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
         print(release_listing(folder, staging, args.repo_id, args.kind))
         if args.dry_run:

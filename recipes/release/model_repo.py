@@ -14,6 +14,7 @@ import yaml
 
 from recipes.training.run_logs import SFT_TRAINING_LOG
 
+from .card_edits import FIXED_METADATA, merged_metadata, revision_argument, user_card
 from .errors import ReleaseError
 from .staging import check_no_local_paths, copy_files, copy_matching, included_files, prepare_staging
 from .training_facts import training_section
@@ -189,27 +190,31 @@ def _conversion_facts(card: str) -> list[str]:
 
 
 def model_card(config: dict, repo_id: str, eval_table: str | None, training: str | None,
-               conversion: str | None = None) -> str:
-    """The released card; ``conversion`` is the converter's card body (``converter_card``), kept as a section."""
+               conversion: str | None = None, revision: str | None = None,
+               own_card: tuple[dict, str] | None = None) -> str:
+    """The released card; ``conversion`` is the converter's card body (``converter_card``), kept as a section, and
+    ``own_card`` the README.md the user wrote (``user_card``), kept as the Notes section with its metadata merged.
+    The Use snippet loads ``revision`` (the branch uploaded to) unless it is main."""
     text, vision = config["text_config"], config["vision_config"]
     metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-text-to-text",
+        **FIXED_METADATA,
         "license": "apache-2.0",
         "tags": ["open-qwen2vl", "vision-language", "multimodal", "custom_code"]
         + ([CONVERTER_CARD_TAG] if conversion else []),
     }
-    name = repo_id.split("/")[-1]
+    if own_card:
+        metadata = merged_metadata(metadata, own_card[0])
+    name, loads = repo_id.split("/")[-1], f'"{repo_id}"{revision_argument(revision)}'
     lines = [
-        "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
+        "---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(), "---", "",
         f"# {name}", "",
         "An [Open-Qwen2VL](https://arxiv.org/abs/2504.00595) model packaged by the Open-Qwen2VL kit: a SigLIP vision "
         "encoder, an adaptive average-pool projector and a Qwen2 language model, loadable with the standard "
         "transformers Auto classes (the modeling code ships in this repository).", "",
         "## Use", "", "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
+        f"model = AutoModelForImageTextToText.from_pretrained({loads}, trust_remote_code=True)",
+        f"processor = AutoProcessor.from_pretrained({loads}, trust_remote_code=True)",
         'inputs = processor(text="<s><image>\\nDescribe the image.", images=[image], return_tensors="pt")',
         "print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
         "```", "",
@@ -223,6 +228,8 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
         f"vocabulary {text.get('vocab_size')} |",
         "",
     ]
+    if own_card and own_card[1]:
+        lines += ["## Notes", "", own_card[1], ""]
     if conversion:
         lines += ["## Conversion", "", "From the model card the converter wrote "
                   "(`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):", "", conversion.strip(), ""]
@@ -236,7 +243,8 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
 def _extra_files(folder: Path, include: list[str], weights: list[str]) -> list[str]:
     """The files ``--include`` adds; weight and pickle files are refused there: only the safetensors one load reads
     (``weights``) are released, and the load check would not see others."""
-    extra = [name for name in included_files(folder, include) if name != "README.md"]  # the card is generated
+    # README.md is never copied as is: the card is generated (the folder's own one kept in it)
+    extra = [name for name in included_files(folder, include) if name != "README.md"]
     weight_like = [name for name in extra if name not in weights and any(
         Path(name).match(pattern) for pattern in WEIGHT_PATTERNS + PICKLE_WEIGHTS)]
     if weight_like:
@@ -246,12 +254,15 @@ def _extra_files(folder: Path, include: list[str], weights: list[str]) -> list[s
 
 
 def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path | None = None,
-                     training_notes: Path | None = None, include: list[str] | None = None) -> Path:
+                     training_notes: Path | None = None, include: list[str] | None = None,
+                     revision: str | None = None) -> Path:
     """Assemble a model repository in ``staging`` from a kit model folder (plus the files ``include`` names, as
-    upload_folder's allow_patterns), check that it holds no local path and loads; returns ``staging``."""
+    upload_folder's allow_patterns), check that it holds no local path and loads; returns ``staging``. The card's
+    snippet loads ``revision``; a README.md the user wrote in the folder is kept in the card (``user_card``)."""
     config, weights = _check_model_folder(folder)
     extra = _extra_files(folder, include or [], weights)
     conversion = converter_card(folder)
+    own_card = None if conversion else user_card(folder)  # refused here, before staging, if it cannot be kept
     prepare_staging(folder, staging)
     copy_matching(folder, staging, MODEL_REQUIRED + tuple(weights) + OTHER_OPTIONAL_PATTERNS)
     copy_files(folder, staging, extra)
@@ -260,7 +271,7 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
         _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,
         training_section(folder, config, training_notes.read_text() if training_notes else None,
                          _conversion_facts(conversion) if conversion else None),
-        conversion,
+        conversion, revision, own_card,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
     check_no_local_paths(staging, folder)

@@ -1,0 +1,117 @@
+"""What the released cards take from the user: a README.md written by hand in a model folder (kept in the generated
+card, never replaced silently) and the branch of ``--revision`` (named in the cards' loading snippets)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import ReleaseError
+
+# transformers' Trainer (and TRL's, at every checkpoint save) writes a draft card with this tag into output_dir: its
+# usage snippet is for a text-generation pipeline, and the facts it holds are in the generated Training section.
+TRAINER_CARD_TAG = "generated_from_trainer"
+# Metadata of every released model card that the repository depends on (the hub's widget and loading code): a user's
+# other value is refused rather than published beside a card that says otherwise.
+FIXED_METADATA = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
+FRONT_MATTER = re.compile(r"---\n(.*?)^---[ \t]*$\n?(.*)", re.DOTALL | re.MULTILINE)
+
+
+def _nested(body: str, level: int) -> str:
+    """``body`` with its headings moved down so the shallowest one is at ``level`` (code comments left as they are)."""
+    lines, in_code, levels = body.splitlines(), False, []
+    for line in lines:
+        in_code ^= line.startswith("```")
+        if not in_code and re.match(r"#{1,6} ", line):
+            levels.append(len(line) - len(line.lstrip("#")))
+    shift, out, in_code = max(0, level - min(levels, default=level)), [], False
+    for line in lines:
+        in_code ^= line.startswith("```")
+        if not in_code and re.match(r"#{1,6} ", line):
+            line = "#" * min(6, shift + len(line) - len(line.lstrip("#"))) + " " + line.lstrip("#").lstrip()
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+def _tags(value: object) -> list:
+    return value if isinstance(value, list) else [value] if value else []  # YAML allows one tag without a list
+
+
+def user_card(folder: Path) -> tuple[dict, str] | None:
+    """(front-matter metadata, body with its headings under a ``##`` section) of a README.md the user wrote in
+    ``folder``; None without one, or when it is a Trainer's draft (``TRAINER_CARD_TAG``). Call it only for a folder
+    whose README.md is not the converter's card (``model_repo.converter_card``)."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
+    match = FRONT_MATTER.match(text)
+    try:
+        metadata = (yaml.safe_load(match.group(1)) or {}) if match else {}
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())  # one line: YAML's own message spans several
+        raise ReleaseError(f"{readme} has front matter that is not valid YAML ({reason}); fix it (its text is kept in "
+                           "the released card) or move README.md out of the folder") from err
+    if not isinstance(metadata, dict):
+        raise ReleaseError(f"{readme} front matter is not a mapping of metadata keys; fix it or move README.md out "
+                           "of the folder")
+    if TRAINER_CARD_TAG in _tags(metadata.get("tags")):
+        return None
+    conflicts = [f"{key}: {metadata[key]!r} (the release needs {value!r})" for key, value in FIXED_METADATA.items()
+                 if key in metadata and metadata[key] != value]
+    if conflicts:
+        raise ReleaseError(f"{readme} front matter sets {'; '.join(conflicts)}; remove these keys (the rest of the "
+                           "card is kept in the released card) or move README.md out of the folder")
+    return metadata, _nested(match.group(2) if match else text, 3)
+
+
+def merged_metadata(ours: dict, theirs: dict) -> dict:
+    """The generated card's metadata with the user's (``user_card``): their keys added or taking precedence (a
+    license they chose stays theirs), tags joined."""
+    merged = {**ours, **{key: value for key, value in theirs.items() if key != "tags"}}
+    merged["tags"] = ours["tags"] + [tag for tag in _tags(theirs.get("tags")) if tag not in ours["tags"]]
+    return merged
+
+
+def revision_argument(revision: str | None) -> str:
+    """``, revision="<branch>"`` for a loading call, or "" for main: a snippet that loads main would not load what
+    a release to another branch uploaded."""
+    return f", revision={json.dumps(revision)}" if revision and revision != "main" else ""
+
+
+def _with_revision_code(code: str, argument: str) -> str:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:  # not Python that can be edited safely (e.g. a <placeholder>): left as written
+        return code
+    ends = []
+    for node in ast.walk(tree):
+        func = node.func if isinstance(node, ast.Call) else None
+        name = getattr(func, "id", None) or getattr(func, "attr", None)
+        first = node.args[0] if name == "load_dataset" and node.args else None
+        # a repository id or path has a "/"; a packaged builder ("webdataset", "parquet") has none
+        if (isinstance(first, ast.Constant) and isinstance(first.value, str) and "/" in first.value
+                and not any(keyword.arg == "revision" for keyword in node.keywords)):
+            last = max(node.args + node.keywords, key=lambda arg: (arg.end_lineno, arg.end_col_offset))
+            ends.append((last.end_lineno, last.end_col_offset))
+    lines = code.split("\n")
+    for lineno, offset in sorted(ends, reverse=True):  # from the end: earlier offsets stay valid
+        raw = lines[lineno - 1].encode()  # ast offsets count UTF-8 bytes
+        lines[lineno - 1] = (raw[:offset] + argument.encode() + raw[offset:]).decode()
+    return "\n".join(lines)
+
+
+def with_revision(card: str, revision: str | None) -> str:
+    """``card`` with ``revision=`` added to the ``load_dataset`` calls of its Python code blocks that load a
+    repository (a first argument with a "/", not a packaged builder such as ``"webdataset"``) and name no revision;
+    unchanged for main."""
+    argument = revision_argument(revision)
+    if not argument:
+        return card
+    return re.sub(r"^(```python[ \t]*\n)(.*?)(^```)",
+                  lambda m: m.group(1) + _with_revision_code(m.group(2), argument) + m.group(3),
+                  card, flags=re.DOTALL | re.MULTILINE)
