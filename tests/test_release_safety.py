@@ -199,9 +199,31 @@ def test_users_own_readme_is_kept_in_the_released_card(saved, tmp_path, capsys, 
     assert notes.startswith("### My captioner\n\nFine-tuned on my captions; not for medical images.\n\n"
                             "#### Limitations\n") and "# a comment in code, not a heading" in notes
     assert card.data.license == "cc-by-nc-4.0" and card.data.datasets == ["org/my-captions"]  # theirs kept
-    assert card.data.tags == ["open-qwen2vl", "vision-language", "multimodal", "custom_code", "my-finetune"]
+    assert card.data.tags == ["open-qwen2vl", "vision-language", "multimodal", "custom_code", "open-qwen2vl-release",
+                              "my-finetune"]
     assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-text-to-text")
     assert card.text.lstrip().startswith("# x\n") and "\n# My captioner" not in card.text  # one title: ours
+
+
+@pytest.mark.parametrize("own_readme", ["converter", "user", "none"])
+def test_releasing_a_released_folder_again_gives_the_same_card(saved, tmp_path, capsys, monkeypatch, own_readme):
+    """A downloaded release (its README.md is the card this tool made) released again, e.g. after a quantization:
+    the Notes and Conversion sections are taken back from it, not the whole earlier card nested in the new one."""
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)
+    folder = _copy(saved, "single", tmp_path)
+    readme = {"converter": converter_model_card(CONVERTER_FACTS), "user": USER_CARD, "none": None}[own_readme]
+    if readme:
+        (folder / "README.md").write_text(readme, encoding="utf-8")
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    first = (staging / "README.md").read_text()
+    (folder / "README.md").write_text(first, encoding="utf-8")  # as snapshot_download brings it back
+    code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    again = (staging / "README.md").read_text()
+    assert again == first
+    assert again.count("\n## Use\n") == 1 and again.count("From the model card the converter wrote") == (
+        own_readme == "converter")
 
 
 def test_trainer_draft_card_is_replaced(saved, tmp_path, capsys, monkeypatch):

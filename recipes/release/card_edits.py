@@ -19,6 +19,28 @@ TRAINER_CARD_TAG = "generated_from_trainer"
 # other value is refused rather than published beside a card that says otherwise.
 FIXED_METADATA = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
 FRONT_MATTER = re.compile(r"---\n(.*?)^---[ \t]*$\n?(.*)", re.DOTALL | re.MULTILINE)
+# modeling_open_qwen2vl/model_card.py tags every card the converter writes with it (model_repo.converter_card).
+CONVERTER_CARD_TAG = "prismatic-conversion"
+# Every card the release tool generates carries this tag: releasing a downloaded release again (after a fine-tune, a
+# quantization...) takes back the sections that came from the user and the converter instead of nesting the whole
+# earlier card.
+RELEASE_CARD_TAG = "open-qwen2vl-release"
+# The line that opens a released card's Conversion section, before the converter card's body.
+CONVERSION_INTRO = "From the model card the converter wrote (`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):"
+
+
+def card_section(body: str, title: str) -> str | None:
+    """The text under ``## title`` of a card, up to its next ``## `` heading outside code; None without one."""
+    lines, in_code, start = body.splitlines(), False, None
+    for index, line in enumerate(lines):
+        in_code ^= line.startswith("```")
+        if in_code or not line.startswith("## "):
+            continue
+        if start is not None:
+            return "\n".join(lines[start:index]).strip()
+        if line[3:].strip() == title:
+            start = index + 1
+    return "\n".join(lines[start:]).strip() if start is not None else None
 
 
 def _nested(body: str, level: int) -> str:
@@ -43,8 +65,8 @@ def _tags(value: object) -> list:
 
 def user_card(folder: Path) -> tuple[dict, str] | None:
     """(front-matter metadata, body with its headings under a ``##`` section) of a README.md the user wrote in
-    ``folder``; None without one, or when it is a Trainer's draft (``TRAINER_CARD_TAG``). Call it only for a folder
-    whose README.md is not the converter's card (``model_repo.converter_card``)."""
+    ``folder``; None without one, or when it is a Trainer's draft (``TRAINER_CARD_TAG``) or the converter's card
+    (``model_repo.converter_card`` keeps that). Of a card this tool released, only its Notes section."""
     readme = folder / "README.md"
     if not readme.is_file():
         return None
@@ -59,14 +81,18 @@ def user_card(folder: Path) -> tuple[dict, str] | None:
     if not isinstance(metadata, dict):
         raise ReleaseError(f"{readme} front matter is not a mapping of metadata keys; fix it or move README.md out "
                            "of the folder")
-    if TRAINER_CARD_TAG in _tags(metadata.get("tags")):
-        return None
+    tags = _tags(metadata.get("tags"))
+    if TRAINER_CARD_TAG in tags or (CONVERTER_CARD_TAG in tags and RELEASE_CARD_TAG not in tags):
+        return None  # a Trainer's draft is replaced; the converter's card is kept by converter_card
+    body = match.group(2) if match else text
+    if RELEASE_CARD_TAG in tags:  # a card this tool made: only its Notes came from the user
+        body = card_section(body, "Notes") or ""
     conflicts = [f"{key}: {metadata[key]!r} (the release needs {value!r})" for key, value in FIXED_METADATA.items()
                  if key in metadata and metadata[key] != value]
     if conflicts:
         raise ReleaseError(f"{readme} front matter sets {'; '.join(conflicts)}; remove these keys (the rest of the "
                            "card is kept in the released card) or move README.md out of the folder")
-    return metadata, _nested(match.group(2) if match else text, 3)
+    return metadata, _nested(body, 3)
 
 
 def merged_metadata(ours: dict, theirs: dict) -> dict:

@@ -14,7 +14,16 @@ import yaml
 
 from recipes.training.run_logs import SFT_TRAINING_LOG
 
-from .card_edits import FIXED_METADATA, merged_metadata, revision_argument, user_card
+from .card_edits import (
+    CONVERSION_INTRO,
+    CONVERTER_CARD_TAG,
+    FIXED_METADATA,
+    RELEASE_CARD_TAG,
+    card_section,
+    merged_metadata,
+    revision_argument,
+    user_card,
+)
 from .errors import ReleaseError
 from .staging import check_no_local_paths, copy_files, copy_matching, included_files, prepare_staging
 from .training_facts import training_section
@@ -33,9 +42,8 @@ OTHER_OPTIONAL_PATTERNS = ("chat_template.jinja", "additional_chat_templates/*.j
                            SFT_TRAINING_LOG)
 # Every kind of file a model release manages (hub_upload deletes those of an earlier release that this one lacks).
 MODEL_OPTIONAL_PATTERNS = WEIGHT_PATTERNS + OTHER_OPTIONAL_PATTERNS
-# modeling_open_qwen2vl/model_card.py tags every card the converter writes with it: such a README.md holds the
-# conversion's facts (source checkpoint and sha256, dropped tensors, the `compat` template note), kept on release.
-CONVERTER_CARD_TAG = "prismatic-conversion"
+# A converter card (card_edits.CONVERTER_CARD_TAG) holds the conversion's facts (source checkpoint and sha256,
+# dropped tensors, the `compat` template note), kept on release.
 # Pickled weights the kit does not release. Other .bin files are fine: TRL's training_args.bin (pickled arguments,
 # not weights) is in every SFT folder, and only the allow-list above is copied anyway.
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -169,6 +177,9 @@ def converter_card(folder: Path) -> str | None:
         return None
     if not isinstance(metadata, dict) or CONVERTER_CARD_TAG not in (metadata.get("tags") or []):
         return None
+    if RELEASE_CARD_TAG in metadata["tags"]:  # a card this tool made: its Conversion section holds the body
+        section = card_section(match.group(2), "Conversion") or ""
+        return section.removeprefix(CONVERSION_INTRO).strip() or None
     lines = match.group(2).strip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
@@ -199,7 +210,7 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
     metadata = {
         **FIXED_METADATA,
         "license": "apache-2.0",
-        "tags": ["open-qwen2vl", "vision-language", "multimodal", "custom_code"]
+        "tags": ["open-qwen2vl", "vision-language", "multimodal", "custom_code", RELEASE_CARD_TAG]
         + ([CONVERTER_CARD_TAG] if conversion else []),
     }
     if own_card:
@@ -231,8 +242,7 @@ def model_card(config: dict, repo_id: str, eval_table: str | None, training: str
     if own_card and own_card[1]:
         lines += ["## Notes", "", own_card[1], ""]
     if conversion:
-        lines += ["## Conversion", "", "From the model card the converter wrote "
-                  "(`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):", "", conversion.strip(), ""]
+        lines += ["## Conversion", "", CONVERSION_INTRO, "", conversion.strip(), ""]
     if eval_table:
         lines += ["## Evaluation", "", eval_table.strip(), ""]
     if training:
@@ -262,7 +272,7 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
     config, weights = _check_model_folder(folder)
     extra = _extra_files(folder, include or [], weights)
     conversion = converter_card(folder)
-    own_card = None if conversion else user_card(folder)  # refused here, before staging, if it cannot be kept
+    own_card = user_card(folder)  # refused here, before staging, if it cannot be kept
     prepare_staging(folder, staging)
     copy_matching(folder, staging, MODEL_REQUIRED + tuple(weights) + OTHER_OPTIONAL_PATTERNS)
     copy_files(folder, staging, extra)
