@@ -1,6 +1,7 @@
 """SFT data: labels token by token against the templates, collation, every input layout, bad samples."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -407,3 +408,87 @@ def test_open_image_from_pil_roundtrip(processor, easy_vqa_images):
 
     assert list(open_image(ref, "p").convert("RGB").getdata()) == list(easy_vqa_images[1].getdata())
     assert isinstance(open_image(ref, "p"), Image.Image)
+
+
+# --- compat drops system turns: counted and logged once with the reason, never silently ----------------------------
+
+SYSTEM_ROWS = [
+    {"id": "sys-first", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                                     {"role": "assistant", "content": "A1"}]},
+    {"id": "plain", "messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]},
+    {"id": "sys-twice", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q3"},
+                                     {"role": "assistant", "content": "A3"}, {"role": "system", "content": "Now long."},
+                                     {"role": "user", "content": "Q4"}, {"role": "assistant", "content": "A4"}]},
+    {"id": "sys-bad-order", "messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "assistant", "content": "A5"}]},  # skipped, so not "dropped"
+]
+
+
+def _with_system_turns(rows, skipped=("sys-bad-order",)):
+    return sum(any(m["role"] == "system" for m in r["messages"]) for r in rows if r["id"] not in skipped)
+
+
+def _drop_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "system_turns_dropped" in r.getMessage()]
+
+
+def test_compat_counts_and_logs_dropped_system_turns_once_per_dataset(compat_processor, tmp_path, caplog):
+    raw = load_raw_sft_dataset(_write_json(tmp_path / "sys.jsonl", SYSTEM_ROWS, lines=True))
+    expected = _with_system_turns(SYSTEM_ROWS)
+    log = SkipLog()
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        encoded = encode_sft_dataset(raw, SFTEncoder(compat_processor, "compat"), skip_bad_samples=True,
+                                     skip_log=log)
+    assert encoded["sample_id"] == ["sys-first", "plain", "sys-twice"]
+    assert not any("Be brief." in compat_processor.tokenizer.decode(ids) for ids in encoded["input_ids"])
+    assert dict(log.dropped) == {"system_turns_dropped": expected} and dict(log.counts) == {"bad_role_order": 1}
+    lines = _drop_lines(caplog)  # one line for the dataset, none per sample
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{expected} of {len(SYSTEM_ROWS)} conversation(s) kept with content dropped "
+                               f"(system_turns_dropped: {expected}): system turn(s) dropped by chat_format 'compat'")
+    assert "has no system role" in lines[0] and "--chat_format chatml" in lines[0]
+    assert f"system_turns_dropped: {expected}" in log.summary()
+    log.write(tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dropped_content"]["counts"] == {"system_turns_dropped": expected} and report["total"] == 1
+
+
+def test_chatml_keeps_system_turns_and_reports_no_drop(processor, tmp_path, caplog):
+    raw = load_raw_sft_dataset(_write_json(tmp_path / "sys.jsonl", SYSTEM_ROWS[:3], lines=True))
+    log = SkipLog()
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        encoded = encode_sft_dataset(raw, SFTEncoder(processor, "chatml"), skip_log=log)
+    texts = [processor.tokenizer.decode(ids) for ids in encoded["input_ids"]]
+    assert sum("Be brief." in text for text in texts) == _with_system_turns(SYSTEM_ROWS[:3])
+    assert not log.dropped and not _drop_lines(caplog)
+
+
+def test_streamed_compat_drops_are_logged_once_and_counted_once_per_sample_in_the_report(compat_processor, tmp_path,
+                                                                                        caplog):
+    raw = load_raw_sft_dataset(_write_json(tmp_path / "sys.jsonl", SYSTEM_ROWS[:3], lines=True), streaming=True)
+    expected = _with_system_turns(SYSTEM_ROWS[:3])
+    log = SkipLog(spool_dir=tmp_path / "spool")
+    encoded = encode_sft_dataset(raw, SFTEncoder(compat_processor, "compat"), skip_log=log)
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        for _ in range(2):  # two epochs: each sample is met twice
+            assert [row["sample_id"] for row in encoded] == ["sys-first", "plain", "sys-twice"]
+    lines = _drop_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("sample 'sys-first': system turn(s) dropped"), lines
+    assert "--chat_format chatml" in lines[0]
+    assert log.dropped["system_turns_dropped"] == 2 * expected  # this process's count, epoch by epoch
+    log.write(tmp_path / "report.json")  # merged from the spool: each distinct sample once
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dropped_content"]["counts"] == {"system_turns_dropped": expected}
+    assert {e["sample_id"] for e in report["dropped_content"]["examples"]} == {"sys-first", "sys-twice"}
+    assert report["total"] == 0 and f"system_turns_dropped: {expected}" in log.summary()
+
+
+def test_compat_names_an_image_in_a_system_turn_it_would_drop(compat_processor, processor, image_dir):
+    messages = [{"role": "system", "content": [{"type": "image"}, {"type": "text", "text": "Style guide."}]},
+                {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    sample = to_sft_sample({"id": "sys-image", "messages": messages, "images": [str(image_dir / "0.png")]},
+                           "messages")
+    with pytest.raises(BadSampleError, match=r"sample 'sys-image': 1 image\(s\) in a system turn, which the compat "
+                                             r"format drops.*--chat_format chatml \[image_in_system_turn\]"):
+        SFTEncoder(compat_processor, "compat").encode(sample)
+    assert SFTEncoder(processor, "chatml").encode(sample).num_images == 1

@@ -8,7 +8,10 @@
 * TRL / ModelConfig options: ``--model_revision`` loads that revision (a local HF cache with two revisions),
   ``--completion_only_loss false`` supervises all text (checked against the processor's own encoding),
   ``--eval_packing`` packs (or not) the eval split on its own, and ``packing_strategy``, ``lora_task_type``,
-  ``lora_target_parameters`` values the kit cannot apply are refused.
+  ``lora_target_parameters`` values the kit cannot apply are refused;
+* content that vanished silently: system turns dropped by ``--chat_format compat`` are counted and logged once with
+  the fix, message fields the templates do not render (``tool_calls``...) are named, unmarked images TRL cannot
+  place are named (not a bare ValueError), and a file mixing ``image`` and ``images`` columns reads both.
 """
 
 import base64
@@ -441,3 +444,94 @@ def test_a_shuffled_stream_names_a_bad_row_by_its_row_in_the_file(base_dir, tmp_
     trainer.train()
     skipped = json.loads((out / "skipped_samples.json").read_text())["examples"]
     assert [(s["sample_id"], s["kind"]) for s in skipped] == [("row 7", "missing_image")]
+
+
+# --- 5. content that vanished silently: system turns in compat, unrendered message fields, image columns -----------
+
+def _skip_lines(caplog, sample_id):
+    return [r.getMessage() for r in caplog.records if f"skipping sample {sample_id!r}" in r.getMessage()]
+
+
+def test_a_compat_run_logs_its_dropped_system_turns_once_with_the_fix(base_dir, tmp_path, caplog):
+    rows = [{"id": f"r{i}", "messages": ([{"role": "system", "content": "Be brief."}] if i % 3 == 0 else [])
+             + _messages(f"Q{i}?", f"A{i}.")} for i in range(7)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected = sum(any(m["role"] == "system" for m in row["messages"]) for row in rows)
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        trainer = _build("--output_dir", str(tmp_path / "out"), "--dataset_name", str(tmp_path / "train.jsonl"),
+                         "--model_name_or_path", str(base_dir), "--chat_format", "compat", "--max_length", "256",
+                         "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no")
+    assert len(trainer.train_dataset) == len(rows)
+    lines = [r.getMessage() for r in caplog.records if "system_turns_dropped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{expected} of {len(rows)} conversation(s) kept with content dropped")
+    assert "no system role" in lines[0] and "--chat_format chatml" in lines[0]
+
+
+def test_message_fields_the_templates_do_not_render_are_named_and_counted(processor, tmp_path, caplog):
+    call = [{"type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]
+    rows = [{"id": "tool-call", "messages": [{"role": "user", "content": "Weather?"},
+                                             {"role": "assistant", "content": "Checking.", "tool_calls": call}]},
+            {"id": "reasoning", "messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4", "reasoning_content": "2+2=4"}]},
+            {"id": "good", "messages": _messages("Hi?", "Hi.")}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = load_raw_sft_dataset(str(tmp_path / "d.jsonl"))  # datasets fills the missing fields with nulls
+    bad = [r["id"] for r in rows if any(set(m) - {"role", "content"} for m in r["messages"])]
+    encoder = SFTEncoder(processor, "chatml", max_length=256)
+    with pytest.raises(BadSampleError, match=r"sample 'tool-call': message 1 \(assistant\) has tool_calls, which "
+                                             r"the kit's chat templates do not render"):
+        encode_sft_dataset(raw, encoder)
+    log = SkipLog()
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        kept = encode_sft_dataset(raw, encoder, skip_bad_samples=True, skip_log=log)
+    assert kept["sample_id"] == ["good"] and dict(log.counts) == {"bad_content": len(bad)}
+    assert "has reasoning_content" in _skip_lines(caplog, "reasoning")[0]
+    assert f"skipped {len(bad)} bad sample(s) (bad_content: {len(bad)}) of {len(rows)}" in caplog.text
+
+
+def test_unmarked_images_with_no_string_user_message_are_named_not_a_bare_value_error(processor, tmp_path, caplog):
+    image = tmp_path / "0.png"
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(image)
+    question = {"type": "text", "text": "What shape?"}
+    rows = [{"id": "unmarked", "messages": _messages([question], [{"type": "text", "text": "A."}]),
+             "images": [str(image)]},
+            {"id": "marked", "messages": _messages([{"type": "image"}, question], [{"type": "text", "text": "A."}]),
+             "images": [str(image)]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = load_raw_sft_dataset(str(tmp_path / "d.jsonl"))
+    unmarked = sum(not any(p["type"] == "image" for m in r["messages"] for p in m["content"]) for r in rows)
+    with pytest.raises(BadSampleError, match=r"sample 'unmarked': no <image> marker or image part in the text but 1 "
+                                             r"image\(s\).*mark each image with an image part"):
+        to_sft_sample(rows[0], "messages")
+    log = SkipLog()
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        kept = encode_sft_dataset(raw, SFTEncoder(processor, "chatml"), skip_bad_samples=True, skip_log=log)
+    assert kept["sample_id"] == ["marked"] and dict(log.counts) == {"image_count_mismatch": unmarked}
+    assert len(_skip_lines(caplog, "unmarked")) == 1
+
+
+def test_image_and_images_columns_of_one_file_are_both_read_and_two_filled_ones_are_a_conflict(tmp_path, caplog):
+    for name in ("0.png", "1.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    turn = [{"from": "gpt", "value": "A."}]
+    rows = [{"id": "one", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\nQ"}] + turn},
+            {"id": "two", "images": ["0.png", "1.png"],
+             "conversations": [{"from": "human", "value": "<image><image>\nQ"}] + turn},
+            {"id": "both", "image": "0.png", "images": ["1.png"],
+             "conversations": [{"from": "human", "value": "<image>\nQ"}] + turn}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    raw = load_raw_sft_dataset(str(tmp_path / "d.json"))  # every row gets both columns, null where it had none
+    both = [r["id"] for r in rows if r.get("image") and r.get("images")]
+    log = SkipLog()
+    with caplog.at_level(logging.WARNING, logger="recipes.sft_data"):
+        samples = []
+        for row in raw:
+            try:
+                samples.append(to_sft_sample(row, "llava", image_root=str(tmp_path)))
+            except BadSampleError as error:
+                log.add(error)
+    assert {s.sample_id: len(s.images) for s in samples} == {
+        r["id"]: len(r.get("images") or [r["image"]]) for r in rows if r["id"] not in both}
+    assert dict(log.counts) == {"conflicting_images": len(both)}
+    assert "1 image(s) in its `images` column and 1 in its `image` column" in _skip_lines(caplog, "both")[0]

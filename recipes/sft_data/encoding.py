@@ -7,7 +7,9 @@ its own with the kit's processor, so:
 * a prompt piece ends exactly where generation starts at inference (``...assistant\\n``), and an assistant piece
   is tokenized like a reply the model generates;
 * in the ``compat`` format each piece is one turn of the original ``Qwen2PromptBuilder``, tokenized as the original
-  tokenized turns one by one (the processor reproduces its first-turn image quirk);
+  tokenized turns one by one (the processor reproduces its first-turn image quirk); that builder has no system role,
+  so system turns are dropped: each such conversation is reported (``EncodedSample.dropped``, counted by
+  ``encode_sft_dataset``), and a system turn holding an image is a :class:`BadSampleError`;
 * labels are the ids of the assistant pieces; system/user text, image placeholders and padding are ``-100``
   (with ``assistant_only=False``, TRL's ``completion_only_loss=False``: every text token, never an image placeholder).
 
@@ -26,10 +28,14 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from modeling_open_qwen2vl import chat_templates
 
-from .errors import BadSampleError
-from .formats import SFTSample
+from .errors import BadSampleError, DroppedContent
+from .formats import SFTSample, count_image_markers
 
 IGNORE_INDEX = -100
+SYSTEM_TURNS_DROPPED = "system_turns_dropped"
+COMPAT_NO_SYSTEM = ("system turn(s) dropped by chat_format 'compat': the original Open-Qwen2VL prompt builder it "
+                    "reproduces has no system role (it writes its fixed 'You are a helpful assistant.' prompt "
+                    "instead); use chat_format 'chatml' (--chat_format chatml) to keep system turns")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     images: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[DroppedContent] = field(default_factory=list)  # content the chat format could not show
 
     @property
     def num_images(self) -> int:
@@ -99,9 +106,9 @@ class SFTEncoder:
         return pieces
 
     def encode(self, sample: SFTSample) -> EncodedSample:
-        """Token ids and labels of one sample; raises :class:`BadSampleError` for unusable samples."""
-        if self.chat_format == "compat":
-            self._check_compat_roles(sample)
+        """Token ids and labels of one sample; raises :class:`BadSampleError` for unusable samples. Content the
+        chat format cannot show (system turns in ``compat``) is listed in the result's ``dropped``."""
+        dropped = self._check_compat_roles(sample) if self.chat_format == "compat" else []
         try:
             segments = self.render_segments(sample.messages)
         except (TypeError, AttributeError, KeyError, TemplateError) as error:  # content formats.py did not check
@@ -136,14 +143,22 @@ class SFTEncoder:
                 f"over max_length={self.max_length} (not truncated: a cut could split an image's tokens or drop the "
                 "answer); raise --max_length, or pass --skip_bad_samples to drop such conversations, counted",
             )
-        return EncodedSample(sample.sample_id, input_ids, labels, list(sample.images))
+        return EncodedSample(sample.sample_id, input_ids, labels, list(sample.images), dropped)
 
     @staticmethod
-    def _check_compat_roles(sample: SFTSample) -> None:
+    def _check_compat_roles(sample: SFTSample) -> list[DroppedContent]:
         # The original prompt builder takes roles by position (even = user, odd = assistant) and drops system turns.
+        system = [m for m in sample.messages if m["role"] == "system"]
+        images = sum(count_image_markers(m["content"]) for m in system)
+        if images:  # the image would vanish with its turn while its pixels still reach the model
+            raise BadSampleError(sample.sample_id, "image_in_system_turn",
+                                 f"{images} image(s) in a system turn, which the compat format drops (the original "
+                                 "prompt builder has no system role); move the image into a user turn, or use "
+                                 "--chat_format chatml")
         roles = [m["role"] for m in sample.messages if m["role"] != "system"]
         expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
         if roles != expected:
             raise BadSampleError(sample.sample_id, "bad_role_order",
                                  f"the compat format needs alternating user/assistant turns starting with user, got "
                                  f"{roles}")
+        return [DroppedContent(sample.sample_id, SYSTEM_TURNS_DROPPED, COMPAT_NO_SYSTEM)] if system else []

@@ -24,12 +24,15 @@ Accepted layouts (one JSON object per sample; JSON array, JSONL or parquet files
   ``content`` may be a string (``<image>`` tags mark images) or a list of parts, the part types transformers'
   ``apply_chat_template`` takes for images and text: ``{"type": "text", "text": str}``, ``{"type": "image"}`` and
   OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` (read as an image part, as transformers does). Any
-  other part (``input_text``, no ``type``, a plain string) or content (null, a number) is a ``bad_content`` error.
+  other part (``input_text``, no ``type``, a plain string) or content (null, a number), and a message with
+  ``tool_calls``, ``reasoning_content`` or ``thinking`` (text the templates do not render), is a ``bad_content``
+  error.
   ``images`` holds paths, ``datasets`` Image values or PIL images; without an ``images`` column, the images may
   sit in their parts as in transformers' chat convention (``{"type": "image", "image" | "path" | "url" | "base64":
   ...}``). An image given as a string is a local path (relative to ``--image_root``), a ``file://`` URL or a
   ``data:`` URI; web (``http(s)://``) addresses are not fetched (a ``remote_image`` error). As in TRL, when no
-  message marks an image, the images are placed at the start of the first user message.
+  message marks an image, the images are placed at the start of the first user message (whose content must then
+  be a string; otherwise an ``image_count_mismatch`` error).
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def _resolve(path: str, image_root: str | None) -> str:
     return path
 
 
-def _count_markers(content: Any) -> int:
+def count_image_markers(content: Any) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
@@ -192,6 +195,8 @@ def _conversations_to_messages(conversations: Any, sample_id: str) -> list[dict]
 
 # What transformers' apply_chat_template takes for a VLM without video/audio (image_url is normalised to image).
 PART_TYPES = ("text", "image", "image_url")
+# Message fields of TRL / transformers chat data that carry text the kit's templates never render.
+UNRENDERED_KEYS = ("tool_calls", "reasoning_content", "thinking")
 
 
 def _checked_message(message: Any, index: int, sample_id: str) -> dict:
@@ -204,6 +209,10 @@ def _checked_message(message: Any, index: int, sample_id: str) -> dict:
     role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
     content = message.get("content")
     where = f"message {index} ({role})"
+    unrendered = [key for key in UNRENDERED_KEYS if message.get(key)]
+    if unrendered:  # only role and content are rendered: this text would vanish from training without a trace
+        raise BadSampleError(sample_id, "bad_content", f"{where} has {', '.join(unrendered)}, which the kit's chat "
+                             "templates do not render; write it into the content, or leave such conversations out")
     if isinstance(content, str):
         return {"role": role, "content": content}
     if not isinstance(content, list):
@@ -234,6 +243,18 @@ def _as_list(value: Any) -> list:
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+def _image_column(row: dict, sample_id: str) -> list:
+    """The images of the ``images`` or ``image`` column. ``datasets`` gives a row every column of its file (null
+    where the row had none), so the one holding images is taken; both holding some is a conflict (taking one would
+    drop the other silently)."""
+    found = [(name, _as_list(row.get(name))) for name in ("images", "image")]
+    found = [(name, images) for name, images in found if images]
+    if len(found) > 1:
+        raise BadSampleError(sample_id, "conflicting_images", f"the row has {len(found[0][1])} image(s) in its "
+                             f"`images` column and {len(found[1][1])} in its `image` column; give them in one only")
+    return found[0][1] if found else []
 
 
 IMAGE_PAYLOAD_KEYS = ("image", "path", "url", "base64")  # transformers' keys of an image part
@@ -308,14 +329,14 @@ def to_sft_sample(
     sample_id = str(raw_id) if raw_id not in (None, "") else fallback_id
     if data_format in ("llava", "mammoth"):
         messages = _conversations_to_messages(row.get("conversations"), sample_id)
-        images = _as_list(row.get("image", row.get("images")))
+        images = _image_column(row, sample_id)
     elif data_format == "messages":
         raw_messages = row.get("messages")
         if raw_messages is not None and not isinstance(raw_messages, list):
             raise BadSampleError(sample_id, "bad_content", f"`messages` is {_describe(raw_messages)}; expected a "
                                  "list of {role, content} objects")
         messages = [_checked_message(m, i, sample_id) for i, m in enumerate(raw_messages or [])]
-        images = _as_list(row.get("images", row.get("image")))
+        images = _image_column(row, sample_id)
         inline = _inline_images(messages, sample_id)  # transformers' convention: {"type": "image", "image": ...}
         if images and inline:  # which set is meant cannot be told, and taking one would drop the other silently
             raise BadSampleError(sample_id, "conflicting_images",
@@ -325,16 +346,22 @@ def to_sft_sample(
         unknown = sorted({m["role"] for m in messages} - {"user", "assistant", "system"})
         if unknown:
             raise BadSampleError(sample_id, "bad_role", f"unsupported message role(s) {unknown}")
-        if images and sum(_count_markers(m["content"]) for m in messages) == 0:
+        if images and sum(count_image_markers(m["content"]) for m in messages) == 0:
             from trl.data_utils import prepare_multimodal_messages  # TRL's convention for unmarked images
 
-            messages = prepare_multimodal_messages(messages, images=[None] * len(images))
+            try:
+                messages = prepare_multimodal_messages(messages, images=[None] * len(images))
+            except ValueError:  # TRL places them only in a first user message whose content is a string
+                raise BadSampleError(sample_id, "image_count_mismatch",
+                                     f"no {IMAGE_MARKER} marker or image part in the text but {len(images)} "
+                                     "image(s), and the first user message is no plain string to put them in "
+                                     "(TRL's convention); mark each image with an image part") from None
     else:
         raise ValueError(f"unknown SFT data format {data_format!r}; expected one of {FORMATS}")
 
     messages = _strip_image_payloads(messages)
     _check_turns(messages, sample_id)
-    markers = sum(_count_markers(m["content"]) for m in messages)
+    markers = sum(count_image_markers(m["content"]) for m in messages)
     if markers != len(images):
         raise BadSampleError(sample_id, "image_count_mismatch",
                              f"{markers} {IMAGE_MARKER} marker(s) in the text but {len(images)} image(s)")

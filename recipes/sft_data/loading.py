@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, LargeList, List, Value
 
 from .encoding import SFTEncoder
-from .errors import BadSampleError, SkipLog
+from .errors import BadSampleError, DroppedContent, SkipLog
 from .formats import FORMATS, detect_format, to_sft_sample
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ ENCODED_FEATURES = Features(
         "images": List(IMAGE_REF),
         "length": Value("int64"),
         "skip_reason": Value("string"),
+        "dropped_content": List(Value("string")),  # DroppedContent reasons of a kept sample (counted, then removed)
     }
 )
 SOURCE_ROW = "__source_row__"  # see number_rows
@@ -141,6 +143,7 @@ def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_for
             out["images"].append([])
             out["length"].append(0)
             out["skip_reason"].append(error.as_reason())
+            out["dropped_content"].append([])
             continue
         out["sample_id"].append(encoded.sample_id)
         out["input_ids"].append(encoded.input_ids)
@@ -148,17 +151,21 @@ def _encode_batch(batch: dict, indices: list[int], encoder: SFTEncoder, data_for
         out["images"].append(encoded.images)
         out["length"].append(encoder.expanded_length(len(encoded.input_ids), encoded.num_images))
         out["skip_reason"].append(None)
+        out["dropped_content"].append([note.as_reason() for note in encoded.dropped])
     return out
 
 
 class _KeepAndCount:
-    """Streaming filter: drops rows with a ``skip_reason`` and records them in a :class:`SkipLog`."""
+    """Streaming filter: drops rows with a ``skip_reason`` and records them in a :class:`SkipLog`, as well as the
+    content kept rows lost (the first of each kind logged with its reason, the rest counted)."""
 
     def __init__(self, skip_log: SkipLog):
         self.skip_log = skip_log
 
-    def __call__(self, reason: str | None) -> bool:
+    def __call__(self, reason: str | None, dropped: list[str] | None) -> bool:
         if reason is None:
+            for note in dropped or []:
+                self.skip_log.add_dropped(DroppedContent.from_reason(note), stage="encode")
             return True
         self.skip_log.add(BadSampleError.from_reason(reason), stage="encode")
         return False
@@ -178,6 +185,9 @@ def encode_sft_dataset(
 
     Without ``skip_bad_samples`` the first bad sample raises :class:`BadSampleError` naming it; with it, bad samples
     are dropped and counted in ``skip_log`` (map-style: all counted here; streaming: counted as the stream is read).
+    Kept samples that lost content their chat format cannot show (system turns in ``compat``) are counted in
+    ``skip_log.dropped`` the same way and logged once with the reason (map-style: one line per dataset; streaming:
+    the first one met, the total in ``skip_log.summary()``).
     """
     data_format = resolve_format(dataset, data_format)
     if data_format == "mammoth_split" and sample_dir is None:
@@ -189,8 +199,8 @@ def encode_sft_dataset(
     if isinstance(dataset, IterableDataset):
         encoded = dataset.map(_encode_batch, with_indices=True, batched=True, remove_columns=columns,
                               features=ENCODED_FEATURES, fn_kwargs=fn_kwargs)
-        encoded = encoded.filter(_KeepAndCount(skip_log), input_columns="skip_reason")
-        return encoded.remove_columns("skip_reason")
+        encoded = encoded.filter(_KeepAndCount(skip_log), input_columns=["skip_reason", "dropped_content"])
+        return encoded.remove_columns(["skip_reason", "dropped_content"])
     encoded = dataset.map(_encode_batch, with_indices=True, batched=True, remove_columns=columns,
                           features=ENCODED_FEATURES, fn_kwargs=fn_kwargs, num_proc=num_proc,
                           desc=f"Encoding SFT samples ({data_format}, {encoder.chat_format})")
@@ -202,4 +212,20 @@ def encode_sft_dataset(
                                  desc="Dropping bad samples")
         # this dataset's skips only: the run's log also holds the other split's (train and eval share it)
         logger.warning("%s of %d", SkipLog.describe(Counter(error.kind for error in errors)), len(dataset))
-    return encoded.remove_columns("skip_reason")
+    _count_dropped(encoded, skip_log, len(dataset))
+    return encoded.remove_columns(["skip_reason", "dropped_content"])
+
+
+def _count_dropped(encoded: Dataset, skip_log: SkipLog, of: int) -> None:
+    """Count the content kept rows lost into ``skip_log`` and log one line for this dataset (read from the column,
+    so a cached encoding or ``num_proc`` workers are counted too)."""
+    column = encoded.with_format("arrow")["dropped_content"]  # in Arrow: no Python object per row of a 10M corpus
+    reasons = pc.list_flatten(column)
+    if len(reasons) == 0:
+        return
+    kinds = pc.list_element(pc.split_pattern(reasons, pattern="|", max_splits=1), 0)
+    counts = Counter({entry["values"]: entry["counts"] for entry in pc.value_counts(kinds).to_pylist()})
+    firsts = sorted({pc.index(kinds, kind).as_py() for kind in counts} | set(range(min(len(reasons), 20))))
+    examples = [DroppedContent.from_reason(reasons[i].as_py()) for i in firsts]
+    skip_log.add_dropped_counts(counts, examples, stage="encode")
+    logger.warning("%s", SkipLog.describe_dropped(counts, {note.kind: note.detail for note in examples}, of=of))
