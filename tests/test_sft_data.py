@@ -215,6 +215,22 @@ def test_skip_bad_samples_counts_each_kind_and_keeps_the_good_ones(processor, im
     assert report["total"] == 3 and {e["sample_id"] for e in report["examples"]} == {"no-file", "empty", "too-long"}
 
 
+def test_a_skipped_sample_whose_id_holds_a_bar_is_reported_under_its_whole_id(processor, image_dir, tmp_path):
+    """Skips travel through a dataset column as one string; ids such as "shard|key" come back whole, for both
+    the map-style and the streaming path."""
+    rows = [_row(GOOD, "missing.png", "shard-3|key|42"), _row(GOOD, "0.png", "ok")]
+    path = _write_json(tmp_path / "llava.json", rows)
+    encoder = SFTEncoder(processor, "chatml", max_length=256)
+    for streaming in (False, True):
+        raw = load_raw_sft_dataset(path)
+        log = SkipLog()
+        encoded = encode_sft_dataset(raw.to_iterable_dataset() if streaming else raw, encoder,
+                                     image_root=str(image_dir), skip_bad_samples=True, skip_log=log)
+        assert [row["sample_id"] for row in encoded] == ["ok"]
+        assert [(e["sample_id"], e["kind"]) for e in log.examples] == [("shard-3|key|42", "missing_image")]
+        assert "missing.png" in log.examples[0]["detail"]
+
+
 def test_unreadable_image_is_named_at_collation_or_skipped(processor, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

@@ -26,12 +26,14 @@ class _Reason:
     detail: str
 
     def as_reason(self) -> str:
-        """One-line form stored in the ``skip_reason`` / ``dropped_content`` columns: ``kind|sample_id|detail``."""
-        return f"{self.kind}|{self.sample_id}|{self.detail}"
+        """One-line form stored in the ``skip_reason`` / ``dropped_content`` columns: ``kind|{json of sample_id and
+        detail}`` (kind first, for counting in Arrow; JSON, since a sample id or detail may hold a "|")."""
+        return f"{self.kind}|{json.dumps([self.sample_id, self.detail])}"
 
     @classmethod
     def from_reason(cls, reason: str):
-        kind, sample_id, detail = reason.split("|", 2)
+        kind, rest = reason.split("|", 1)
+        sample_id, detail = json.loads(rest)
         return cls(sample_id, kind, detail)
 
 
