@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from test_release import _corpus, _fake_hub
+from test_release import _corpus, _fake_hub, _write_shard
 
 import recipes.release.hub_upload as hub_upload
 import recipes.release.model_repo as model_repo
@@ -226,6 +226,31 @@ def test_dataset_card_snippet_loads_the_branch_released_to(tmp_path):
     assert 'split="train", revision="v2")  # decoded images' in staged and "revision" not in card.read_text()
     assert main(["dataset", str(folder), "--repo-id", "org/c", "--staging", str(tmp_path / "s"), "--dry-run"]) == 0
     assert (tmp_path / "s" / "README.md").read_text() == card.read_text()  # main: staged as written
+
+
+@pytest.mark.parametrize("hint", ["placeholder", "absolute", "relative"])
+@pytest.mark.parametrize("revision", [None, "v2"])
+def test_dataset_card_snippet_loads_the_repo_not_the_local_folder(tmp_path, monkeypatch, hint, revision):
+    """The card writer's snippets load "path/to/this/folder" or the --path-hint given (often the folder's path):
+    copy-pasted from the released card, they must load the repository."""
+    from dataset_builders.cards import write_dataset_card
+
+    monkeypatch.chdir(tmp_path)  # a relative hint is relative to where the card was written
+    folder = tmp_path / "corpus"
+    (folder / "ccs_webdataset").mkdir(parents=True)
+    _write_shard(folder / "ccs_webdataset" / "00000.tar", ["a red circle", "a blue square"])
+    write_dataset_card(str(folder), path_hint={"placeholder": None, "absolute": str(folder),
+                                               "relative": "./corpus/"}[hint])
+    card = folder / "README.md"
+    card.write_text(card.read_text() + '\n```python\nds = load_dataset("org/other", "ccs")  # another repository\n'
+                    'ds = load_dataset("webdataset", data_files="ccs_webdataset/*.tar")\n```\n')
+    written = card.read_text()
+    assert main(["dataset", str(folder), "--repo-id", "org/c", "--staging", str(tmp_path / "s"), "--dry-run"]
+                + (["--revision", revision] if revision else [])) == 0  # no local path left in the staged card
+    staged = (tmp_path / "s" / "README.md").read_text()
+    assert _snippet_calls(staged, "load_dataset") == [("org/c", revision)] * 2 + [("org/other", None),
+                                                                                ("webdataset", None)]
+    assert card.read_text() == written  # the folder's own card is not edited
 
 
 def test_re_release_keeps_markdown_the_tool_does_not_write(tmp_path, monkeypatch, tiny_config, processor):

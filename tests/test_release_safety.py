@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 import recipes.release.model_repo as model_repo
 from modeling_open_qwen2vl import OpenQwen2VLForConditionalGeneration
 from modeling_open_qwen2vl.model_card import model_card as converter_model_card
-from recipes.release import main
+from recipes.release import STAGING_MARKER, main
+from recipes.release.card_edits import card_section
 
 SHARD_SIZE = "20MB"  # the tiny model (~40 MB, mostly the Qwen embedding) in a few shards
 
@@ -39,10 +41,10 @@ def _copy(saved, name, tmp_path):
     return folder
 
 
-def _release(folder, tmp_path, capsys):
+def _release(folder, tmp_path, capsys, *args):
     """(exit code, stderr, staging folder) of a dry run."""
     staging = tmp_path / "staging"
-    code = main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run"])
+    code = main(["model", str(folder), "--repo-id", "org/x", "--staging", str(staging), "--dry-run", *args])
     return code, capsys.readouterr().err, staging
 
 
@@ -224,6 +226,53 @@ def test_releasing_a_released_folder_again_gives_the_same_card(saved, tmp_path, 
     assert again == first
     assert again.count("\n## Use\n") == 1 and again.count("From the model card the converter wrote") == (
         own_readme == "converter")
+
+
+def _trained(saved, tmp_path, trained_by):
+    """A model folder with the files the training recipes leave: an SFT output, or a pretraining final_model."""
+    if trained_by == "sft":
+        folder = _copy(saved, "single", tmp_path)
+        torch.save({"max_steps": 12, "learning_rate": 3e-5, "seed": 7}, folder / "training_args.bin")
+        (folder / "training_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (5, 12)))
+        return folder
+    run = tmp_path / "run"  # recipes/pretrain.py: the config and metrics beside final_model
+    shutil.copytree(saved / "single", run / "final_model")
+    (run / "pretrain_config.yaml").write_text(yaml.safe_dump(
+        {"stage": "pretrain", "dataset_name_or_path": "org/packed", "max_steps": 7, "learning_rate": 0.003}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    return run / "final_model"
+
+
+@pytest.mark.parametrize("trained_by", ["sft", "pretrain"])
+def test_re_releasing_a_download_keeps_the_training_facts_of_its_card(saved, tmp_path, capsys, monkeypatch,
+                                                                       trained_by):
+    """A downloaded release has no training files (they are not published): released again, e.g. after a
+    quantization, its card's Training section is taken back instead of "recipe: unknown"; training files of the
+    folder's own (the model trained again) win."""
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained on the easy-vqa questions.\n")
+    code, err, staging = _release(_trained(saved, tmp_path, trained_by), tmp_path, capsys, "--training-notes",
+                                  str(notes))
+    assert code == 0, err
+    first = (staging / "README.md").read_text()
+    training = card_section(first, "Training")
+    assert "recipe: unknown" not in training and training.endswith("Trained on the easy-vqa questions.")
+    assert {"sft": "- length: 12 optimizer steps (12 steps logged)",
+            "pretrain": "- data: `org/packed`"}[trained_by] in training
+    download = tmp_path / "download"  # as snapshot_download brings it back
+    shutil.copytree(staging, download, ignore=shutil.ignore_patterns(STAGING_MARKER))
+    for args in ([], ["--training-notes", str(notes)]):  # the same notes again are not added twice
+        code, err, staging = _release(download, tmp_path, capsys, *args)
+        assert code == 0, err
+        assert card_section((staging / "README.md").read_text(), "Training") == training
+        assert (staging / "README.md").read_text() == first
+
+    torch.save({"max_steps": 3, "seed": 9}, download / "training_args.bin")  # fine-tuned again
+    code, err, staging = _release(download, tmp_path, capsys)
+    again = card_section((staging / "README.md").read_text(), "Training")
+    assert code == 0 and "- length: 3 optimizer steps" in again and "- seed: 9" in again
+    assert "easy-vqa" not in again and "org/packed" not in again
 
 
 def test_trainer_draft_card_is_replaced(saved, tmp_path, capsys, monkeypatch):

@@ -9,7 +9,8 @@ each other module holds one part of a release:
 - ``staging``: the staging folder (made empty only where that is safe), copying into it, the local-path check
 - ``training_facts``: the model card's Training section from what the training recipes left
 - ``model_repo``: model folder checks, the model card, assembly and the load check in a fresh process
-- ``card_edits``: a README.md the user wrote kept in the model card, ``--revision`` in the cards' loading snippets
+- ``card_edits``: a README.md the user wrote (or an earlier released card) kept in the model card, the repo id and
+  ``--revision`` in the cards' loading snippets
 - ``dataset_repo``: the dataset card's configs and example counts checked against the files, assembly
 - ``listing``: the staged files and the folder's files left out, printed before any upload
 - ``hub_upload``: the cheap checks run first (repo id, token, offline) and the upload with huggingface_hub,

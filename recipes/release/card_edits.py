@@ -1,5 +1,6 @@
 """What the released cards take from the user: a README.md written by hand in a model folder (kept in the generated
-card, never replaced silently) and the branch of ``--revision`` (named in the cards' loading snippets)."""
+card, never replaced silently), the sections of an earlier released card, and the repo id and the branch of
+``--revision`` (loaded by the cards' snippets)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ CONVERTER_CARD_TAG = "prismatic-conversion"
 # quantization...) takes back the sections that came from the user and the converter instead of nesting the whole
 # earlier card.
 RELEASE_CARD_TAG = "open-qwen2vl-release"
+# dataset_builders.cards writes it as the first argument of a corpus card's load_dataset snippets (without a
+# --path-hint); the released card loads the repository instead.
+FOLDER_PLACEHOLDER = "path/to/this/folder"
 # The line that opens a released card's Conversion section, before the converter card's body.
 CONVERSION_INTRO = "From the model card the converter wrote (`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):"
 
@@ -63,6 +67,28 @@ def _tags(value: object) -> list:
     return value if isinstance(value, list) else [value] if value else []  # YAML allows one tag without a list
 
 
+def _read_card(readme: Path) -> tuple[object, str]:
+    """(front-matter metadata ({} without front matter), body) of a card; raises yaml.YAMLError."""
+    text = readme.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
+    match = FRONT_MATTER.match(text)
+    return ((yaml.safe_load(match.group(1)) or {}) if match else {}), (match.group(2) if match else text)
+
+
+def released_section(folder: Path, title: str) -> str | None:
+    """The ``## title`` section of the card this tool released (tagged ``RELEASE_CARD_TAG``) that is ``folder``'s
+    README.md, as a downloaded release has it; None for any other README.md or without one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        metadata, body = _read_card(readme)
+    except yaml.YAMLError:  # not a card this tool wrote (user_card refuses it with the reason)
+        return None
+    if not isinstance(metadata, dict) or RELEASE_CARD_TAG not in _tags(metadata.get("tags")):
+        return None
+    return card_section(body, title)
+
+
 def user_card(folder: Path) -> tuple[dict, str] | None:
     """(front-matter metadata, body with its headings under a ``##`` section) of a README.md the user wrote in
     ``folder``; None without one, or when it is a Trainer's draft (``TRAINER_CARD_TAG``) or the converter's card
@@ -70,10 +96,8 @@ def user_card(folder: Path) -> tuple[dict, str] | None:
     readme = folder / "README.md"
     if not readme.is_file():
         return None
-    text = readme.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
-    match = FRONT_MATTER.match(text)
     try:
-        metadata = (yaml.safe_load(match.group(1)) or {}) if match else {}
+        metadata, body = _read_card(readme)
     except yaml.YAMLError as err:
         reason = " ".join(str(err).split())  # one line: YAML's own message spans several
         raise ReleaseError(f"{readme} has front matter that is not valid YAML ({reason}); fix it (its text is kept in "
@@ -84,7 +108,6 @@ def user_card(folder: Path) -> tuple[dict, str] | None:
     tags = _tags(metadata.get("tags"))
     if TRAINER_CARD_TAG in tags or (CONVERTER_CARD_TAG in tags and RELEASE_CARD_TAG not in tags):
         return None  # a Trainer's draft is replaced; the converter's card is kept by converter_card
-    body = match.group(2) if match else text
     if RELEASE_CARD_TAG in tags:  # a card this tool made: only its Notes came from the user
         body = card_section(body, "Notes") or ""
     conflicts = [f"{key}: {metadata[key]!r} (the release needs {value!r})" for key, value in FIXED_METADATA.items()
@@ -109,35 +132,63 @@ def revision_argument(revision: str | None) -> str:
     return f", revision={json.dumps(revision)}" if revision and revision != "main" else ""
 
 
-def _with_revision_code(code: str, argument: str) -> str:
+def _names_folder(value: str, folder: Path | None) -> bool:
+    """Whether a ``load_dataset`` first argument names the released folder: the card writer's placeholder, or the
+    folder's path as written (relative to the working folder) or resolved; a packaged builder's name never does."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if value == FOLDER_PLACEHOLDER:
+        return True
+    if folder is None or value in _PACKAGED_DATASETS_MODULES or re.match(r"^[a-z][\w+.-]*://", value):
+        return False  # a packaged builder ("webdataset") or a URL, even where a folder of that name exists
+    try:
+        return Path(value).expanduser().resolve() == folder.resolve()
+    except (OSError, RuntimeError, ValueError):  # not a path this machine can resolve
+        return False
+
+
+def _edited_loads(code: str, argument: str, repo_id: str | None, folder: Path | None) -> str:
     try:
         tree = ast.parse(code)
     except SyntaxError:  # not Python that can be edited safely (e.g. a <placeholder>): left as written
         return code
-    ends = []
+    starts = [0]  # byte offset of each line: ast offsets count UTF-8 bytes
+    for line in code.split("\n"):
+        starts.append(starts[-1] + len(line.encode()) + 1)
+    edits = []  # (start, end, replacement) in bytes of the code
     for node in ast.walk(tree):
         func = node.func if isinstance(node, ast.Call) else None
         name = getattr(func, "id", None) or getattr(func, "attr", None)
         first = node.args[0] if name == "load_dataset" and node.args else None
-        # a repository id or path has a "/"; a packaged builder ("webdataset", "parquet") has none
-        if (isinstance(first, ast.Constant) and isinstance(first.value, str) and "/" in first.value
-                and not any(keyword.arg == "revision" for keyword in node.keywords)):
+        if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+            continue
+        value = first.value
+        if repo_id and _names_folder(value, folder):
+            edits.append((starts[first.lineno - 1] + first.col_offset,
+                          starts[first.end_lineno - 1] + first.end_col_offset, json.dumps(repo_id)))
+            value = repo_id
+        # the branch is the released repository's (another repository may not have it); without a repo id, any
+        # repository id or path (a "/"; a packaged builder such as "webdataset" has none)
+        loads_release = value == repo_id if repo_id else "/" in value
+        if argument and loads_release and not any(keyword.arg == "revision" for keyword in node.keywords):
             last = max(node.args + node.keywords, key=lambda arg: (arg.end_lineno, arg.end_col_offset))
-            ends.append((last.end_lineno, last.end_col_offset))
-    lines = code.split("\n")
-    for lineno, offset in sorted(ends, reverse=True):  # from the end: earlier offsets stay valid
-        raw = lines[lineno - 1].encode()  # ast offsets count UTF-8 bytes
-        lines[lineno - 1] = (raw[:offset] + argument.encode() + raw[offset:]).decode()
-    return "\n".join(lines)
+            end = starts[last.end_lineno - 1] + last.end_col_offset
+            edits.append((end, end, argument))
+    raw = code.encode()
+    for start, end, text in sorted(edits, reverse=True):  # from the end: earlier offsets stay valid
+        raw = raw[:start] + text.encode() + raw[end:]
+    return raw.decode()
 
 
-def with_revision(card: str, revision: str | None) -> str:
-    """``card`` with ``revision=`` added to the ``load_dataset`` calls of its Python code blocks that load a
-    repository (a first argument with a "/", not a packaged builder such as ``"webdataset"``) and name no revision;
-    unchanged for main."""
+def with_repo_loads(card: str, revision: str | None, repo_id: str | None = None, folder: Path | None = None) -> str:
+    """``card`` with the ``load_dataset`` calls of its Python code blocks made to load the released repository:
+    a first argument that is the card writer's placeholder or names the local ``folder`` becomes ``repo_id``, and
+    ``revision=`` is added to the calls that load ``repo_id`` and name no revision, unless it is main. Without
+    ``repo_id``, only ``revision=`` is added, to every call that loads a repository (a first argument with a "/",
+    not a packaged builder such as ``"webdataset"``)."""
     argument = revision_argument(revision)
-    if not argument:
+    if not argument and not repo_id:
         return card
     return re.sub(r"^(```python[ \t]*\n)(.*?)(^```)",
-                  lambda m: m.group(1) + _with_revision_code(m.group(2), argument) + m.group(3),
+                  lambda m: m.group(1) + _edited_loads(m.group(2), argument, repo_id, folder) + m.group(3),
                   card, flags=re.DOTALL | re.MULTILINE)

@@ -13,9 +13,12 @@ recipes left: TRL's ``training_args.bin`` of an SFT output, ``pretrain_config.ya
 pretraining ``final_model``; ``--training-notes`` is appended to it; a converted folder's card from
 ``convert_prismatic_to_hf`` is kept as its Conversion section, a README.md the user wrote as its Notes section with
 its metadata merged (their keys and license kept, tags joined; a ``library_name`` or ``pipeline_tag`` other than the
-release's is refused); only a Trainer's draft card, tagged ``generated_from_trainer``, is replaced); for a dataset,
-the shards with their per-shard metadata parquets, the dataset card with its ``configs:`` block and the statistics
-files the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
+release's is refused); only a Trainer's draft card, tagged ``generated_from_trainer``, is replaced; a card this tool
+released, as a downloaded release holds it, gives back its Notes and Conversion sections, and its Training section
+when the folder has no training files of its own); for a dataset, the shards with their per-shard metadata parquets,
+the dataset card with its ``configs:`` block (its ``load_dataset`` snippets loading the repo id where they name the
+folder or the card writer's ``path/to/this/folder``; the folder's own card is not edited) and the statistics files
+the data stages write (``accounting.json``, ``packing_stats.json``). The checks: a model loads with
 ``AutoModelForImageTextToText`` in a fresh process with every weight matching ``config.json``; a dataset card's
 recorded example counts match its files (a config must name files inside the folder); no staged text file holds an
 absolute path of this machine (the eval table's model path becomes the repo id); no file is over the hub's 50 GB
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             build_model_repo(folder, staging, args.repo_id, args.eval_table, args.training_notes, args.include,
                              args.revision)
         else:
-            build_dataset_repo(folder, staging, args.include, args.revision)
+            build_dataset_repo(folder, staging, args.include, args.revision, args.repo_id)
         print(f"built {args.kind} repository content for {args.repo_id} in {staging}")
         print(release_listing(folder, staging, args.repo_id, args.kind))
         if args.dry_run:

@@ -12,7 +12,7 @@ import yaml
 from dataset_builders.accounting import ACCOUNTING_FILE, PACKING_STATS_FILE
 from dataset_builders.cards import config_split_patterns
 
-from .card_edits import with_revision
+from .card_edits import with_repo_loads
 from .errors import ReleaseError
 from .staging import check_no_local_paths, copy_files, included_files, prepare_staging
 
@@ -134,11 +134,12 @@ def _config_files(folder: Path, config: dict) -> set[Path]:
 
 
 def build_dataset_repo(folder: Path, staging: Path, include: list[str] | None = None,
-                       revision: str | None = None) -> Path:
+                       revision: str | None = None, repo_id: str | None = None) -> Path:
     """Assemble a dataset repository (shards with their metadata parquets, card, statistics, and the files
     ``include`` names as upload_folder's allow_patterns) in ``staging``; every config must match files, the card's
     example counts must match them and no staged file may hold a local path. The staged card's ``load_dataset``
-    snippets load ``revision`` (``card_edits.with_revision``)."""
+    snippets load ``repo_id`` where they named this folder, at ``revision`` (``card_edits.with_repo_loads``); the
+    folder's own card is left as it is."""
     card = folder / "README.md"
     if not card.is_file():
         raise ReleaseError(f"{folder} has no README.md dataset card")
@@ -150,7 +151,8 @@ def build_dataset_repo(folder: Path, staging: Path, include: list[str] | None = 
     prepare_staging(folder, staging)
     copy_files(folder, staging, [path.relative_to(folder).as_posix() for path in sorted(files | {card})])
     staged_card = staging / "README.md"
-    staged_card.write_text(with_revision(staged_card.read_text(encoding="utf-8"), revision), encoding="utf-8")
+    staged_card.write_text(with_repo_loads(staged_card.read_text(encoding="utf-8"), revision, repo_id, folder),
+                           encoding="utf-8")
     check_no_local_paths(staging, folder)
     check_dataset_counts(folder, staging)
     return staging

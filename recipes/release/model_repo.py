@@ -21,6 +21,7 @@ from .card_edits import (
     RELEASE_CARD_TAG,
     card_section,
     merged_metadata,
+    released_section,
     revision_argument,
     user_card,
 )
@@ -280,7 +281,7 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
         config, repo_id,
         _eval_table_text(eval_table.read_text(), folder, repo_id) if eval_table else None,
         training_section(folder, config, training_notes.read_text() if training_notes else None,
-                         _conversion_facts(conversion) if conversion else None),
+                         _conversion_facts(conversion) if conversion else None, released_section(folder, "Training")),
         conversion, revision, own_card,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")

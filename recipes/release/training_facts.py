@@ -108,11 +108,16 @@ def _pretrain_facts(folder: Path) -> list[str] | None:
 
 
 def training_section(folder: Path, config: dict, notes: str | None = None,
-                     conversion: list[str] | None = None) -> str:
+                     conversion: list[str] | None = None, earlier: str | None = None) -> str:
     """The model card's Training section body: facts from what the training recipes left around ``folder``, else
-    ``conversion`` (the facts of a converted folder's card), else unknown; the config's image tokens, then the
-    user's ``notes``."""
-    facts = _sft_facts(folder) or _pretrain_facts(folder) or (list(conversion) if conversion else None) or [
+    the ``earlier`` section as it is (that of the released card a downloaded release holds), else ``conversion``
+    (the facts of a converted folder's card), else unknown; the config's image tokens, then the user's ``notes``
+    (not added again to an earlier section that holds them)."""
+    facts = _sft_facts(folder) or _pretrain_facts(folder)
+    if facts is None and earlier and earlier.strip():  # e.g. a quantized download: no training files, same facts
+        text = earlier.strip()
+        return text + ("\n\n" + notes.strip() if notes and notes.strip() and notes.strip() not in text else "")
+    facts = facts or (list(conversion) if conversion else None) or [
         f"- recipe: unknown (no `{SFT_ARGS}` of an SFT run in the folder and no `{RESOLVED_CONFIG}` of a "
         "pretraining run beside it)"]
     facts.append(f"- image tokens: {_shown(config.get('num_image_tokens'))} per image (`num_image_tokens`)")
