@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing the kit
 
 from recipes.evaluation.original_settings import ORIGINAL_MAX_NEW_TOKENS  # noqa: E402
+from recipes.process_exit import destroy_process_group_if_any  # noqa: E402
 from recipes.evaluation.registry import (  # noqa: E402
     UnknownBenchmarkError, get_benchmark, known_benchmarks, parse_benchmark_list,
 )
@@ -189,4 +190,8 @@ if __name__ == "__main__":
     # Data-quoting text (drop reasons, answers) must not crash a finished run under a non-UTF-8 locale.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
-    sys.exit(main())
+    try:
+        code = main()
+    finally:  # see recipes/process_exit.py
+        destroy_process_group_if_any()
+    sys.exit(code)

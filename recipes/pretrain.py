@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch recipes/pretrain.py): make the kit importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from recipes.process_exit import destroy_process_group_if_any  # noqa: E402
 from recipes.training.arguments import parse_pretrain_args  # noqa: E402
 from recipes.training.trainer import run_pretraining  # noqa: E402
 
@@ -29,4 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # every exit, the SIGTERM checkpoint's included (see recipes/process_exit.py)
+        destroy_process_group_if_any()

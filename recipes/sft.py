@@ -40,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from recipes.cpu_runtime import prepare_cpu_training
+from recipes.process_exit import destroy_process_group_if_any
 from recipes.sft_data import (
     PackedSFTCollator,
     SFTCollator,
@@ -426,4 +427,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # see recipes/process_exit.py
+        destroy_process_group_if_any()

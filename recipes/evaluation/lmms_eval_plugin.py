@@ -34,6 +34,7 @@ import torch
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from ..process_exit import destroy_process_group_if_any
 from .generation import Predictor, batched
 from .lmms_eval_compat import ensure_filelock_api
 from .model_loading import load_model_and_processor
@@ -123,14 +124,6 @@ def _ignored_decoding_settings(gen_kwargs: dict) -> list[str]:
 BATCHES_PER_CHUNK = 8
 
 
-def destroy_process_group_at_exit() -> None:
-    """Free the process group at interpreter exit, after lmms-eval's last collective. Neither lmms-eval nor its
-    CLI destroys it; a gloo group left to the C++ teardown can abort a rank that exits first ("terminate called
-    without an active exception", exit -6), failing a `torchrun` evaluation whose results are already written."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def process_device(requested: str | None, accelerator) -> torch.device:
     """Where this process's model goes. ``device=cuda`` without an index means this process's GPU when several
     processes run (as lmms-eval's own models map it), not GPU 0 for every process; an explicit index is kept."""
@@ -167,9 +160,9 @@ class OpenQwen2VLLmms(lmms):
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            atexit.unregister(destroy_process_group_at_exit)  # once, however many models a process builds
-            atexit.register(destroy_process_group_at_exit)
+        if accelerator.num_processes > 1:  # lmms-eval never frees the group (see process_exit)
+            atexit.unregister(destroy_process_group_if_any)  # once, however many models a process builds
+            atexit.register(destroy_process_group_if_any)
         self.accelerator = accelerator
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         trust = trust_remote_code if isinstance(trust_remote_code, bool) else str(trust_remote_code).lower() == "true"
