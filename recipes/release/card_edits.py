@@ -30,7 +30,8 @@ RELEASE_CARD_TAG = "open-qwen2vl-release"
 # --path-hint); the released card loads the repository instead.
 FOLDER_PLACEHOLDER = "path/to/this/folder"
 # The line that opens a released card's Conversion section, before the converter card's body.
-CONVERSION_INTRO = "From the model card the converter wrote (`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):"
+CONVERSION_INTRO = ("From the model card the converter wrote "
+                    "(`python -m modeling_open_qwen2vl.convert_prismatic_to_hf`):")
 
 
 def card_section(body: str, title: str) -> str | None:

@@ -283,8 +283,9 @@ class PretrainArguments:
     )
     logging_steps: int = field(
         default=1,
-        metadata={"help": "Log to trackers every N steps, the figures of those N steps (loss over all their supervised "
-                  "tokens, tokens/s over their time: recipes/training/tracker_interval.py); metrics.jsonl: every step."},
+        metadata={"help": "Log to trackers every N steps, the figures of those N steps (loss over all their "
+                  "supervised tokens, tokens/s over their time: recipes/training/tracker_interval.py); "
+                  "metrics.jsonl: every step."},
     )
     report_to: str = field(
         default="tensorboard",
