@@ -296,3 +296,29 @@ def test_users_readme_that_cannot_be_kept_is_refused(saved, tmp_path, capsys, fr
     (folder / "README.md").write_text(f"---\n{front_matter}---\n\n# mine\n")
     code, err, staging = _release(folder, tmp_path, capsys)
     assert code == 2 and message in err and "move README.md out of the folder" in err and not staging.exists()
+
+
+def test_an_earlier_cards_scores_are_not_carried_over_and_the_release_says_so(saved, tmp_path, capsys, monkeypatch,
+                                                                            caplog):
+    """Scores belong to the model they were measured on: a re-released download (quantized, say) gets the
+    Evaluation section of the --eval-table it is given, and without one a warning instead of the old scores."""
+    monkeypatch.setattr(model_repo, "_check_model_loads", lambda staging: None)
+    folder = _copy(saved, "single", tmp_path)
+    table = tmp_path / "scores.md"
+    table.write_text("| benchmark | score |\n|---|---|\n| mmbench | 61.0 |\n")
+    code, err, staging = _release(folder, tmp_path, capsys, "--eval-table", str(table))
+    assert code == 0, err
+    released = (staging / "README.md").read_text()
+    assert "## Evaluation" in released and "| mmbench | 61.0 |" in released
+    (folder / "README.md").write_text(released, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="recipes.release.model_repo"):
+        code, err, staging = _release(folder, tmp_path, capsys)
+    assert code == 0, err
+    assert "## Evaluation" not in (staging / "README.md").read_text()
+    assert "is a released card with an Evaluation section; it is not carried over" in caplog.text
+    assert "pass --eval-table" in caplog.text
+    caplog.clear()
+    table.write_text("| benchmark | score |\n|---|---|\n| mmbench | 58.5 |\n")
+    code, err, staging = _release(folder, tmp_path, capsys, "--eval-table", str(table))
+    card = (staging / "README.md").read_text()
+    assert code == 0 and "| mmbench | 58.5 |" in card and "61.0" not in card and "not carried over" not in caplog.text

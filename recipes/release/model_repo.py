@@ -4,6 +4,7 @@ its evaluation table and Training section, assembly in the staging folder and th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -28,6 +29,8 @@ from .card_edits import (
 from .errors import ReleaseError
 from .staging import check_no_local_paths, copy_files, copy_matching, included_files, prepare_staging
 from .training_facts import training_section
+
+logger = logging.getLogger(__name__)
 
 # The only kit code a model folder carries (what save_pretrained copies); the converter's modules, factory.py and
 # tokenizer_utils.py are kit-only and never staged.
@@ -274,6 +277,10 @@ def build_model_repo(folder: Path, staging: Path, repo_id: str, eval_table: Path
     extra = _extra_files(folder, include or [], weights)
     conversion = converter_card(folder)
     own_card = user_card(folder)  # refused here, before staging, if it cannot be kept
+    if eval_table is None and released_section(folder, "Evaluation"):  # scores of the model as released then
+        logger.warning("%s/README.md is a released card with an Evaluation section; it is not carried over (a "
+                       "quantized or retrained model scores differently): pass --eval-table with this folder's "
+                       "scores from recipes/eval.py", folder)
     prepare_staging(folder, staging)
     copy_matching(folder, staging, MODEL_REQUIRED + tuple(weights) + OTHER_OPTIONAL_PATTERNS)
     copy_files(folder, staging, extra)
