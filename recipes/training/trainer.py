@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from ..cpu_runtime import prepare_cpu_training
+from ..json_lines import read_json_lines
 from .arguments import PretrainConfig, config_as_dict
 from .checkpointing import (
     CHECKPOINTS,
@@ -66,7 +67,6 @@ from .model_setup import (
     enable_activation_checkpointing,
 )
 from .optim import apply_schedule_at_current_step, build_optimizer, build_scheduler, warmup_steps_for
-from ..json_lines import read_json_lines
 from .run_logs import FINAL_MODEL, METRICS_FILE, RESOLVED_CONFIG, SAMPLES_FILE, JsonLinesLog
 from .tracker_interval import IntervalMetrics
 
@@ -398,10 +398,10 @@ def run_pretraining(config: PretrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         for log in (metrics, samples):
             log.truncate_after(setup.start_step) if setup.start_step else log.reset()
+        (output_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
     interval = IntervalMetrics(args.logging_steps)
     if setup.is_main and setup.start_step:  # only the main process logs to trackers
         interval.refill(_earlier_step_records(output_dir, setup.resume_path), setup.start_step)
-        (output_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_as_dict(config), sort_keys=False))
     acc.init_trackers(args.run_name or output_dir.resolve().name, config=_tracker_config(config),
                       init_kwargs=_tracker_init_kwargs(setup.start_step))
 
