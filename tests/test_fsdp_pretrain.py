@@ -18,8 +18,9 @@ from modeling_open_qwen2vl import OpenQwen2VLConfig, OpenQwen2VLForConditionalGe
 from recipes.training.fsdp import WRAP_CLASS_NAMES
 from recipes.training.run_logs import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.pretrain_runs import ROOT, pretrain_argv, toy_corpus  # noqa: E402
+
 YAMLS = sorted((ROOT / "recipes" / "accelerate").glob("fsdp2_*.yaml"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -53,16 +54,11 @@ def test_accelerate_yaml_wraps_each_encoder_and_decoder_layer(yaml_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, processor):
-    from recipes.training.toy_corpus import write_toy_corpus
-
-    folder = tmp_path_factory.mktemp("fsdp_corpus")
-    return str(folder), write_toy_corpus(folder, processor, num_documents=96, capacity=256)
+    return toy_corpus(tmp_path_factory, processor, "fsdp_corpus", num_documents=96)
 
 
 def _args(corpus, output_dir, *extra):
-    return ["--config", TINY, "--dataset_name_or_path", corpus[0], "--dataset_config_name", corpus[1],
-            "--output_dir", str(output_dir), "--report_to", "none", "--max_steps", "3", "--save_steps", "2",
-            *map(str, extra)]
+    return pretrain_argv(corpus, output_dir, "--report_to", "none", "--max_steps", "3", "--save_steps", "2", *extra)
 
 
 def _run(command, env=None, **kwargs):

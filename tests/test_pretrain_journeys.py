@@ -3,39 +3,26 @@ silently ignored."""
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 from recipes.training.run_logs import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.pretrain_runs import pretrain_argv, run_in_process, toy_corpus  # noqa: E402
+
+_main = run_in_process
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, processor):
-    from recipes.training.toy_corpus import write_toy_corpus
-
-    folder = tmp_path_factory.mktemp("journeys_corpus")
-    return str(folder), write_toy_corpus(folder, processor, num_documents=64, capacity=256)
+    return toy_corpus(tmp_path_factory, processor, "journeys_corpus", num_documents=64)
 
 
 def _args(corpus, output_dir, *extra) -> list[str]:
-    folder, name = corpus
-    return ["--config", TINY, "--dataset_name_or_path", folder, "--dataset_config_name", name,
-            "--output_dir", str(output_dir), "--save_final_model", "false", *map(str, extra)]
-
-
-def _main(argv: list[str]) -> dict:
-    from accelerate.state import AcceleratorState
-
-    from recipes.pretrain import main
-
-    try:
-        return main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
+    return pretrain_argv(corpus, output_dir, "--save_final_model", "false", *extra)
 
 
 def _tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -17,24 +17,19 @@ import torch
 
 from recipes.training.run_logs import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.pretrain_runs import ROOT, TINY, pretrain_argv, run_in_process, toy_corpus  # noqa: E402
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, processor):
-    from recipes.training.toy_corpus import write_toy_corpus
-
-    folder = tmp_path_factory.mktemp("packed_corpus")
-    name = write_toy_corpus(folder, processor, num_documents=160, capacity=256)
-    return str(folder), name
+    return toy_corpus(tmp_path_factory, processor, "packed_corpus", num_documents=160)
 
 
 def _args(corpus, output_dir, *extra) -> list[str]:
-    folder, name = corpus
-    return ["--config", TINY, "--dataset_name_or_path", folder, "--dataset_config_name", name,
-            "--output_dir", str(output_dir), "--report_to", "none", *map(str, extra)]
+    return pretrain_argv(corpus, output_dir, "--report_to", "none", *extra)
 
 
 def _pretrain(args, launcher=(sys.executable,), **kwargs) -> subprocess.CompletedProcess:
@@ -199,13 +194,8 @@ def test_sigterm_checkpoints_the_current_step_and_exits(corpus, tmp_path):
 
 @pytest.fixture()
 def in_process():
-    """Run the recipe in this process; reset accelerate's singleton state afterwards."""
-    from accelerate.state import AcceleratorState
-
-    from recipes.pretrain import main
-
-    yield main
-    AcceleratorState._reset_state(True)
+    """Run the recipe in this process (accelerate's singleton state is reset after each run)."""
+    return run_in_process
 
 
 def test_data_path_without_shards_exits_with_a_clear_error(corpus, tmp_path):

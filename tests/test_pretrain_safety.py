@@ -19,34 +19,20 @@ import torch
 from recipes.training import checkpointing as ckpt
 from recipes.training.run_logs import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "recipes" / "configs" / "pretrain_tiny.yaml")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.pretrain_runs import ROOT, TINY, pretrain_argv, run_in_process, toy_corpus  # noqa: E402
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+_main = run_in_process
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, processor):
-    from recipes.training.toy_corpus import write_toy_corpus
-
-    folder = tmp_path_factory.mktemp("safety_corpus")
-    return str(folder), write_toy_corpus(folder, processor, num_documents=64, capacity=256)
+    return toy_corpus(tmp_path_factory, processor, "safety_corpus", num_documents=64)
 
 
 def _args(corpus, output_dir, *extra) -> list[str]:
-    folder, name = corpus
-    return ["--config", TINY, "--dataset_name_or_path", folder, "--dataset_config_name", name,
-            "--output_dir", str(output_dir), "--report_to", "none", "--save_final_model", "false", *map(str, extra)]
-
-
-def _main(argv: list[str]) -> dict:
-    from accelerate.state import AcceleratorState
-
-    from recipes.pretrain import main
-
-    try:
-        return main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
+    return pretrain_argv(corpus, output_dir, "--report_to", "none", "--save_final_model", "false", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,21 @@
 `--padding_free` (with and without `--packing`) and `--data_seed` for a shuffled stream; and the error for an image
 path given relative to a folder that `--image_root` does not name."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from recipes.sft import build_trainer, parse_args
 from recipes.sft_data import BadSampleError
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 from recipes.sft_data.formats import to_sft_sample
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.sft_runs import build, sft_argv  # noqa: E402
+
 IGNORE = -100
+_build = build
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +27,9 @@ def data(tmp_path_factory):
 
 
 def _argv(output_dir, data, model, *extra):
-    return ["--output_dir", str(output_dir), "--dataset_name", str(data / "train.jsonl"), "--image_root", str(data),
-            "--model_name_or_path", str(model), "--max_steps", "2", "--per_device_train_batch_size", "3",
-            "--learning_rate", "1e-3", "--max_length", "256", "--bf16", "false", "--use_cpu", "true",
-            "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0",
-            "--activation_checkpointing", "false", *[str(x) for x in extra]]
-
-
-def _build(*argv):
-    return build_trainer(*parse_args(list(argv)))
+    return sft_argv(output_dir, data / "train.jsonl", data, "--max_steps", 2, "--per_device_train_batch_size", 3,
+                    "--learning_rate", "1e-3", "--max_length", 256, "--save_strategy", "no", "--logging_steps", 1,
+                    *extra, model=model)
 
 
 def _losses(trainer):
@@ -79,9 +79,9 @@ def test_padding_free_lays_the_batch_out_in_one_row_with_the_padded_loss(base_di
 def test_padding_free_trains_like_the_padded_run(base_dir, data, tmp_path, packing):
     """`--padding_free` alone, or with `--packing` (TRL's bfd packing is padding-free too): same losses as without."""
     extra = ["--packing"] if packing else []
-    reference = build_trainer(*parse_args(_argv(tmp_path / "ref", data, base_dir, *extra)))
+    reference = _build(*_argv(tmp_path / "ref", data, base_dir, *extra))
     reference.train()
-    free = build_trainer(*parse_args(_argv(tmp_path / "free", data, base_dir, *extra, "--padding_free", "true")))
+    free = _build(*_argv(tmp_path / "free", data, base_dir, *extra, "--padding_free", "true"))
     free.train()
     torch.testing.assert_close(_losses(free), _losses(reference), rtol=1e-5, atol=1e-5)
 

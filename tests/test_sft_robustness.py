@@ -18,13 +18,13 @@ import base64
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from recipes.sft import build_trainer, parse_args
 from recipes.sft_data import (
     BadSampleError,
     SFTCollator,
@@ -38,8 +38,12 @@ from recipes.sft_data import (
 from recipes.sft_data.easy_vqa import write_easy_vqa_sft
 from recipes.sft_model import build_lora_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.sft_runs import build, sft_argv  # noqa: E402
+
 IMG = 151655
 IGNORE = -100
+_build = build
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +54,8 @@ def data(tmp_path_factory):
 
 
 def _argv(output_dir, data, model, *extra):
-    return ["--output_dir", str(output_dir), "--dataset_name", str(data / "train.jsonl"), "--image_root", str(data),
-            "--model_name_or_path", str(model), "--max_steps", "1", "--per_device_train_batch_size", "2",
-            "--max_length", "256", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
-            "--save_strategy", "no", "--seed", "0", "--activation_checkpointing", "false", *[str(x) for x in extra]]
-
-
-def _build(*argv):
-    return build_trainer(*parse_args(list(argv)))
+    return sft_argv(output_dir, data / "train.jsonl", data, "--max_steps", 1, "--per_device_train_batch_size", 2,
+                    "--max_length", 256, "--save_strategy", "no", *extra, model=model)
 
 
 # --- 1. LoRA: --lora_modules_to_save adds to the modules that must train -------------------------------------------
