@@ -68,7 +68,7 @@ def _tags(value: object) -> list:
     return value if isinstance(value, list) else [value] if value else []  # YAML allows one tag without a list
 
 
-def _read_card(readme: Path) -> tuple[object, str]:
+def read_card(readme: Path) -> tuple[object, str]:
     """(front-matter metadata ({} without front matter), body) of a card; raises yaml.YAMLError."""
     text = readme.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
     match = FRONT_MATTER.match(text)
@@ -82,7 +82,7 @@ def released_section(folder: Path, title: str) -> str | None:
     if not readme.is_file():
         return None
     try:
-        metadata, body = _read_card(readme)
+        metadata, body = read_card(readme)
     except yaml.YAMLError:  # not a card this tool wrote (user_card refuses it with the reason)
         return None
     if not isinstance(metadata, dict) or RELEASE_CARD_TAG not in _tags(metadata.get("tags")):
@@ -98,7 +98,7 @@ def user_card(folder: Path) -> tuple[dict, str] | None:
     if not readme.is_file():
         return None
     try:
-        metadata, body = _read_card(readme)
+        metadata, body = read_card(readme)
     except yaml.YAMLError as err:
         reason = " ".join(str(err).split())  # one line: YAML's own message spans several
         raise ReleaseError(f"{readme} has front matter that is not valid YAML ({reason}); fix it (its text is kept in "

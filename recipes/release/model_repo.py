@@ -22,6 +22,7 @@ from .card_edits import (
     RELEASE_CARD_TAG,
     card_section,
     merged_metadata,
+    read_card,
     released_section,
     revision_argument,
     user_card,
@@ -173,18 +174,16 @@ def converter_card(folder: Path) -> str | None:
     readme = folder / "README.md"
     if not readme.is_file():
         return None
-    text = readme.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"---\n(.*?)\n---\n(.*)", text, re.DOTALL)
     try:
-        metadata = yaml.safe_load(match.group(1)) if match else None
+        metadata, text = read_card(readme)
     except yaml.YAMLError:
         return None
     if not isinstance(metadata, dict) or CONVERTER_CARD_TAG not in (metadata.get("tags") or []):
         return None
     if RELEASE_CARD_TAG in metadata["tags"]:  # a card this tool made: its Conversion section holds the body
-        section = card_section(match.group(2), "Conversion") or ""
+        section = card_section(text, "Conversion") or ""
         return section.removeprefix(CONVERSION_INTRO).strip() or None
-    lines = match.group(2).strip().splitlines()
+    lines = text.strip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     body, in_code = [], False
